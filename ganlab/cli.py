@@ -1,0 +1,179 @@
+"""`ganlab train | sample | eval | best | sweep | bench`: parse, call, print.
+
+User mistakes (bad config, unusable data, missing weights, damaged checkpoints) end with one line
+on stderr and exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from . import config as config_mod
+
+
+
+def _user_errors():
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .evaluate import EvalError
+    from .sources import SourceError
+    return (config_mod.ConfigError, DataError, EvalError, CheckpointError, SourceError)
+
+
+def main(argv=None):
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "true")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("mlflow", "alembic", "urllib3", "git"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    p = build_parser()
+    args = p.parse_args(argv)
+    if not getattr(args, "func", None):
+        p.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        print("ganlab: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if isinstance(e, _user_errors()):
+            print(f"ganlab: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ganlab", description="Train, evaluate, compare and pick RGBA GANs.")
+    sub = p.add_subparsers(dest="cmd")
+
+    t = sub.add_parser("train", help="train from a YAML experiment",
+                       description="Train the experiment. The run folder (printed at start and end) holds the "
+                                   "resolved config, last/best checkpoints, generator.pt and events.jsonl.")
+    t.add_argument("experiment", nargs="?", help="experiment YAML (not needed with --resume)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.batch_size=128 (repeatable)")
+    t.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last good checkpoint")
+    t.add_argument("--quiet", action="store_true", help="no progress bar; only decisions are printed")
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", help="write PNGs from a generator",
+                       description="SOURCE: a checkpoint (.pt), a run folder, a run id, 'best' (the best run of the "
+                                   "latest experiment) or models:/NAME@champion. Writes straight-alpha RGBA PNGs and "
+                                   "grid.png over a checkerboard.")
+    s.add_argument("source")
+    s.add_argument("-n", type=int, default=64, help="number of images (default 64)")
+    s.add_argument("--out", default="samples", help="output folder (default ./samples)")
+    s.add_argument("--seed", type=int, default=0, help="latent seed (default 0)")
+    s.add_argument("--experiment", help="with SOURCE=best: which experiment")
+    s.set_defaults(func=cmd_sample)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint or run with the experiment's protocol",
+                       description="Computes the metrics of SOURCE's generator against its held-out set, with its "
+                                   "run's evaluation protocol (or the --set overrides).")
+    e.add_argument("source")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    e.add_argument("--json", action="store_true", help="print JSON")
+    e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("best", help="rank runs by their best metric",
+                       description="Ranks the runs of an experiment by best_<metric>, among runs that share one "
+                                   "evaluation signature (the newest run's, unless --signature).")
+    b.add_argument("--experiment", help="experiment name (default: the most recently active)")
+    b.add_argument("--metric", default=None, help="metric (default: the runs' selection.metric)")
+    b.add_argument("--top", type=int, default=5)
+    b.add_argument("--signature", help="evaluation signature to rank within")
+    b.add_argument("--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_best)
+
+    w = sub.add_parser("sweep", help="run a base experiment with a list or grid of overrides",
+                       description="SWEEP.yaml: {base: EXPERIMENT.yaml, name?: str, variants: {label: {key: value}}} "
+                                   "or grid: {key: [values]}. One parent MLflow run, a child per variant.")
+    w.add_argument("sweep")
+    w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="applied to every variant")
+    w.add_argument("--quiet", action="store_true")
+    w.add_argument("--only", action="append", default=[], help="run only these variants")
+    w.set_defaults(func=cmd_sweep)
+
+    n = sub.add_parser("bench", help="benchmark ganlab against the seed loop",
+                       description="Training speed of the seed loop, ganlab's seed_baseline and recommended configs, "
+                                   "evaluation and tracking cost, measured side by side in one process.")
+    n.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    n.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    n.add_argument("--data", default="builtin:sprites", help="image folder (default: built-in sprites)")
+    n.add_argument("--steps", type=int, default=0, help="timed steps per contender and round (default: by device)")
+    n.add_argument("--rounds", type=int, default=3, help="alternating rounds (the median is reported)")
+    n.add_argument("--skip", action="append", default=[], help="skip a contender (seed, baseline, baseline-bf16, "
+                                                                 "recommended, eval, tracking)")
+    n.set_defaults(func=cmd_bench)
+    return p
+
+
+# ----------------------------------------------------------------------------------------- commands
+
+def cmd_train(args):
+    from . import train
+    if args.resume:
+        run = Path(args.resume)
+        if not (run / "config.yaml").exists():
+            raise config_mod.ConfigError(f"--resume {run}: not a run folder (no config.yaml)")
+        cfg = config_mod.load(run / "config.yaml", args.set)
+        res = train.train(cfg, run_dir=run, resume=True, quiet=args.quiet)
+    else:
+        if not args.experiment:
+            raise config_mod.ConfigError("train: give an EXPERIMENT.yaml (or --resume RUN)")
+        cfg = config_mod.load(args.experiment, args.set)
+        res = train.train(cfg, quiet=args.quiet, experiment_file=args.experiment)
+    print(f"run folder: {res.run_dir}")
+    print(f"stopped: {res.stopped} at step {res.step}; best {cfg.selection.metric} = "
+          f"{'n/a' if res.best is None else format(res.best, '.4g')} at step {res.best_step}; rollbacks {res.rollbacks}")
+    return 0
+
+
+def cmd_sample(args):
+    from . import sources
+    path = sources.write_samples(args.source, args.n, Path(args.out), args.seed, experiment=args.experiment)
+    print(f"wrote {args.n} PNGs and grid.png to {path}")
+
+
+def cmd_eval(args):
+    from . import sources
+    res = sources.evaluate_source(args.source, args.set)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        for k, v in res["metrics"].items():
+            print(f"{k:>14}: {v:.6g}")
+        print(f"{'extractor':>14}: {res['extractor']}  signature {res['signature']}  step {res['step']}")
+
+
+def cmd_best(args):
+    from . import sources
+    rows = sources.rank_runs(args.experiment, args.metric, args.top, args.signature, args.uri)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        print("no finished runs with that metric")
+        return
+    print(f"{'rank':<5}{'run id':<34}{'variant':<24}{'best':>10}{'step':>8}  checkpoint")
+    for i, r in enumerate(rows, 1):
+        print(f"{i:<5}{r['run_id']:<34}{r['variant'][:23]:<24}{r['best']:>10.4g}{r['step']:>8}  {r['checkpoint']}")
+
+
+def cmd_sweep(args):
+    from . import sweep
+    sweep.run_sweep(args.sweep, args.set, quiet=args.quiet, only=args.only)
+
+
+def cmd_bench(args):
+    from . import bench
+    bench.main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Adversarial losses on D's logits, and the gradient penalties. Pure functions of tensors.
+
+bce is the seed's loss (BCE on sigmoid with 1/0 targets; G's loss is the non-saturating
+-log D(G(z))), computed on logits so it cannot saturate in float32.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LOSSES = ("bce", "hinge", "lsgan", "wgan-gp")
+
+
+def d_loss(kind: str, real: torch.Tensor, fake: torch.Tensor, real_target: float = 1.0) -> torch.Tensor:
+    if kind == "bce":
+        return (F.binary_cross_entropy_with_logits(real, torch.full_like(real, real_target))
+                + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
+    if kind == "hinge":
+        return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+    if kind == "lsgan":
+        return 0.5 * ((real - real_target) ** 2).mean() + 0.5 * (fake ** 2).mean()
+    if kind == "wgan-gp":
+        return fake.mean() - real.mean()
+    raise ValueError(f"unknown loss {kind!r}")
+
+
+def g_loss(kind: str, fake: torch.Tensor) -> torch.Tensor:
+    if kind == "bce":
+        return F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake))
+    if kind == "lsgan":
+        return 0.5 * ((fake - 1) ** 2).mean()
+    if kind in ("hinge", "wgan-gp"):
+        return -fake.mean()
+    raise ValueError(f"unknown loss {kind!r}")
+
+
+def r1_penalty(d, real: torch.Tensor) -> torch.Tensor:
+    """R1 (Mescheder et al. 2018): squared gradient norm of D on real data; the caller scales by gamma/2."""
+    real = real.detach().requires_grad_(True)
+    out = d(real)
+    (grad,) = torch.autograd.grad(out.sum(), real, create_graph=True)
+    return grad.pow(2).flatten(1).sum(1).mean()
+
+
+def gradient_penalty(d, real: torch.Tensor, fake: torch.Tensor, generator=None) -> torch.Tensor:
+    """WGAN-GP (Gulrajani et al. 2017): (||grad D(x_hat)|| - 1)^2 on random interpolates."""
+    eps = torch.rand(real.shape[0], 1, 1, 1, device=real.device, generator=generator)
+    x = (eps * real.detach() + (1 - eps) * fake.detach()).requires_grad_(True)
+    out = d(x)
+    (grad,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
+
+
+def d_probs(kind: str, logits: torch.Tensor) -> torch.Tensor:
+    """What D 'believes' in [0, 1], for the D(x) / D(G(z)) diagnostics (sigmoid of the logits for
+    every loss, so the numbers line up with the seed's log)."""
+    return torch.sigmoid(logits.float())

@@ -1,0 +1,137 @@
+"""Where a generator comes from (a file, a run folder, a run id, `best`, a registered model) and what
+`ganlab sample / eval / best` do with it."""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import torch
+import yaml
+
+from . import config as config_mod
+
+
+class SourceError(ValueError):
+    """SOURCE names nothing usable. One line, shown as is."""
+
+
+def client(uri: str | None = None):
+    import mlflow
+    from .track import tracking_uri
+    return mlflow.MlflowClient(uri or tracking_uri(config_mod.Config()))
+
+
+def resolve(source: str, experiment: str | None = None, device="cpu"):
+    """-> (generator ready to sample, info dict with step, metrics, config)."""
+    from .train import load_generator
+    if source.startswith("models:/"):
+        return _registered(source, device)
+    p = Path(source)
+    if p.is_file():
+        return load_generator(p, device)
+    if p.is_dir():
+        for name in ("generator.pt", "best.pt", "last.pt"):
+            if (p / name).exists():
+                return load_generator(p / name, device)
+        raise SourceError(f"{source}: run folder without generator.pt, best.pt or last.pt")
+    if source == "best":
+        rows = rank_runs(experiment, None, 1, None, None)
+        if not rows:
+            raise SourceError("best: no finished run with a best metric in the tracking store")
+        return resolve(rows[0]["checkpoint"], device=device)
+    if re.fullmatch(r"[0-9a-f]{32}", source):
+        try:
+            run = client().get_run(source)
+        except Exception:
+            raise SourceError(f"{source}: no such MLflow run in the tracking store") from None
+        return resolve(run.data.tags.get("ganlab.run_dir", ""), device=device)
+    raise SourceError(f"{source}: expected a checkpoint file, a run folder, a run id, 'best' or models:/NAME@ALIAS")
+
+
+def _registered(uri: str, device):
+    import mlflow
+    from .track import tracking_uri
+    mlflow.set_tracking_uri(tracking_uri(config_mod.Config()))
+    try:
+        info = mlflow.models.get_model_info(uri)
+        g = mlflow.pytorch.load_model(uri, map_location=device)
+    except Exception as e:
+        raise SourceError(f"{uri}: cannot load the registered model ({str(e).splitlines()[0][:160]})") from None
+    meta = info.metadata or {}
+    cfg = config_mod.from_dict(yaml.safe_load(meta["ganlab_config"]), uri)
+    return g.to(device), {"step": meta.get("step"), "metrics": {}, "config": cfg, "signature": meta.get("signature")}
+
+
+def write_samples(source: str, n: int, out: Path, seed: int = 0, experiment=None) -> Path:
+    from PIL import Image
+    from . import data, evaluate, track
+    if n < 1:
+        raise SourceError(f"-n must be at least 1, got {n}")
+    g, info = resolve(source, experiment)
+    cfg = info["config"]
+    z = torch.randn(n, cfg.model.nz, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        imgs = torch.cat([data.to_straight_u8(g(c), cfg.data.alpha) for c in z.split(256)])
+    out.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(imgs):
+        Image.fromarray(im.permute(1, 2, 0).numpy(), "RGBA").save(out / f"sample_{i:05d}.png")
+    Image.fromarray(track.grid_image(evaluate.composite(imgs, "checker"))).save(out / "grid.png")
+    return out
+
+
+def evaluate_source(source: str, overrides: list[str]) -> dict:
+    from . import data, evaluate
+    g, info = resolve(source)
+    cfg = info["config"]
+    if overrides:
+        raw = config_mod.to_dict(cfg)
+        for ov in overrides:
+            k, v = config_mod._parse_override(ov)
+            config_mod._set_dotted(raw, k, v, f"--set {ov}")
+        cfg = config_mod.from_dict(raw, "--set")
+    config_mod.check_data_root(cfg, source)
+    images = data.load_images(cfg.data, cfg.seed)
+    ev = evaluate.Evaluator(cfg, images.holdout, "cpu")
+    g = g.cpu()
+    metrics = ev(g)
+    return {"source": source, "step": info["step"], "metrics": metrics, "extractor": ev.extractor["name"],
+            "random_features": ev.extractor["random"], "signature": ev.signature_hash}
+
+
+def rank_runs(experiment, metric, top, signature, uri) -> list[dict]:
+    """Runs ranked by best_<metric>, among runs sharing one evaluation signature."""
+    c = client(uri)
+    if experiment:
+        exp = c.get_experiment_by_name(experiment)
+        if exp is None:
+            raise SourceError(f"--experiment {experiment!r}: no such experiment in the tracking store")
+        exps = [exp]
+    else:
+        exps = [e for e in c.search_experiments() if e.name != "Default"]
+        if not exps:
+            return []
+        exps = [max(exps, key=lambda e: e.last_update_time or 0)]
+    runs = c.search_runs([e.experiment_id for e in exps], filter_string="attributes.status = 'FINISHED'",
+                         max_results=5000)
+    rows = []
+    for r in runs:
+        m = metric or r.data.params.get("selection.metric", "fid")
+        mode = r.data.params.get("selection.mode", "auto")
+        if mode == "auto":
+            mode = "max" if m in ("isc", "precision", "recall") else "min"
+        v = r.data.metrics.get(f"best_{m}")
+        if v is None or not math.isfinite(v):
+            continue
+        run_dir = r.data.tags.get("ganlab.run_dir", "")
+        ck = Path(run_dir) / "generator.pt"
+        rows.append({"run_id": r.info.run_id, "variant": r.data.tags.get("ganlab.variant", r.info.run_name),
+                     "metric": m, "mode": mode, "best": v, "step": int(r.data.metrics.get("best_step", -1)),
+                     "signature": r.data.tags.get("eval.signature", ""), "checkpoint": str(ck if ck.exists() else run_dir),
+                     "start_time": r.info.start_time, "random_features": r.data.tags.get("eval.random_features") == "true"})
+    if not rows:
+        return []
+    sig = signature or max(rows, key=lambda r: r["start_time"])["signature"]
+    rows = [r for r in rows if r["signature"] == sig]
+    rows.sort(key=lambda r: r["best"] if r["mode"] == "min" else -r["best"])
+    return rows[:top]

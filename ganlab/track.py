@@ -1,0 +1,372 @@
+"""Recording: the run folder's events.jsonl, and MLflow (params, tags, metrics, images, models).
+
+Default store: sqlite:///mlruns/mlflow.db with artifacts under mlruns/artifacts (MLflow 3 refuses a
+new plain file store); `tracking.uri` or $MLFLOW_TRACKING_URI points at a server instead. Metrics
+are written asynchronously, batched by MLflow, at the diagnostic interval; `flush()` runs before
+anything reads them back. Knows nothing about training.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import logging
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("ganlab")
+
+SUMMARY = ("best_step", "rollbacks", "stopped_early")
+
+
+def new_run_dir(cfg) -> Path:
+    label = cfg.variant or cfg.name
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(cfg.tracking.runs_dir) / "runs" / cfg.name / f"{_safe(label)}-{stamp}-{random.randrange(16**4):04x}"
+
+
+def _safe(s: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in s)[:60] or "run"
+
+
+# ------------------------------------------------------------------------------------------ events
+
+class Events:
+    """One JSON object per decision in events.jsonl, and one readable line in the log. On resume,
+    lines after the checkpoint's step are dropped: the resumed run re-emits them identically."""
+
+    def __init__(self, path: Path, quiet: bool = False, resume_step: int | None = None):
+        self.path, self.quiet, self.sink = Path(path), quiet, None
+        if resume_step is not None and self.path.exists():
+            keep = [ln for ln in self.path.read_text().splitlines() if _step_of(ln) <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+
+    def emit(self, step: int, kind: str, detail: str, **extra):
+        rec = {"step": step, "kind": kind, "detail": detail, "time": time.time(), **_plain(extra)}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if not self.quiet or kind in ("error", "rollback", "early_stop", "collapse_signal", "finished"):
+            print(f"\n[{kind}] step {step}: {detail}" if not self.quiet else f"[{kind}] step {step}: {detail}",
+                  file=sys.stderr, flush=True)
+        if self.sink is not None:
+            self.sink.on_event(rec)
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return -1
+
+
+def _plain(d: dict) -> dict:
+    return {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in d.items()}
+
+
+def read_events(run_dir: Path) -> list[dict]:
+    p = Path(run_dir) / "events.jsonl"
+    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()] if p.exists() else []
+
+
+# ------------------------------------------------------------------------------------------ mlflow
+
+def tracking_uri(cfg) -> str:
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path(cfg.tracking.runs_dir).resolve() / 'mlflow.db'}"
+
+
+def is_local(uri: str) -> bool:
+    return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
+
+
+def ensure_experiment(client, name: str, uri: str, runs_dir: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    loc = (Path(runs_dir).resolve() / "artifacts").as_uri() if is_local(uri) else None
+    try:
+        return client.create_experiment(name, artifact_location=loc)
+    except Exception:                  # another process created it first
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def git_info() -> dict:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5)
+        if commit.returncode == 0:
+            return {"git.commit": commit.stdout.strip(), "git.dirty": str(bool(dirty.stdout.strip())).lower()}
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"git.commit": "unknown", "git.dirty": "unknown"}
+
+
+class NullTracker:
+    """Tracking off: the same calls, recording nothing beyond the run folder."""
+    run_id = None
+
+    def start(self, *a, **k):
+        return None
+
+    def log_metrics(self, metrics: dict, step: int):
+        pass
+
+    def log_samples(self, g, evaluator, run_dir, step):
+        save_sample_grid(g, evaluator, run_dir, step)
+
+    def log_summary(self, selector, cfg):
+        pass
+
+    def on_event(self, rec):
+        pass
+
+    def finish(self, status, selector, cfg, **k):
+        pass
+
+
+class Tracker(NullTracker):
+    def __init__(self, cfg):
+        import mlflow
+        self.mlflow = mlflow
+        self.cfg = cfg
+        self.uri = tracking_uri(cfg)
+        self.client = mlflow.MlflowClient(self.uri)
+        self.run_id = None
+        self.last_step: dict[str, int] = {}      # per metric: steps at or below were logged before a resume
+        self._owns_fluent = False
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(cfg) if cfg.tracking.enabled else NullTracker()
+
+    # ---- lifecycle
+    def start(self, cfg, run_dir, images=None, evaluator=None, device=None, run_id=None, experiment_file=""):
+        from . import config as config_mod
+        mlflow = self.mlflow
+        mlflow.set_tracking_uri(self.uri)
+        exp_id = ensure_experiment(self.client, cfg.name, self.uri, cfg.tracking.runs_dir)
+        label = f"{cfg.variant or cfg.name}-{dt.datetime.now():%m%d-%H%M%S}"
+        parent = mlflow.active_run()
+        if run_id is None:
+            tags = {"ganlab.run_dir": str(Path(run_dir).resolve()), "ganlab.variant": cfg.variant or cfg.name}
+            if parent is not None:
+                tags["mlflow.parentRunId"] = parent.info.run_id
+            run = self.client.create_run(exp_id, run_name=label, tags=tags)
+            run_id = run.info.run_id
+            params = config_mod.flatten(cfg)
+            for i in range(0, len(params), 90):
+                chunk = list(params.items())[i:i + 90]
+                self.client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in chunk])
+        else:
+            self.last_step = self._logged_steps(run_id)
+            self.client.update_run(run_id, status="RUNNING")
+        self.run_id = run_id
+        self._tags(cfg, images, evaluator, device, experiment_file)
+        if images is not None:
+            self._log_input(images)
+        self.monitor = None
+        if cfg.tracking.system_metrics:
+            self.monitor = _system_monitor(run_id)
+        self._run_dir = Path(run_dir)
+        return run_id
+
+    def _logged_steps(self, run_id) -> dict:
+        run = self.client.get_run(run_id)
+        out = {}
+        for key in run.data.metrics:
+            hist = self.client.get_metric_history(run_id, key)
+            out[key] = max((m.step for m in hist), default=-1)
+        return out
+
+    def _tags(self, cfg, images, evaluator, device, experiment_file):
+        import torch_fidelity
+        tags = {"ganlab.experiment_file": experiment_file, "ganlab.device": str(device),
+                "versions.torch": torch.__version__, "versions.torch_fidelity": torch_fidelity.__version__,
+                "versions.mlflow": self.mlflow.__version__, **git_info()}
+        if images is not None:
+            tags.update({"data.hash": images.content_hash, "data.holdout_size": str(len(images.holdout)),
+                         "data.train_size": str(len(images.train)), "data.holdout_hash": images.holdout_hash,
+                         "data.skipped": str(len(images.skipped))})
+        if evaluator is not None:
+            tags.update({"eval.signature": evaluator.signature_hash,
+                         "eval.signature_json": json.dumps(evaluator.signature, sort_keys=True),
+                         "eval.extractor": evaluator.extractor["name"],
+                         "eval.random_features": str(evaluator.extractor["random"]).lower()})
+            if evaluator.extractor["random"]:
+                tags["eval.warning"] = "random InceptionV3 features: not standard FID; compare only within this signature"
+        self.client.log_batch(self.run_id, tags=[self.mlflow.entities.RunTag(k, str(v)) for k, v in tags.items()])
+
+    def _log_input(self, images):
+        try:
+            from mlflow.data.filesystem_dataset_source import FileSystemDatasetSource
+            from mlflow.data.meta_dataset import MetaDataset
+            ds = MetaDataset(FileSystemDatasetSource(images.source), name=Path(images.source).name or images.source,
+                             digest=images.content_hash)
+            self.client.log_inputs(self.run_id, datasets=[
+                self.mlflow.entities.DatasetInput(ds._to_mlflow_entity(),
+                                                  tags=[self.mlflow.entities.InputTag("mlflow.data.context", "training")])])
+        except Exception as e:          # lineage is nice to have; never fail a run over it
+            log.warning("could not log the dataset input (%s)", e)
+
+    # ---- during the run
+    def log_metrics(self, metrics: dict, step: int):
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        ms = [Metric(k, float(v), now, step) for k, v in metrics.items()
+              if v is not None and math.isfinite(float(v)) and step > self.last_step.get(k, -1)]
+        if ms:
+            self.client.log_batch(self.run_id, metrics=ms, synchronous=False)
+
+    def log_samples(self, g, evaluator, run_dir, step):
+        path = save_sample_grid(g, evaluator, run_dir, step)
+        if step <= self.last_step.get("eval_seconds", -1):
+            return
+        from PIL import Image
+        try:
+            self.client.log_image(self.run_id, Image.open(path), key="samples", step=step)
+        except Exception as e:
+            log.warning("could not log the sample grid (%s)", e)
+
+    def log_summary(self, selector, cfg):
+        s = selector.s
+        if s.best is None:
+            return
+        step = max(s.best_step, 0)
+        self.log_metrics({f"best_{cfg.selection.metric}": s.best, "best_step": s.best_step,
+                          "rollbacks": s.rollbacks}, step)
+
+    def on_event(self, rec):
+        pass                            # events.jsonl is uploaded whole at the end
+
+    def flush(self):
+        try:
+            self.mlflow.flush_async_logging()
+        except Exception:
+            pass
+
+    def finish(self, status, selector, cfg, stopped="", run_dir=None, final=True):
+        if self.run_id is None:
+            return
+        try:
+            s = selector.s
+            step = max(s.best_step, 0) if s.best is not None else 0
+            final_step = max([step] + [v for v in self.last_step.values()])
+            summary = {"rollbacks": s.rollbacks, "stopped_early": float(stopped.startswith("early") or stopped == "collapse")}
+            if s.best is not None:
+                summary.update({f"best_{cfg.selection.metric}": s.best, "best_step": s.best_step})
+            self.last_step = {}
+            self.log_metrics(summary, final_step + 1 if final else step)
+            self.flush()
+            run_dir = Path(run_dir or self._run_dir)
+            if stopped:
+                self.client.set_tag(self.run_id, "ganlab.stopped", stopped)
+            for name in ("config.yaml", "events.jsonl"):
+                if (run_dir / name).exists():
+                    self.client.log_artifact(self.run_id, str(run_dir / name))
+            if final and status == "FINISHED" and (run_dir / "generator.pt").exists():
+                self.client.log_artifact(self.run_id, str(run_dir / "generator.pt"), "model")
+                if cfg.tracking.register_model:
+                    register_generator(self, cfg, run_dir)
+        finally:
+            if getattr(self, "monitor", None) is not None:
+                self.monitor.finish()
+            self.client.set_terminated(self.run_id, status=status)
+
+
+def _system_monitor(run_id):
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        m = SystemMetricsMonitor(run_id, sampling_interval=10, samples_before_logging=1)
+        m.start()
+        return m
+    except Exception as e:
+        log.warning("system metrics are off (%s)", e)
+        return None
+
+
+# ----------------------------------------------------------------------------------- sample grids
+
+def save_sample_grid(g, evaluator, run_dir, step, n: int = 64) -> Path:
+    """The first n fixed latents, over a checkerboard, as samples/step_XXXXXXX.png."""
+    from PIL import Image
+    from . import data, evaluate
+    with torch.no_grad():
+        x = g(evaluator.latents[:n].to(evaluator.device))
+    rgba = data.to_straight_u8(x, evaluator.cfg.data.alpha).cpu()
+    grid = grid_image(evaluate.composite(rgba, "checker"))
+    path = Path(run_dir) / "samples" / f"step_{step:07d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)
+    return path
+
+
+def grid_image(rgb_u8: torch.Tensor, pad: int = 2):
+    """N x 3 x H x W uint8 -> a square-ish grid as an H' x W' x 3 numpy array."""
+    import torchvision
+    nrow = max(1, int(math.ceil(math.sqrt(len(rgb_u8)))))
+    grid = torchvision.utils.make_grid(rgb_u8, nrow=nrow, padding=pad, pad_value=255)
+    return grid.permute(1, 2, 0).contiguous().numpy()
+
+
+# --------------------------------------------------------------------------------- model registry
+
+def register_generator(tracker, cfg, run_dir: Path):
+    """Log the best generator as an MLflow PyTorch model, register it under the experiment's name, and
+    move the `champion` alias only when it beats the champion under the same evaluation signature."""
+    from .train import load_generator
+    from .config import metric_mode, to_yaml
+    mlflow, client = tracker.mlflow, tracker.client
+    g, info = load_generator(run_dir / "generator.pt")
+    name = cfg.name
+    metric = cfg.selection.metric
+    value = info["metrics"].get(metric)
+    with _quiet_logs():
+        model_info = mlflow.pytorch.log_model(
+            g, name="generator", run_id=tracker.run_id, pip_requirements=["torch", "ganlab"],
+            metadata={"ganlab_config": to_yaml(info["config"]),
+                      "step": info["step"], "signature": info["signature"], metric: value})
+    try:
+        client.create_registered_model(name)
+    except Exception:
+        pass
+    mv = client.create_model_version(name, model_info.model_uri, run_id=tracker.run_id,
+                                     tags={"eval.signature": str(info["signature"]), metric: str(value),
+                                           "step": str(info["step"])})
+    mode = metric_mode(cfg)
+    try:
+        champ = client.get_model_version_by_alias(name, "champion")
+    except Exception:
+        champ = None
+    beats = champ is None
+    if champ is not None and value is not None:
+        same = champ.tags.get("eval.signature") == str(info["signature"])
+        old = float(champ.tags.get(metric, "nan"))
+        # a champion measured under another protocol is not comparable: it keeps the alias
+        beats = same and (math.isnan(old) or (value < old if mode == "min" else value > old))
+    if beats and value is not None:
+        client.set_registered_model_alias(name, "champion", mv.version)
+    return mv
+
+
+class _quiet_logs:
+    def __enter__(self):
+        self.level = logging.getLogger("mlflow").level
+        logging.getLogger("mlflow").setLevel(logging.ERROR)
+
+    def __exit__(self, *a):
+        logging.getLogger("mlflow").setLevel(self.level)
