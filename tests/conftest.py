@@ -1,0 +1,62 @@
+"""Shared fixtures. Nothing here touches the network: the feature extractors are a tiny TorchScript
+net (fast loop tests) and InceptionV3 with random weights written to a temp file (the real
+inception-v3-compat code path of torch-fidelity)."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ["GANLAB_OFFLINE"] = "1"          # never try to download InceptionV3 weights in tests
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("GANLAB_INCEPTION_WEIGHTS", None)
+
+from ganlab import config, evaluate  # noqa: E402
+
+
+class TinyFeatures(torch.nn.Module):
+    """uint8 Bx3xHxW -> B x 32 features, random but fixed weights."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = torch.nn.Conv2d(3, 16, 3, 2, 1)
+        self.conv2 = torch.nn.Conv2d(16, 32, 3, 2, 1)
+
+    def forward(self, x):
+        x = x.float() / 127.5 - 1
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        return x.mean(dim=(2, 3))
+
+
+@pytest.fixture(scope="session")
+def script_extractor(tmp_path_factory) -> str:
+    p = tmp_path_factory.mktemp("extractor") / "tiny.pt"
+    torch.jit.script(TinyFeatures()).save(str(p))
+    return str(p)
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory) -> str:
+    """A random-weights InceptionV3 file, passed as eval.weights (the compat code path)."""
+    return str(evaluate.random_inception_weights(tmp_path_factory.mktemp("weights") / "inception-random.pth"))
+
+
+def tiny_overrides(tmp_path: Path, extractor: str) -> list[str]:
+    return [
+        "data.root=builtin:sprites", "data.image_size=32", "data.sprites=160", "data.min_holdout=32",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "model.nz=16", "model.g_width=8", "model.d_width=8",
+        "train.steps=24", "train.batch_size=16", "train.log_every=4", "train.checkpoint_every=8",
+        "eval.every=8", "eval.num_samples=32", "eval.batch_size=16", "eval.kid_subset_size=16",
+        f"eval.feature_extractor={extractor}",
+        "tracking.enabled=false", f"tracking.runs_dir={tmp_path / 'mlruns'}",
+    ]
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path, script_extractor):
+    def make(*extra):
+        return config.load(None, tiny_overrides(tmp_path, script_extractor) + list(extra))
+    return make

@@ -1,0 +1,86 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ganlab import config
+from ganlab.config import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(p: Path, text: str) -> Path:
+    p.write_text(text)
+    return p
+
+
+def test_shipped_experiments_load():
+    for p in sorted((ROOT / "experiments").glob("*.yaml")):
+        cfg = config.load(p)
+        assert cfg.name
+
+
+def test_seed_baseline_is_the_seed_recipe():
+    c = config.load(ROOT / "experiments" / "seed_baseline.yaml")
+    assert (c.model.nz, c.model.g_width, c.model.d_width, c.data.image_size) == (100, 64, 64, 64)
+    assert (c.train.loss, c.train.lr_g, c.train.lr_d, c.train.beta1, c.train.beta2) == ("bce", 2e-4, 2e-4, 0.5, 0.999)
+    assert c.model.init == "normal" and not c.model.spectral_norm and c.model.d_norm == "batch"
+    assert c.train.batch_size == 64 and c.train.label_smoothing == 0 and c.train.instance_noise == 0
+    assert c.train.ema_halflife == 0 and c.train.clip_norm_d == 0 and not c.train.diffaug
+
+
+def test_extends_and_set(tmp_path):
+    base = write(tmp_path / "base.yaml", "name: base\ntrain: {steps: 10, batch_size: 32}\n")
+    child = write(tmp_path / "child.yaml", "extends: base.yaml\nname: child\ntrain: {steps: 20}\n")
+    c = config.load(child, ["train.lr_g=0.001", "model.spectral_norm=true", "train.diffaug=translation,cutout"])
+    assert (c.name, c.train.steps, c.train.batch_size, c.train.lr_g) == ("child", 20, 32, 0.001)
+    assert c.model.spectral_norm is True and c.train.diffaug == ["translation", "cutout"]
+
+
+@pytest.mark.parametrize("text,overrides,needle", [
+    ("trian: {steps: 1}\n", [], "unknown key 'trian' (did you mean 'train'?)"),
+    ("train: {stesp: 1}\n", [], "unknown key 'train.stesp' (did you mean 'train.steps'?)"),
+    ("train: {steps: ten}\n", [], "key 'train.steps' must be an integer, got 'ten'"),
+    ("train: {steps: 0}\n", [], "key 'train.steps' must be >= 1"),
+    ("train: {loss: hinje}\n", [], "must be one of bce, hinge, lsgan, wgan-gp; got 'hinje' (did you mean hinge?)"),
+    ("data: {image_size: 48}\n", [], "key 'data.image_size' must be one of 32, 64, 128"),
+    ("data: {root: /no/such/folder}\n", [], "key 'data.root' is '/no/such/folder', which is not a folder"),
+    ("- a\n- b\n", [], "must be a YAML mapping of sections, got a list"),
+    ("train: 3\n", [], "'train' must be a section"),
+    ("name: x\n", ["train.batch_size=big"], "key 'train.batch_size' must be an integer, got 'big'"),
+    ("name: x\n", ["model.spectral_norm=maybe"], "must be true or false"),
+    ("name: x\n", ["train.lr_g"], "expected KEY=VALUE"),
+    ("train: {lr_g: .nan}\n", [], "must be a finite number"),
+    ("extends: nowhere.yaml\n", [], "no such experiment file"),
+    ("a: [\n", [], "is not valid YAML"),
+])
+def test_bad_configs_name_file_key_and_allowed(tmp_path, text, overrides, needle):
+    p = write(tmp_path / "exp.yaml", text)
+    with pytest.raises(ConfigError) as e:
+        config.load(p, overrides)
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg
+    if not overrides:
+        assert "exp.yaml" in msg or "nowhere.yaml" in msg
+
+
+def test_bad_config_is_one_line_on_the_command_line(tmp_path):
+    p = write(tmp_path / "exp.yaml", "train: {batch_sise: 3}\n")
+    r = subprocess.run([sys.executable, "-m", "ganlab.cli", "train", str(p)], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "did you mean 'train.batch_size'" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_flatten_is_stable_and_schema_covers_every_key():
+    flat = config.flatten(config.Config())
+    assert flat["train.batch_size"] == 64 and flat["eval.metrics"] == "fid,isc,kid"
+    keys = {r[0] for r in config.schema_rows()}
+    assert set(flat) == keys
+
+
+def test_yaml_round_trip():
+    c = config.load(None, ["train.steps=7", "train.diffaug=[color]"])
+    again = config.from_dict(__import__("yaml").safe_load(config.to_yaml(c)))
+    assert again == c
