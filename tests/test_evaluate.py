@@ -1,0 +1,136 @@
+"""Evaluation through the real torch-fidelity code path, offline: InceptionV3 with random weights
+written to a temp file and passed as eval.weights (inception-v3-compat), small sample counts."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ganlab import config, data, evaluate
+
+
+def make_cfg(tmp_path, weights, *extra):
+    return config.load(None, [f"data.cache_dir={tmp_path / 'cache'}", "data.image_size=32",
+                              f"eval.weights={weights}", "eval.feature_extractor=inception-v3-compat",
+                              "eval.num_samples=24", "eval.batch_size=12", "eval.kid_subset_size=12",
+                              "model.nz=8", *extra])
+
+
+@pytest.fixture(scope="module")
+def sprites():
+    return data.make_sprites(48, 32, seed=7)
+
+
+def test_fid_real_vs_real_is_zero_and_grows_with_noise(tmp_path, inception_weights, sprites):
+    cfg = make_cfg(tmp_path, inception_weights, "eval.metrics=[fid]", "eval.fid_alpha=false")
+    real = sprites[:24]
+    ev = evaluate.Evaluator(cfg, real, "cpu")
+    assert ev.extractor["name"] == "inception-v3-compat" and not ev.extractor["random"]
+    fids = []
+    g = torch.Generator().manual_seed(0)
+    for sigma in (0, 20, 60, 120):
+        noisy = (real.float() + sigma * torch.randn(real.shape, generator=g)).clamp(0, 255).to(torch.uint8)
+        fids.append(ev.metrics_for(noisy)["fid"])
+    assert abs(fids[0]) < 1e-3
+    assert fids[0] < fids[1] < fids[2] < fids[3], fids
+
+
+def test_in_memory_equals_folder(tmp_path, inception_weights, sprites):
+    import torch_fidelity
+    cfg = make_cfg(tmp_path, inception_weights)
+    ev = evaluate.Evaluator(cfg, sprites[:24], "cpu")
+    fake = sprites[24:48]
+    comp = evaluate.composite(fake, cfg.eval.background)
+    mem = torch_fidelity.calculate_metrics(
+        input1=evaluate.TensorImages(comp), input2=evaluate.TensorImages(ev.real), fid=True, cuda=False,
+        feature_extractor="inception-v3-compat", feature_extractor_weights_path=inception_weights,
+        batch_size=12, verbose=False, cache=False, save_cpu_ram=True)
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i, im in enumerate(comp):
+        Image.fromarray(im.permute(1, 2, 0).numpy()).save(folder / f"{i:03d}.png")
+    disk = torch_fidelity.calculate_metrics(
+        input1=str(folder), input2=evaluate.TensorImages(ev.real), fid=True, cuda=False,
+        feature_extractor="inception-v3-compat", feature_extractor_weights_path=inception_weights,
+        batch_size=12, verbose=False, cache=False, save_cpu_ram=True, samples_shuffle=False)
+    assert mem["frechet_inception_distance"] == pytest.approx(disk["frechet_inception_distance"], rel=1e-4)
+    ours = ev.metrics_for(fake)["fid"]
+    assert ours == pytest.approx(mem["frechet_inception_distance"], rel=1e-4)
+
+
+def test_real_statistics_cache_hits_on_second_run(tmp_path, inception_weights, sprites):
+    cfg = make_cfg(tmp_path, inception_weights)
+    ev1 = evaluate.Evaluator(cfg, sprites[:24], "cpu")
+    reals_seen = []
+    orig = ev1._fidelity
+    def spy(fake, real, channel, want):
+        out = orig(fake, real, channel, want)
+        reals_seen.append(real.reads)
+        return out
+    ev1._fidelity = spy
+    m1 = ev1.metrics_for(sprites[24:48])
+    assert reals_seen[0] > 0                          # computed the first time
+    ev2 = evaluate.Evaluator(cfg, sprites[:24], "cpu")  # a new run on the same data
+    reals_seen.clear()
+    orig2 = ev2._fidelity
+    def spy2(fake, real, channel, want):
+        out = orig2(fake, real, channel, want)
+        reals_seen.append(real.reads)
+        return out
+    ev2._fidelity = spy2
+    m2 = ev2.metrics_for(sprites[24:48])
+    assert reals_seen == [0, 0]                       # rgb and alpha both from the cache
+    assert m1 == pytest.approx(m2)
+    assert set(m1) >= {"fid", "isc", "kid", "fid_alpha"}
+    # anything that changes the real features gives another cache entry
+    cfg_b = make_cfg(tmp_path, inception_weights, "eval.background=white")
+    assert evaluate.Evaluator(cfg_b, sprites[:24], "cpu").real_cache_name("rgb") != ev2.real_cache_name("rgb")
+
+
+def test_random_extractor_keeps_activations_alive(tmp_path):
+    """Distinct sets give distinct, nonzero FIDs in the order: same-distribution subsets < another
+    distribution < heavy noise (a default-init random InceptionV3 gives 0.0 for everything)."""
+    cfg = config.load(None, [f"data.cache_dir={tmp_path / 'cache'}", "eval.feature_extractor=inception-v3-random",
+                             "eval.metrics=[fid]", "eval.fid_alpha=false", "eval.batch_size=20", "data.image_size=32"])
+    a = data.make_sprites(60, 32, seed=1)
+    ev = evaluate.Evaluator(cfg, a[:30], "cpu")
+    assert ev.extractor["random"] and ev.extractor["name"] == "inception-v3-random"
+    same = ev.metrics_for(a[30:60])["fid"]
+    rng = np.random.RandomState(0)
+    other = torch.from_numpy(rng.randint(0, 256, (30, 4, 32, 32)).astype(np.uint8))   # not sprites at all
+    other[:, 3] = 255
+    noisy = (a[:30].float() + 40 * torch.randn(a[:30].shape)).clamp(0, 255).to(torch.uint8)
+    far = ev.metrics_for(other)["fid"]
+    mid = ev.metrics_for(noisy)["fid"]
+    assert 0 < same < mid < far, (same, mid, far)
+
+
+def test_kid_subset_is_clamped(tmp_path, script_extractor, sprites):
+    cfg = config.load(None, [f"data.cache_dir={tmp_path / 'cache'}", f"eval.feature_extractor={script_extractor}",
+                             "eval.num_samples=10", "eval.kid_subset_size=1000", "eval.batch_size=5"])
+    ev = evaluate.Evaluator(cfg, sprites[:7], "cpu")
+    assert ev.kid_subset_size(7) == 7
+    m = ev.metrics_for(sprites[10:20])
+    assert np.isfinite(m["kid"])
+
+
+def test_torchscript_extractor_hash_joins_the_signature(tmp_path, script_extractor, sprites):
+    cfg = config.load(None, [f"data.cache_dir={tmp_path / 'cache'}", f"eval.feature_extractor={script_extractor}"])
+    ev = evaluate.Evaluator(cfg, sprites[:8], "cpu")
+    assert ev.extractor["name"].startswith("torchscript-") and ev.signature["weights"] == evaluate.file_hash(script_extractor)
+
+
+def test_missing_weights_fail_before_training(tmp_path):
+    cfg = config.load(None, [f"data.cache_dir={tmp_path}", "eval.feature_extractor=inception-v3-compat"])
+    with pytest.raises(evaluate.EvalError, match="weights are not available"):
+        evaluate.resolve_extractor(cfg.eval, tmp_path)
+    cfg = config.load(None, [f"eval.weights={tmp_path / 'nope.pth'}"])
+    with pytest.raises(evaluate.EvalError, match="is not a file"):
+        evaluate.resolve_extractor(cfg.eval, tmp_path)
+
+
+def test_composite_same_for_real_and_fake():
+    u8 = torch.tensor([[[[255]], [[0]], [[0]], [[128]]]], dtype=torch.uint8)
+    white = evaluate.composite(u8, "white")[0, :, 0, 0].tolist()
+    black = evaluate.composite(u8, "black")[0, :, 0, 0].tolist()
+    assert white == [255, 127, 127] and black == [128, 0, 0]
+    assert evaluate.alpha_as_rgb(u8)[0, :, 0, 0].tolist() == [128, 128, 128]
