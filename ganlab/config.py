@@ -126,6 +126,7 @@ class TrackingConfig:
     runs_dir: str = _f("mlruns", "where run folders (checkpoints, events) live")
     register_model: bool = _f(True, "register the best generator in the Model Registry")
     system_metrics: bool = _f(True, "log CPU/memory/GPU usage")
+    system_metrics_every: float = _f(10.0, "seconds between system-metric samples", lo=0.5)
 
 
 @dataclass

@@ -51,8 +51,8 @@ def resolve(source: str, experiment: str | None = None, device="cpu"):
 
 def _registered(uri: str, device):
     import mlflow
-    from .track import tracking_uri
-    mlflow.set_tracking_uri(tracking_uri(config_mod.Config()))
+    from .track import set_fluent_uri, tracking_uri
+    set_fluent_uri(tracking_uri(config_mod.Config()))
     try:
         info = mlflow.models.get_model_info(uri)
         g = mlflow.pytorch.load_model(uri, map_location=device)

@@ -85,6 +85,19 @@ def tracking_uri(cfg) -> str:
     return f"sqlite:///{Path(cfg.tracking.runs_dir).resolve() / 'mlflow.db'}"
 
 
+def set_fluent_uri(uri: str):
+    """Point MLflow's fluent API at uri without leaving it in $MLFLOW_TRACKING_URI (MLflow sets the
+    variable for subprocesses; ganlab reads it as the user's choice, so a later run in the same
+    process would otherwise inherit an earlier run's store)."""
+    import mlflow
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def is_local(uri: str) -> bool:
     return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
 
@@ -158,7 +171,7 @@ class Tracker(NullTracker):
     def start(self, cfg, run_dir, images=None, evaluator=None, device=None, run_id=None, experiment_file=""):
         from . import config as config_mod
         mlflow = self.mlflow
-        mlflow.set_tracking_uri(self.uri)
+        set_fluent_uri(self.uri)
         exp_id = ensure_experiment(self.client, cfg.name, self.uri, cfg.tracking.runs_dir)
         label = f"{cfg.variant or cfg.name}-{dt.datetime.now():%m%d-%H%M%S}"
         parent = mlflow.active_run()
@@ -181,7 +194,7 @@ class Tracker(NullTracker):
             self._log_input(images)
         self.monitor = None
         if cfg.tracking.system_metrics:
-            self.monitor = _system_monitor(run_id)
+            self.monitor = _system_monitor(run_id, cfg.tracking.system_metrics_every)
         self._run_dir = Path(run_dir)
         return run_id
 
@@ -213,13 +226,17 @@ class Tracker(NullTracker):
 
     def _log_input(self, images):
         try:
-            from mlflow.data.filesystem_dataset_source import FileSystemDatasetSource
+            from mlflow.data.code_dataset_source import CodeDatasetSource
+            from mlflow.data.dataset_source_registry import resolve_dataset_source
             from mlflow.data.meta_dataset import MetaDataset
-            ds = MetaDataset(FileSystemDatasetSource(images.source), name=Path(images.source).name or images.source,
-                             digest=images.content_hash)
-            self.client.log_inputs(self.run_id, datasets=[
-                self.mlflow.entities.DatasetInput(ds._to_mlflow_entity(),
-                                                  tags=[self.mlflow.entities.InputTag("mlflow.data.context", "training")])])
+            if Path(images.source).is_dir():
+                src, name = resolve_dataset_source(Path(images.source).resolve().as_uri()), Path(images.source).name
+            else:
+                src, name = CodeDatasetSource(tags={"ganlab.data": images.source}), images.source
+            ds = MetaDataset(src, name=name, digest=images.content_hash)
+            ent = self.mlflow.entities
+            self.client.log_inputs(self.run_id, datasets=[ent.DatasetInput(
+                ds._to_mlflow_entity(), tags=[ent.InputTag("mlflow.data.context", "training")])])
         except Exception as e:          # lineage is nice to have; never fail a run over it
             log.warning("could not log the dataset input (%s)", e)
 
@@ -281,17 +298,20 @@ class Tracker(NullTracker):
             if final and status == "FINISHED" and (run_dir / "generator.pt").exists():
                 self.client.log_artifact(self.run_id, str(run_dir / "generator.pt"), "model")
                 if cfg.tracking.register_model:
-                    register_generator(self, cfg, run_dir)
+                    try:
+                        register_generator(self, cfg, run_dir)
+                    except Exception as e:       # the run's own artifacts are safe; say what failed
+                        log.warning("could not register the generator in the Model Registry (%s)", e)
         finally:
             if getattr(self, "monitor", None) is not None:
                 self.monitor.finish()
             self.client.set_terminated(self.run_id, status=status)
 
 
-def _system_monitor(run_id):
+def _system_monitor(run_id, every: float):
     try:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-        m = SystemMetricsMonitor(run_id, sampling_interval=10, samples_before_logging=1)
+        m = SystemMetricsMonitor(run_id, sampling_interval=every, samples_before_logging=1)
         m.start()
         return m
     except Exception as e:
@@ -337,7 +357,8 @@ def register_generator(tracker, cfg, run_dir: Path):
     value = info["metrics"].get(metric)
     with _quiet_logs():
         model_info = mlflow.pytorch.log_model(
-            g, name="generator", run_id=tracker.run_id, pip_requirements=["torch", "ganlab"],
+            g, name="generator", run_id=tracker.run_id, pip_requirements=["torch"],
+            input_example=torch.randn(2, info["config"].model.nz).numpy(), serialization_format="pt2",
             metadata={"ganlab_config": to_yaml(info["config"]),
                       "step": info["step"], "signature": info["signature"], metric: value})
     try:

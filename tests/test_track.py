@@ -1,0 +1,166 @@
+"""Real MLflow: a temporary sqlite store for most tests, a real `mlflow server` process for one."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from ganlab import cli, evaluate, sweep, train
+from ganlab.track import tracking_uri
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def tracked(tiny_cfg, tmp_path):
+    def make(*extra):
+        return tiny_cfg("tracking.enabled=true", "tracking.system_metrics=false", "tracking.register_model=false",
+                        "name=exp", *extra)
+    return make
+
+
+def scripted(monkeypatch, values):
+    it = iter(values)
+    monkeypatch.setattr(evaluate.Evaluator, "__call__", lambda self, g: {"fid": next(it), "eval_seconds": 0.0})
+
+
+def test_run_records_params_tags_metrics_images_artifacts(tracked):
+    cfg = tracked("tracking.system_metrics=true", "tracking.system_metrics_every=0.5", "train.steps=40")
+    res = train.train(cfg, quiet=True, experiment_file="exp.yaml")
+    c = mlflow.MlflowClient(tracking_uri(cfg))
+    run = c.get_run(res.run_id)
+    assert run.info.status == "FINISHED"
+    p, t, m = run.data.params, run.data.tags, run.data.metrics
+    assert p["train.batch_size"] == "16" and p["eval.metrics"] == "fid,isc,kid" and p["data.image_size"] == "32"
+    for tag in ("eval.signature", "data.hash", "data.holdout_size", "git.commit", "git.dirty", "ganlab.device",
+                "versions.torch", "versions.torch_fidelity", "versions.mlflow", "ganlab.experiment_file"):
+        assert t.get(tag), tag
+    assert t["eval.random_features"] == "false"
+    for k in ("loss_d", "loss_g", "d_real", "d_fake", "grad_norm_g", "grad_norm_d", "lr_g", "img_per_s",
+              "fid", "fid_alpha", "isc", "kid", "eval_seconds", "best_fid", "best_step", "rollbacks", "stopped_early"):
+        assert k in m, k
+    steps = [x.step for x in c.get_metric_history(res.run_id, "loss_d")]
+    assert steps == list(range(4, 41, 4))
+    assert m["best_fid"] == res.best
+    arts = {a.path for a in c.list_artifacts(res.run_id)}
+    assert {"config.yaml", "events.jsonl", "model"} <= arts
+    assert any(a.path.startswith("images/samples") for a in c.list_artifacts(res.run_id, "images"))
+    assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.digest == t["data.hash"]
+    assert any(k.startswith("system/") for k in m)
+
+
+def test_resume_continues_the_same_run_without_duplicates(tracked, tmp_path):
+    cfg = tracked()
+    half = train.train(cfg, run_dir=tmp_path / "r", stop_at=12, quiet=True)
+    # simulate a kill after the checkpoint at 8 but with points up to 12 already logged
+    import shutil
+    shutil.copy(tmp_path / "r" / "last.pt.prev", tmp_path / "r" / "last.pt")
+    res = train.train(cfg, run_dir=tmp_path / "r", resume=True, quiet=True)
+    assert res.run_id == half.run_id
+    c = mlflow.MlflowClient(tracking_uri(cfg))
+    for key in ("loss_d", "fid"):
+        steps = [x.step for x in c.get_metric_history(res.run_id, key)]
+        assert steps == sorted(set(steps)), (key, steps)
+    assert [x.step for x in c.get_metric_history(res.run_id, "fid")] == [8, 16, 24]
+    assert c.get_run(res.run_id).info.status == "FINISHED"
+
+
+def test_best_json_and_champion_alias(tracked, monkeypatch, capsys, tmp_path):
+    scripted(monkeypatch, [5.0, 4.0, 4.5])
+    a = train.train(tracked("tracking.register_model=true", "variant=worse"), quiet=True)
+    scripted(monkeypatch, [3.0, 2.0, 2.5])
+    b = train.train(tracked("tracking.register_model=true", "variant=better"), quiet=True)
+    uri = tracking_uri(tracked())
+    assert cli.main(["best", "--experiment", "exp", "--json", "--uri", uri]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["run_id"] for r in rows] == [b.run_id, a.run_id]
+    assert rows[0]["best"] == 2.0 and rows[0]["step"] == 16 and rows[0]["checkpoint"].endswith("generator.pt")
+    c = mlflow.MlflowClient(uri)
+    champ = c.get_model_version_by_alias("exp", "champion")
+    assert champ.run_id == b.run_id
+    # a worse run later does not take the alias
+    scripted(monkeypatch, [9.0, 8.0, 8.5])
+    train.train(tracked("tracking.register_model=true", "variant=later"), quiet=True)
+    assert c.get_model_version_by_alias("exp", "champion").run_id == b.run_id
+    # and every way of naming a generator samples
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    for src in ("best", "models:/exp@champion", b.run_id, str(b.run_dir)):
+        out = tmp_path / "s" / src.replace("/", "_").replace(":", "_").replace("@", "_")
+        assert cli.main(["sample", src, "-n", "3", "--out", str(out), "--experiment", "exp"]) == 0
+        assert len(list(out.glob("sample_*.png"))) == 3 and (out / "grid.png").exists()
+
+
+def test_two_variant_sweep(tmp_path, script_extractor, capsys):
+    from conftest import tiny_overrides
+    base = tmp_path / "base.yaml"
+    sets = dict(o.split("=", 1) for o in tiny_overrides(tmp_path, script_extractor))
+    sets.update({"tracking.enabled": "true", "tracking.system_metrics": "false", "tracking.register_model": "false",
+                 "train.steps": "8", "eval.every": "8"})
+    base.write_text("name: base\n")
+    sw = tmp_path / "sweep.yaml"
+    import yaml
+    spec = {"base": "base.yaml", "name": "sw", "set": {k: yaml.safe_load(v) for k, v in sets.items()},
+            "variants": {"plain": {}, "clipped": {"train.clip_norm_d": 1.0}, "broken": {"train.loss": "nope"}}}
+    sw.write_text(yaml.safe_dump(spec, sort_keys=False))
+    rows = sweep.run_sweep(sw, quiet=True)
+    assert [r["variant"] for r in rows] == ["plain", "clipped", "broken"]
+    assert [r["status"] for r in rows] == ["ok", "ok", "failed"]
+    out = capsys.readouterr().out
+    assert "| plain |" in out and "| broken |" in out
+    c = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    exp = c.get_experiment_by_name("sw")
+    runs = c.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and len(children) == 3
+    assert sorted(r.info.status for r in children) == ["FAILED", "FINISHED", "FINISHED"]
+    assert {a.path for a in c.list_artifacts(parents[0].info.run_id)} >= {"sweep_summary.md", "sweep_summary.json"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_real_mlflow_server_over_http(tracked, tmp_path):
+    port = free_port()
+    env = dict(os.environ, MLFLOW_ALLOW_FILE_STORE="true")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        import http.client
+        deadline = time.time() + 120
+        while True:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)    # loopback only
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise RuntimeError("mlflow server did not start")
+                time.sleep(1)
+        res = train.train(tracked(f"tracking.uri={uri}"), quiet=True)
+        c = mlflow.MlflowClient(uri)
+        run = c.get_run(res.run_id)
+        assert run.data.params["train.steps"] == "24"
+        assert run.data.metrics["best_fid"] == res.best and "fid" in run.data.metrics
+        imgs = c.list_artifacts(res.run_id, "images")
+        assert imgs
+        local = c.download_artifacts(res.run_id, imgs[0].path, str(tmp_path / "dl"))
+        assert Path(local).exists()
+        assert not (Path(res.run_dir).parent.parent.parent / "mlflow.db").exists()     # nothing went to sqlite
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
