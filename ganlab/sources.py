@@ -17,9 +17,8 @@ class SourceError(ValueError):
 
 
 def client(uri: str | None = None):
-    import mlflow
-    from .track import tracking_uri
-    return mlflow.MlflowClient(uri or tracking_uri(config_mod.Config()))
+    from .track import open_client, tracking_uri
+    return open_client(uri or tracking_uri(config_mod.Config()))
 
 
 def resolve(source: str, experiment: str | None = None, device="cpu"):

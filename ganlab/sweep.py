@@ -7,6 +7,7 @@ under one parent MLflow run, with a summary table at the end.
     variants:                          # label -> overrides (dotted keys)
       seed: {}
       clip_norm: {train.clip_norm_g: 1.0, train.clip_norm_d: 1.0}
+      mine: {experiment: ../recommended.yaml}   # another experiment file as this variant's base
     grid: {train.lr_d: [0.0001, 0.0002]}   # or: every combination (labels made from the values)
 """
 from __future__ import annotations
@@ -25,8 +26,8 @@ from .config import ConfigError
 ALLOWED = {"base", "name", "set", "variants", "grid"}
 
 
-def load_sweep(path: str | Path) -> tuple[Path, str | None, list[tuple[str, list[str]]]]:
-    """-> (base experiment path, experiment name or None, [(label, overrides)])."""
+def load_sweep(path: str | Path) -> tuple[Path, str | None, list[tuple[str, Path, list[str]]]]:
+    """-> (base experiment path, experiment name or None, [(label, its experiment file, overrides)])."""
     path = Path(path)
     raw = config_mod._read_yaml(path)
     unknown = set(raw) - ALLOWED
@@ -35,10 +36,12 @@ def load_sweep(path: str | Path) -> tuple[Path, str | None, list[tuple[str, list
     if not isinstance(raw.get("base"), str):
         raise ConfigError(f"{path}: key 'base' must name the base experiment file")
     base = path.parent / raw["base"]
-    common = _pairs(raw.get("set") or {}, path, "set")
+    common = _pairs(raw.get("set") or {}, path, "set") + ([f"name={raw['name']}"] if raw.get("name") else [])
     variants = []
     for label, ov in (raw.get("variants") or {}).items():
-        variants.append((str(label), common + _pairs(ov or {}, path, f"variants.{label}")))
+        ov = dict(ov or {})
+        own = path.parent / ov.pop("experiment") if "experiment" in ov else base
+        variants.append((str(label), own, common + _pairs(ov, path, f"variants.{label}")))
     grid = raw.get("grid") or {}
     if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
         raise ConfigError(f"{path}: key 'grid' must map dotted keys to non-empty lists of values")
@@ -46,7 +49,7 @@ def load_sweep(path: str | Path) -> tuple[Path, str | None, list[tuple[str, list
         keys = list(grid)
         for combo in itertools.product(*(grid[k] for k in keys)):
             label = ",".join(f"{k.split('.')[-1]}={v}" for k, v in zip(keys, combo))
-            variants.append((label, common + [f"{k}={_dump(v)}" for k, v in zip(keys, combo)]))
+            variants.append((label, base, common + [f"{k}={_dump(v)}" for k, v in zip(keys, combo)]))
     if not variants:
         raise ConfigError(f"{path}: no variants (give 'variants' or 'grid')")
     return base, raw.get("name"), variants
@@ -68,18 +71,17 @@ def run_sweep(path, extra_sets=(), quiet=False, only=()) -> list[dict]:
     base, name, variants = load_sweep(path)
     if only:
         variants = [v for v in variants if v[0] in only]
-    sets = [f"name={name}"] if name else []
     # validate every variant before running any: a typo fails now, not after hours
     cfgs = []
-    for label, ov in variants:
+    for label, exp, ov in variants:
         try:
-            cfgs.append((label, config_mod.load(base, ov + sets + list(extra_sets) + [f"variant={label}"]), None))
+            cfgs.append((label, config_mod.load(exp, ov + list(extra_sets) + [f"variant={label}"]), None))
         except ConfigError as e:
             cfgs.append((label, None, str(e)))
-    first = next((c for _, c, _ in cfgs if c is not None), None) or config_mod.load(base, sets + list(extra_sets))
+    first = next((c for _, c, _ in cfgs if c is not None), None) or config_mod.load(base, list(extra_sets))
     uri = track.tracking_uri(first)
     track.set_fluent_uri(uri)
-    client = mlflow.MlflowClient(uri)
+    client = track.open_client(uri)
     exp_id = track.ensure_experiment(client, first.name, uri, first.tracking.runs_dir) if first.tracking.enabled else None
     rows = []
     parent = mlflow.start_run(experiment_id=exp_id, run_name=f"sweep-{Path(path).stem}",

@@ -98,6 +98,24 @@ def set_fluent_uri(uri: str):
         os.environ["MLFLOW_TRACKING_URI"] = before
 
 
+def open_client(uri: str):
+    """An MlflowClient whose store exists. Creating a sqlite store runs schema migrations, which race
+    when two processes start on a new store at once; a file lock makes them take turns."""
+    import mlflow
+    client = mlflow.MlflowClient(uri)
+    if uri.startswith("sqlite:///"):
+        import fcntl
+        db = Path(uri[len("sqlite:///"):])
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with open(db.with_name(db.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                client.search_experiments(max_results=1)     # creates / migrates the store
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    return client
+
+
 def is_local(uri: str) -> bool:
     return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
 
@@ -158,7 +176,7 @@ class Tracker(NullTracker):
         self.mlflow = mlflow
         self.cfg = cfg
         self.uri = tracking_uri(cfg)
-        self.client = mlflow.MlflowClient(self.uri)
+        self.client = open_client(self.uri)
         self.run_id = None
         self.last_step: dict[str, int] = {}      # per metric: steps at or below were logged before a resume
         self._owns_fluent = False

@@ -84,3 +84,19 @@ def test_yaml_round_trip():
     c = config.load(None, ["train.steps=7", "train.diffaug=[color]"])
     again = config.from_dict(__import__("yaml").safe_load(config.to_yaml(c)))
     assert again == c
+
+
+def test_readme_schema_table_is_current():
+    readme = (ROOT / "README.md").read_text()
+    for key, default, allowed, doc in config.schema_rows():
+        assert f"| `{key}` | `{default}` |" in readme, f"README schema table is missing or stale for {key}"
+
+
+def test_stabilizers_sweep_variants_all_load():
+    from ganlab import sweep
+    base, name, variants = sweep.load_sweep(ROOT / "experiments" / "sweeps" / "stabilizers.yaml")
+    assert len(variants) == 8 and name == "stabilizers"
+    for label, exp, ov in variants:
+        c = config.load(exp, ov + [f"variant={label}"])
+        assert c.name == "stabilizers" and c.selection.on_collapse == "ignore"
+    assert variants[-1][1].name == "recommended.yaml"

@@ -1,0 +1,31 @@
+import numpy as np
+import torch
+from PIL import Image
+
+from ganlab import bench
+
+
+def test_seed_loop_really_saves_and_reloads_checkpoints_every_step(tmp_path):
+    folder = tmp_path / "data" / "cls"
+    folder.mkdir(parents=True)
+    rng = np.random.RandomState(0)
+    for i in range(8):
+        Image.fromarray(rng.randint(0, 256, (64, 64, 4), dtype=np.uint8), "RGBA").save(folder / f"{i}.png")
+    loop = bench.SeedLoop(tmp_path / "data", tmp_path, torch.device("cpu"), batch_size=4, num_workers=0)
+    loop.step()
+    assert (loop.saves, loop.loads) == (2, 0)
+    gpath, dpath = loop.paths
+    assert gpath.exists() and dpath.exists()
+    # whatever is on disk is what the next step trains from: plant a zeroed generator there
+    ck = torch.load(gpath, weights_only=False)
+    ck["model_state_dict"] = {k: torch.zeros_like(v) if v.is_floating_point() else v
+                              for k, v in ck["model_state_dict"].items()}
+    torch.save(ck, gpath)
+    loop.step()
+    assert (loop.saves, loop.loads) == (4, 2)
+    first_conv = loop.g.main[0].weight
+    assert first_conv.abs().max().item() < 5e-3          # one Adam step away from the planted zeros
+    mtime = gpath.stat().st_mtime_ns
+    loop.step()
+    assert gpath.stat().st_mtime_ns != mtime and loop.saves == 6 and loop.loads == 4
+    assert isinstance(loop.d[-1], torch.nn.Sigmoid)
