@@ -26,6 +26,21 @@ log = logging.getLogger("ganlab")
 SUMMARY = ("best_step", "rollbacks", "stopped_early")
 
 
+def with_retry(fn, *args, tries: int = 12, **kwargs):
+    """Call an MLflow client function, retrying while a shared sqlite store is locked by another
+    process (two trainings and a sweep may write to one store at once)."""
+    delay = 0.1
+    for attempt in range(tries):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            text = str(e).lower()
+            if attempt == tries - 1 or not ("locked" in text or "busy" in text):
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
 def new_run_dir(cfg) -> Path:
     label = cfg.variant or cfg.name
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -121,14 +136,14 @@ def is_local(uri: str) -> bool:
 
 
 def ensure_experiment(client, name: str, uri: str, runs_dir: str) -> str:
-    exp = client.get_experiment_by_name(name)
+    exp = with_retry(client.get_experiment_by_name, name)
     if exp is not None:
         return exp.experiment_id
     loc = (Path(runs_dir).resolve() / "artifacts").as_uri() if is_local(uri) else None
     try:
-        return client.create_experiment(name, artifact_location=loc)
+        return with_retry(client.create_experiment, name, artifact_location=loc)
     except Exception:                  # another process created it first
-        exp = client.get_experiment_by_name(name)
+        exp = with_retry(client.get_experiment_by_name, name)
         if exp is None:
             raise
         return exp.experiment_id
@@ -177,6 +192,10 @@ class Tracker(NullTracker):
         self.cfg = cfg
         self.uri = tracking_uri(cfg)
         self.client = open_client(self.uri)
+        # a local sqlite store is written synchronously, once per log_every steps (about a millisecond,
+        # see docs/benchmarks.md), so a locked store is retried and nothing is dropped in a queue;
+        # a server is written asynchronously in batches.
+        self.local = is_local(self.uri)
         self.run_id = None
         self.last_step: dict[str, int] = {}      # per metric: steps at or below were logged before a resume
         self._owns_fluent = False
@@ -184,6 +203,9 @@ class Tracker(NullTracker):
     @classmethod
     def from_config(cls, cfg):
         return cls(cfg) if cfg.tracking.enabled else NullTracker()
+
+    def _call(self, fn, *args, **kwargs):
+        return with_retry(fn, *args, **kwargs)
 
     # ---- lifecycle
     def start(self, cfg, run_dir, images=None, evaluator=None, device=None, run_id=None, experiment_file=""):
@@ -197,15 +219,15 @@ class Tracker(NullTracker):
             tags = {"ganlab.run_dir": str(Path(run_dir).resolve()), "ganlab.variant": cfg.variant or cfg.name}
             if parent is not None:
                 tags["mlflow.parentRunId"] = parent.info.run_id
-            run = self.client.create_run(exp_id, run_name=label, tags=tags)
+            run = self._call(self.client.create_run, exp_id, run_name=label, tags=tags)
             run_id = run.info.run_id
             params = config_mod.flatten(cfg)
             for i in range(0, len(params), 90):
                 chunk = list(params.items())[i:i + 90]
-                self.client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in chunk])
+                self._call(self.client.log_batch, run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in chunk])
         else:
             self.last_step = self._logged_steps(run_id)
-            self.client.update_run(run_id, status="RUNNING")
+            self._call(self.client.update_run, run_id, status="RUNNING")
         self.run_id = run_id
         self._tags(cfg, images, evaluator, device, experiment_file)
         if images is not None:
@@ -217,10 +239,10 @@ class Tracker(NullTracker):
         return run_id
 
     def _logged_steps(self, run_id) -> dict:
-        run = self.client.get_run(run_id)
+        run = self._call(self.client.get_run, run_id)
         out = {}
         for key in run.data.metrics:
-            hist = self.client.get_metric_history(run_id, key)
+            hist = self._call(self.client.get_metric_history, run_id, key)
             out[key] = max((m.step for m in hist), default=-1)
         return out
 
@@ -240,7 +262,7 @@ class Tracker(NullTracker):
                          "eval.random_features": str(evaluator.extractor["random"]).lower()})
             if evaluator.extractor["random"]:
                 tags["eval.warning"] = "random InceptionV3 features: not standard FID; compare only within this signature"
-        self.client.log_batch(self.run_id, tags=[self.mlflow.entities.RunTag(k, str(v)) for k, v in tags.items()])
+        self._call(self.client.log_batch, self.run_id, tags=[self.mlflow.entities.RunTag(k, str(v)) for k, v in tags.items()])
 
     def _log_input(self, images):
         try:
@@ -253,7 +275,7 @@ class Tracker(NullTracker):
                 src, name = CodeDatasetSource(tags={"ganlab.data": images.source}), images.source
             ds = MetaDataset(src, name=name, digest=images.content_hash)
             ent = self.mlflow.entities
-            self.client.log_inputs(self.run_id, datasets=[ent.DatasetInput(
+            self._call(self.client.log_inputs, self.run_id, datasets=[ent.DatasetInput(
                 ds._to_mlflow_entity(), tags=[ent.InputTag("mlflow.data.context", "training")])])
         except Exception as e:          # lineage is nice to have; never fail a run over it
             log.warning("could not log the dataset input (%s)", e)
@@ -265,7 +287,7 @@ class Tracker(NullTracker):
         ms = [Metric(k, float(v), now, step) for k, v in metrics.items()
               if v is not None and math.isfinite(float(v)) and step > self.last_step.get(k, -1)]
         if ms:
-            self.client.log_batch(self.run_id, metrics=ms, synchronous=False)
+            self._call(self.client.log_batch, self.run_id, metrics=ms, synchronous=self.local)
 
     def log_samples(self, g, evaluator, run_dir, step):
         path = save_sample_grid(g, evaluator, run_dir, step)
@@ -273,7 +295,7 @@ class Tracker(NullTracker):
             return
         from PIL import Image
         try:
-            self.client.log_image(self.run_id, Image.open(path), key="samples", step=step)
+            self._call(self.client.log_image, self.run_id, Image.open(path), key="samples", step=step)
         except Exception as e:
             log.warning("could not log the sample grid (%s)", e)
 
@@ -309,12 +331,12 @@ class Tracker(NullTracker):
             self.flush()
             run_dir = Path(run_dir or self._run_dir)
             if stopped:
-                self.client.set_tag(self.run_id, "ganlab.stopped", stopped)
+                self._call(self.client.set_tag, self.run_id, "ganlab.stopped", stopped)
             for name in ("config.yaml", "events.jsonl"):
                 if (run_dir / name).exists():
-                    self.client.log_artifact(self.run_id, str(run_dir / name))
+                    self._call(self.client.log_artifact, self.run_id, str(run_dir / name))
             if final and status == "FINISHED" and (run_dir / "generator.pt").exists():
-                self.client.log_artifact(self.run_id, str(run_dir / "generator.pt"), "model")
+                self._call(self.client.log_artifact, self.run_id, str(run_dir / "generator.pt"), "model")
                 if cfg.tracking.register_model:
                     try:
                         register_generator(self, cfg, run_dir)
@@ -323,7 +345,7 @@ class Tracker(NullTracker):
         finally:
             if getattr(self, "monitor", None) is not None:
                 self.monitor.finish()
-            self.client.set_terminated(self.run_id, status=status)
+            self._call(self.client.set_terminated, self.run_id, status=status)
 
 
 def _system_monitor(run_id, every: float):
@@ -380,15 +402,15 @@ def register_generator(tracker, cfg, run_dir: Path):
             metadata={"ganlab_config": to_yaml(info["config"]),
                       "step": info["step"], "signature": info["signature"], metric: value})
     try:
-        client.create_registered_model(name)
+        with_retry(client.create_registered_model, name)
     except Exception:
-        pass
-    mv = client.create_model_version(name, model_info.model_uri, run_id=tracker.run_id,
+        pass                            # it exists already
+    mv = with_retry(client.create_model_version, name, model_info.model_uri, run_id=tracker.run_id,
                                      tags={"eval.signature": str(info["signature"]), metric: str(value),
                                            "step": str(info["step"])})
     mode = metric_mode(cfg)
     try:
-        champ = client.get_model_version_by_alias(name, "champion")
+        champ = with_retry(client.get_model_version_by_alias, name, "champion")
     except Exception:
         champ = None
     beats = champ is None
@@ -398,7 +420,7 @@ def register_generator(tracker, cfg, run_dir: Path):
         # a champion measured under another protocol is not comparable: it keeps the alias
         beats = same and (math.isnan(old) or (value < old if mode == "min" else value > old))
     if beats and value is not None:
-        client.set_registered_model_alias(name, "champion", mv.version)
+        with_retry(client.set_registered_model_alias, name, "champion", mv.version)
     return mv
 
 

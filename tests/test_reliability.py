@@ -1,0 +1,227 @@
+"""What survives what: kill -9, damaged checkpoints, hostile pickles, full disks, parallel writers."""
+import errno
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+
+from ganlab import checkpoint, cli, config, train
+from ganlab.checkpoint import CheckpointError
+from ganlab.track import read_events, tracking_uri
+
+from conftest import tiny_overrides
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+def test_truncated_or_corrupt_last_falls_back_to_previous(tmp_path):
+    p = tmp_path / "last.pt"
+    checkpoint.save(p, {"step": 1, "w": torch.ones(3)}, keep_previous=True)
+    checkpoint.save(p, {"step": 2, "w": torch.ones(3) * 2}, keep_previous=True)
+    raw = p.read_bytes()
+    p.write_bytes(raw[: len(raw) // 2])                                  # truncated
+    with pytest.raises(CheckpointError, match="unreadable or truncated"):
+        checkpoint.load(p)
+    warned = []
+    state, used = checkpoint.load_latest_good(p, warn=warned.append)
+    assert state["step"] == 1 and used.name == "last.pt.prev" and "previous" in warned[0]
+    # a flipped byte inside the payload is caught by the checksum
+    checkpoint.save(p, {"step": 3, "w": torch.zeros(1000)})
+    raw = bytearray(p.read_bytes())
+    i = raw.find(b"\x00\x00\x00\x00\x00\x00\x00\x00", len(raw) // 2)
+    raw[i] = 7
+    p.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="checksum mismatch|unreadable"):
+        checkpoint.load(p)
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_malicious_pickle_is_refused_without_running(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"step": 1, "payload": Evil()}, tmp_path / "evil.pt")           # a bare hostile checkpoint
+    with pytest.raises(CheckpointError, match="refused"):
+        checkpoint.load(tmp_path / "evil.pt")
+    import hashlib, io                                                        # hostile inside a valid envelope
+    buf = io.BytesIO()
+    torch.save({"step": 1, "payload": Evil()}, buf)
+    blob = buf.getvalue()
+    torch.save({"format": 1, "sha256": hashlib.sha256(blob).hexdigest(),
+                "blob": torch.frombuffer(bytearray(blob), dtype=torch.uint8)}, tmp_path / "evil2.pt")
+    with pytest.raises(CheckpointError, match="refused"):
+        checkpoint.load(tmp_path / "evil2.pt")
+    assert not (tmp_path / "PWNED").exists()
+    r = subprocess.run([sys.executable, "-m", "ganlab.cli", "sample", str(tmp_path / "evil.pt")],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and "refused" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_yaml_is_read_safely(tmp_path):
+    p = tmp_path / "x.yaml"
+    p.write_text("name: !!python/object/apply:os.system ['touch PWNED']\n")
+    with pytest.raises(config.ConfigError):
+        config.load(p)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_disk_full_keeps_previous_checkpoint_and_says_so(tiny_cfg, monkeypatch, capsys):
+    cfg = tiny_cfg("train.steps=16", "train.checkpoint_every=8", "eval.every=8")
+    res = train.train(cfg, quiet=True, stop_at=8)
+    good = checkpoint.load(res.run_dir / "last.pt")
+    def full(f, data):
+        f.write(data[: len(data) // 3])
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(checkpoint, "_write_all", full)
+    res2 = train.train(cfg, run_dir=res.run_dir, resume=True, quiet=True)
+    assert res2.step == 16                                                   # training itself went on
+    errors = [e for e in read_events(res.run_dir) if e["kind"] == "error"]
+    assert errors and "No space left" in errors[0]["detail"] and "kept" in errors[0]["detail"]
+    state, _ = checkpoint.load_latest_good(res.run_dir / "last.pt", warn=lambda m: None)
+    assert state["step"] == good["step"]
+    assert not list(res.run_dir.glob(".*.tmp"))                              # no half-written leftovers
+
+
+def test_non_finite_weights_never_reach_best(tiny_cfg, monkeypatch):
+    from ganlab import evaluate
+    calls = iter([5.0, 1.0, 1.0])
+    monkeypatch.setattr(evaluate.Evaluator, "__call__", lambda self, g: {"fid": next(calls), "eval_seconds": 0.0})
+    orig = train.Trainer.step
+    def poisoned(self, step):
+        orig(self, step)
+        if step == 12:                                                       # weights go bad after the first eval
+            with torch.no_grad():
+                next(self.g.parameters()).fill_(float("nan"))
+    monkeypatch.setattr(train.Trainer, "step", poisoned)
+    res = train.train(tiny_cfg("selection.on_collapse=stop", "selection.dominance_window=0"), quiet=True)
+    best = checkpoint.load(res.run_dir / "best.pt")
+    assert best["step"] == 8
+    assert all(torch.isfinite(v).all() for v in best["trainer"]["g"].values() if v.is_floating_point())
+    assert res.stopped in ("collapse", "early_stop")
+
+
+# ---------------------------------------------------------------------------------- atomic writes
+
+WRITER = """
+import sys, torch
+from ganlab import checkpoint
+i = 0
+while True:
+    checkpoint.save(sys.argv[1], {"i": i, "w": torch.full((2_000_000,), float(i))}, keep_previous=True)
+    i += 1
+    print(i, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_kill_during_checkpoint_writes_never_corrupts(tmp_path):
+    path = tmp_path / "last.pt"
+    rng = random.Random(0)
+    for trial in range(4):
+        p = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True)
+        p.stdout.readline()                                                  # at least one complete write
+        time.sleep(rng.uniform(0.05, 0.6))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        state, used = checkpoint.load_latest_good(path, warn=lambda m: None)
+        assert state["w"][0].item() == state["i"]
+
+
+# --------------------------------------------------------------------------------------- kill -9
+
+def write_experiment(tmp_path, extractor, **sets):
+    ov = dict(o.split("=", 1) for o in tiny_overrides(tmp_path, extractor))
+    ov.update({"tracking.enabled": "true", "tracking.system_metrics": "false", "tracking.register_model": "false",
+               **{k: str(v) for k, v in sets.items()}})
+    raw = {}
+    for k, v in ov.items():
+        config._set_dotted(raw, k, yaml.safe_load(v), k)
+    p = tmp_path / "exp.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_keeps_best_and_one_mlflow_run(tmp_path, script_extractor):
+    exp = write_experiment(tmp_path, script_extractor, **{"train.steps": 400, "train.checkpoint_every": 10,
+                                                          "eval.every": 40, "name": "killme"})
+    cmd = [sys.executable, "-m", "ganlab.cli", "train", str(exp), "--quiet"]
+    p = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_dir = None
+    for line in p.stdout:
+        if line.startswith("run folder:"):
+            run_dir = Path(line.split(":", 1)[1].strip())
+            break
+    run_dir = run_dir if run_dir.is_absolute() else tmp_path / run_dir
+    rng = random.Random(1)
+    kills = 0
+    seen = None
+    while True:
+        # kill only once this process has written a checkpoint of its own, then at a random moment
+        while p.poll() is None and (not (run_dir / "last.pt").exists() or (run_dir / "last.pt").stat().st_mtime_ns == seen):
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.5))
+        if p.poll() is not None:
+            break
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        kills += 1
+        seen = (run_dir / "last.pt").stat().st_mtime_ns
+        best_before = checkpoint.load(run_dir / "best.pt")["step"] if (run_dir / "best.pt").exists() else None
+        p = subprocess.Popen([sys.executable, "-m", "ganlab.cli", "train", "--resume", str(run_dir), "--quiet"],
+                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if best_before is not None:
+            assert checkpoint.load(run_dir / "best.pt")["step"] >= best_before
+        if kills >= 3:
+            break
+    assert p.wait(timeout=600) == 0
+    assert kills >= 2
+    cfg = config.load(run_dir / "config.yaml")
+    c = mlflow.MlflowClient(tracking_uri(cfg))
+    exp_id = c.get_experiment_by_name("killme").experiment_id
+    runs = c.search_runs([exp_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"                 # one run, resumed
+    steps = [m.step for m in c.get_metric_history(runs[0].info.run_id, "fid")]
+    assert steps == list(range(40, 401, 40))                                     # no duplicates, none missing
+    ev = [e for e in read_events(run_dir) if e["kind"] in ("eval", "improved")]
+    assert [e["step"] for e in ev] == list(range(40, 401, 40))
+    assert [e["kind"] for e in read_events(run_dir)].count("resume") == kills
+    best = checkpoint.load(run_dir / "best.pt")
+    assert runs[0].data.metrics["best_fid"] == best["best"]["value"]
+
+
+# ------------------------------------------------------------------------------- parallel writers
+
+@pytest.mark.slow
+def test_two_trainings_and_a_sweep_share_one_store(tmp_path, script_extractor):
+    a = write_experiment(tmp_path, script_extractor, **{"name": "par", "variant": "a", "train.steps": 40})
+    a_text = a.read_text()
+    (tmp_path / "b.yaml").write_text(a_text.replace("variant: a", "variant: b"))
+    (tmp_path / "sw.yaml").write_text("base: exp.yaml\nname: parsweep\nvariants:\n  x: {}\n  y: {train.lr_d: 0.0004}\n")
+    procs = [subprocess.Popen([sys.executable, "-m", "ganlab.cli", *args], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for args in (["train", "exp.yaml", "--quiet"], ["train", "b.yaml", "--quiet"],
+                          ["sweep", "sw.yaml", "--quiet"])]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-2000:]
+    c = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    runs = c.search_runs([c.get_experiment_by_name(n).experiment_id for n in ("par", "parsweep")])
+    children = [r for r in runs if r.info.run_name.startswith(("a-", "b-", "x-", "y-"))]
+    assert len(children) == 4 and all(r.info.status == "FINISHED" for r in children)
+    for r in children:
+        assert [m.step for m in c.get_metric_history(r.info.run_id, "fid")] == [8, 16, 24, 32, 40]
+        assert len(c.get_metric_history(r.info.run_id, "loss_d")) == 10
+        assert {x.path for x in c.list_artifacts(r.info.run_id)} >= {"config.yaml", "events.jsonl", "images"}
