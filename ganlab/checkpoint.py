@@ -16,10 +16,12 @@ from pathlib import Path
 
 import torch
 
+from .config import UserError
+
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint cannot be used (missing, corrupt, wrong format, unsafe). One line, shown as is."""
 
 

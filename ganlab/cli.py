@@ -16,14 +16,6 @@ from . import config as config_mod
 
 
 
-def _user_errors():
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .evaluate import EvalError
-    from .sources import SourceError
-    return (config_mod.ConfigError, DataError, EvalError, CheckpointError, SourceError)
-
-
 def main(argv=None):
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "true")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -40,7 +32,7 @@ def main(argv=None):
         print("ganlab: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        if isinstance(e, _user_errors()):
+        if isinstance(e, config_mod.UserError):
             print(f"ganlab: error: {e}", file=sys.stderr)
             return 2
         raise

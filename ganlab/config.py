@@ -17,8 +17,16 @@ from typing import Any, Optional
 import yaml
 
 
-class ConfigError(ValueError):
-    """A user mistake in an experiment file or override. Its message is one line, shown as is."""
+class UserError(ValueError):
+    """A user mistake (config, data, weights, checkpoint, source). The CLI shows its message as one
+    line and exits 2; whitespace is folded so that the message stays one line whatever it quotes."""
+
+    def __init__(self, msg):
+        super().__init__(" ".join(str(msg).split()))
+
+
+class ConfigError(UserError):
+    """A mistake in an experiment file or override."""
 
 
 def _f(default, doc, choices=None, lo=None, hi=None, lo_open=False):

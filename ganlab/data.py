@@ -21,6 +21,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .checkpoint import atomic_write_bytes
+from .config import UserError
 
 log = logging.getLogger("ganlab")
 
@@ -30,7 +31,7 @@ DECODER_VERSION = 1              # bump when decoding changes, so stale caches a
 BUILTIN = "builtin:sprites"
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """The data cannot be used at all (empty folder, nothing decodable). One line, shown as is."""
 
 
@@ -77,7 +78,12 @@ def to_rgba(img: Image.Image) -> Image.Image:
         img = img.convert("PA")
     elif mode == "1":
         img = img.convert("L")
-    return img.convert("RGBA")
+    for via in (None, "LA", "RGB"):            # Pillow converts some modes (La, HSV...) only by way of another
+        try:
+            return (img.convert(via) if via else img).convert("RGBA")
+        except ValueError:
+            continue
+    raise BadImage(f"unsupported image mode {mode}")
 
 
 def fit_square(img: Image.Image, size: int, fit: str) -> np.ndarray:

@@ -26,6 +26,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 
 from . import data
 from .checkpoint import atomic_write_bytes
+from .config import UserError
 
 log = logging.getLogger("ganlab")
 
@@ -38,7 +39,7 @@ RANDOM_WARNING = (
     "collapse but cannot rank good generators. Set eval.weights or GANLAB_INCEPTION_WEIGHTS for standard FID.")
 
 
-class EvalError(ValueError):
+class EvalError(UserError):
     """Evaluation cannot be set up as configured. One line, shown as is."""
 
 

@@ -10,9 +10,10 @@ import torch
 import yaml
 
 from . import config as config_mod
+from .config import UserError
 
 
-class SourceError(ValueError):
+class SourceError(UserError):
     """SOURCE names nothing usable. One line, shown as is."""
 
 

@@ -225,3 +225,43 @@ def test_two_trainings_and_a_sweep_share_one_store(tmp_path, script_extractor):
         assert [m.step for m in c.get_metric_history(r.info.run_id, "fid")] == [8, 16, 24, 32, 40]
         assert len(c.get_metric_history(r.info.run_id, "loss_d")) == 10
         assert {x.path for x in c.list_artifacts(r.info.run_id)} >= {"config.yaml", "events.jsonl", "images"}
+
+
+# ------------------------------------------------------------------------------ bad input, one line
+
+def _one_line_error(capsys, argv):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ganlab: error:"), err
+    return err[0]
+
+
+@pytest.mark.parametrize("case", ["empty", "non_images", "smaller_than_batch", "unreadable_only"])
+def test_bad_data_is_one_clear_line(tmp_path, script_extractor, capsys, case):
+    import numpy as np
+    from PIL import Image
+    root = tmp_path / "data"
+    root.mkdir()
+    if case == "non_images":
+        for i in range(3):
+            (root / f"{i}.png").write_text("not a png")
+    elif case == "smaller_than_batch":
+        for i in range(10):
+            Image.fromarray(np.zeros((8, 8, 4), np.uint8), "RGBA").save(root / f"{i}.png")
+    elif case == "unreadable_only":
+        (root / "gone.png").symlink_to(tmp_path / "nowhere.png")   # unreadable (root ignores chmod)
+    sets = [s for o in tiny_overrides(tmp_path, script_extractor) for s in ("--set", o)]
+    (tmp_path / "exp.yaml").write_text("name: bad\n")
+    msg = _one_line_error(capsys, ["train", str(tmp_path / "exp.yaml"), "--quiet", *sets, "--set", f"data.root={root}"])
+    want = {"empty": "no image files", "non_images": "0 usable image", "smaller_than_batch": "fewer than one batch",
+            "unreadable_only": "0 usable image"}[case]
+    assert want in msg and "Traceback" not in msg
+
+
+def test_bad_cli_values_are_one_line(tmp_path, capsys):
+    p = tmp_path / "list.yaml"
+    p.write_text("- 1\n- 2\n")
+    assert "must be a YAML mapping" in _one_line_error(capsys, ["train", str(p)])
+    assert "must be an integer" in _one_line_error(capsys, ["train", str(p), "--set", "train.steps=many"])
+    assert "not a run folder" in _one_line_error(capsys, ["train", "--resume", str(tmp_path)])
+    assert "expected a checkpoint file" in _one_line_error(capsys, ["sample", "nothing-here"])
