@@ -262,6 +262,8 @@ def test_bad_cli_values_are_one_line(tmp_path, capsys):
     p = tmp_path / "list.yaml"
     p.write_text("- 1\n- 2\n")
     assert "must be a YAML mapping" in _one_line_error(capsys, ["train", str(p)])
-    assert "must be an integer" in _one_line_error(capsys, ["train", str(p), "--set", "train.steps=many"])
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("name: ok\n")
+    assert "must be an integer" in _one_line_error(capsys, ["train", str(ok), "--set", "train.steps=many"])
     assert "not a run folder" in _one_line_error(capsys, ["train", "--resume", str(tmp_path)])
     assert "expected a checkpoint file" in _one_line_error(capsys, ["sample", "nothing-here"])
