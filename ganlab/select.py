@@ -104,9 +104,10 @@ class Selector:
             return self._collapse(dec, "non-finite loss")
         hist = s.loss_g_history
         median = statistics.median(hist) if len(hist) >= 3 else None
+        spike = diag.get("loss_g_max", diag["loss_g"])     # the worst step of the interval
         dominating = (median is not None and diag["d_real"] > self.c.dominance_d_real
                       and diag["d_fake"] < self.c.dominance_d_fake
-                      and diag["loss_g"] > self.c.dominance_loss_ratio * max(median, 1e-8))
+                      and spike > self.c.dominance_loss_ratio * max(median, 1e-8))
         s.dominance_streak = s.dominance_streak + 1 if dominating else 0
         if not dominating:              # the median is of healthy intervals, so a long spike cannot hide itself
             hist.append(diag["loss_g"])
@@ -114,7 +115,7 @@ class Selector:
         if self.c.dominance_window and s.dominance_streak >= self.c.dominance_window:
             dec.events.append(("collapse_signal",
                                f"D dominates for {s.dominance_streak} intervals: D(x) {diag['d_real']:.3f}, "
-                               f"D(G(z)) {diag['d_fake']:.3f}, loss_g {diag['loss_g']:.3g} vs recent median "
+                               f"D(G(z)) {diag['d_fake']:.3f}, loss_g up to {spike:.3g} vs recent median "
                                f"{median:.3g}", {"signal": "d_dominance"}))
             s.dominance_streak = 0
             return self._collapse(dec, "discriminator dominance with a loss_g spike")

@@ -111,6 +111,7 @@ class Trainer:
             self.d.to(memory_format=self.mem)
         self.g_fwd, self.d_fwd = (torch.compile(self.g), torch.compile(self.d)) if t.compile else (self.g, self.d)
         self._acc = torch.zeros(len(DIAG) + 1, device=device)
+        self._loss_g_max = torch.full((), float("-inf"), device=device)   # spikes hide in interval means
         self._ema_beta = ema_beta(t)
 
     # ---- one step
@@ -168,6 +169,7 @@ class Trainer:
             self._acc += torch.stack([loss_d.detach().float(), loss_g.detach().float(),
                                       losses.d_probs(t.loss, d_real).mean(), losses.d_probs(t.loss, d_fake).mean(),
                                       gn_g, gn_d, torch.ones((), device=self.device)])
+            self._loss_g_max = torch.maximum(self._loss_g_max, loss_g.detach().float())
 
     @staticmethod
     def _clip(net, max_norm: float, max_value: float) -> torch.Tensor:
@@ -189,10 +191,13 @@ class Trainer:
 
     def pop_diagnostics(self) -> dict:
         """Mean of each diagnostic since the last call (one host sync)."""
-        vals = self._acc.tolist()
+        vals = torch.cat([self._acc, self._loss_g_max.view(1)]).tolist()
         self._acc.zero_()
-        n = max(vals[-1], 1.0)
-        return {k: v / n for k, v in zip(DIAG, vals)}
+        self._loss_g_max.fill_(float("-inf"))
+        n = max(vals[-2], 1.0)
+        out = {k: v / n for k, v in zip(DIAG, vals)}
+        out["loss_g_max"] = vals[-1]
+        return out
 
     # ---- sampling
     def sampling_generator(self) -> torch.nn.Module:
@@ -222,6 +227,7 @@ class Trainer:
         if rng:
             self.rng.set_state(s["rng"])
         self._acc.zero_()
+        self._loss_g_max.fill_(float("-inf"))
 
     def reseed(self, seed: int):
         self.rng.manual_seed(seed)

@@ -130,3 +130,15 @@ def test_early_stop_ends_the_run(tiny_cfg, monkeypatch):
     res = train.train(tiny_cfg("selection.patience=2", "train.steps=200"), quiet=True)
     assert res.stopped == "early_stop" and res.step == 24
     assert [e["kind"] for e in read_events(res.run_dir)].count("early_stop") == 1
+
+
+def test_spike_inside_an_interval_is_seen_through_its_worst_step():
+    """Averaged over an interval the user's spike is mild (mean ~12); its worst step (46) is not."""
+    s = selector()                                    # defaults: window 2, ratio 3
+    s.on_eval(0, {"fid": 5})
+    healthy = [{"loss_d": 0.05, "loss_g": 6 + 0.2 * i, "loss_g_max": 9, "d_real": 0.97, "d_fake": 0.03} for i in range(8)]
+    epoch40 = [{"loss_d": 0.01, "loss_g": 12, "loss_g_max": m, "d_real": 0.99, "d_fake": 0.004} for m in (32.6, 45.9)]
+    assert not any(s.on_diagnostics(i, d).events for i, d in enumerate(healthy))
+    fired = [s.on_diagnostics(10 + i, d) for i, d in enumerate(epoch40)]
+    assert not fired[0].rollback and fired[1].rollback
+    assert "up to 45.9" in fired[1].events[0][1]
