@@ -157,7 +157,10 @@ def main(args):
         src = data_folder(args.data, tmp)
         cfg_data = config_mod.load(EXPERIMENTS / "seed_baseline.yaml", [f"data.root={src}",
                                    f"data.cache_dir={tmp / 'cache'}"]).data
+        before = rss_mb()
         images = data.load_images(cfg_data).train
+        out["dataset"] = {"images": len(images), "uint8_mb": images.numel() / 2**20,
+                          "rss_growth_mb": rss_mb() - before}
         tracker = bench_tracker(tmp) if "tracking" not in args.skip else None
         contenders = []
         if "seed" not in args.skip:
@@ -301,6 +304,8 @@ def print_table(out: dict):
         sp = out["speedup_vs_seed"].get(r["name"])
         print(f"{r['name']:<28}{r['images_per_s']:>10.1f}{r['ms_per_step']:>10.1f}{r['peak_rss_mb']:>13.0f}"
               f"{(f'{sp:.2f}x' if sp else '-'):>9}")
+    d = out["dataset"]
+    print(f"dataset: {d['images']} images, {d['uint8_mb']:.1f} MB as uint8; process RSS grew {d['rss_growth_mb']:.1f} MB loading it")
     if "tracking" in out:
         t = out["tracking"]
         print(f"tracking: {t['ms_per_log_call']:.3f} ms per diagnostics write = {t['ms_per_step_at_default_log_every']:.4f} "

@@ -335,13 +335,13 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, images.train, device)
     selector = select.Selector.from_config(cfg)
-    step, run_id = 0, None
+    step, run_id, last_eval = 0, None, -1
     if resume:
         state, used = checkpoint.load_latest_good(run_dir / "last.pt", warn=log.warning)
         trainer.load_state_dict(state["trainer"])
         selector.load_state_dict(state["selection"])
         set_global_rng_state(state["global_rng"])
-        step, run_id = int(state["step"]), state.get("mlflow_run_id")
+        step, run_id, last_eval = int(state["step"]), state.get("mlflow_run_id"), int(state.get("last_eval", -1))
     (run_dir / "config.yaml").write_text(config_mod.to_yaml(cfg))
     events = track.Events(run_dir / "events.jsonl", quiet=quiet, resume_step=step if resume else None)
     tracker = tracker if tracker is not None else track.Tracker.from_config(cfg)
@@ -356,7 +356,7 @@ def train(
     log.info("run folder: %s", run_dir)
 
     def full_state(s):
-        return {"step": s, "trainer": trainer.state_dict(), "selection": selector.state_dict(),
+        return {"step": s, "last_eval": last_eval, "trainer": trainer.state_dict(), "selection": selector.state_dict(),
                 "global_rng": global_rng_state(), "config": config_mod.to_yaml(cfg),
                 "mlflow_run_id": run_id, "signature": evaluator.signature_hash}
 
@@ -371,8 +371,8 @@ def train(
         g = trainer.sampling_generator()
         m = evaluator(g)
         m["eval_share"] = evaluator.seconds / max(time.time() - t_start, 1e-9)
+        tracker.log_samples(g, evaluator, run_dir, s)     # before the metrics: resume keys on them
         tracker.log_metrics(m, s)
-        tracker.log_samples(g, evaluator, run_dir, s)
         finite = all(torch.isfinite(p).all() for p in list(trainer.g.parameters()) + list(trainer.d.parameters()))
         dec = selector.on_eval(s, m, finite_weights=bool(finite))
         if dec.improved:
@@ -408,7 +408,7 @@ def train(
     eval_every = max(1, cfg.eval.every_images // t.batch_size) if cfg.eval.every_images else cfg.eval.every
     progress = Progress(t.steps, quiet)
     t_start = t_log = time.time()
-    last_eval, stopped = -1, ""
+    stopped = ""
     try:
         while step < end and not stopped:
             trainer.step(step)

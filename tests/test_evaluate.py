@@ -57,28 +57,27 @@ def test_in_memory_equals_folder(tmp_path, inception_weights, sprites):
     assert ours == pytest.approx(mem["frechet_inception_distance"], rel=1e-4)
 
 
+def spy_real_reads(ev) -> list:
+    """Record, per torch-fidelity call, how many held-out images were read (0 = served from cache)."""
+    seen, orig = [], ev._fidelity
+    def spy(fake, real, channel, want):
+        out = orig(fake, real, channel, want)
+        seen.append(real.reads)
+        return out
+    ev._fidelity = spy
+    return seen
+
+
 def test_real_statistics_cache_hits_on_second_run(tmp_path, inception_weights, sprites):
     cfg = make_cfg(tmp_path, inception_weights)
     ev1 = evaluate.Evaluator(cfg, sprites[:24], "cpu")
-    reals_seen = []
-    orig = ev1._fidelity
-    def spy(fake, real, channel, want):
-        out = orig(fake, real, channel, want)
-        reals_seen.append(real.reads)
-        return out
-    ev1._fidelity = spy
+    first = spy_real_reads(ev1)
     m1 = ev1.metrics_for(sprites[24:48])
-    assert reals_seen[0] > 0                          # computed the first time
+    assert first[0] > 0                               # computed the first time
     ev2 = evaluate.Evaluator(cfg, sprites[:24], "cpu")  # a new run on the same data
-    reals_seen.clear()
-    orig2 = ev2._fidelity
-    def spy2(fake, real, channel, want):
-        out = orig2(fake, real, channel, want)
-        reals_seen.append(real.reads)
-        return out
-    ev2._fidelity = spy2
+    second = spy_real_reads(ev2)
     m2 = ev2.metrics_for(sprites[24:48])
-    assert reals_seen == [0, 0]                       # rgb and alpha both from the cache
+    assert second == [0, 0]                           # rgb and alpha both from the cache
     assert m1 == pytest.approx(m2)
     assert set(m1) >= {"fid", "isc", "kid", "fid_alpha"}
     # anything that changes the real features gives another cache entry

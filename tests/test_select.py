@@ -142,3 +142,13 @@ def test_spike_inside_an_interval_is_seen_through_its_worst_step():
     fired = [s.on_diagnostics(10 + i, d) for i, d in enumerate(epoch40)]
     assert not fired[0].rollback and fired[1].rollback
     assert "up to 45.9" in fired[1].events[0][1]
+
+
+def test_eval_command_reports_the_run_protocol(tiny_cfg, capsys):
+    import json
+    from ganlab import cli
+    res = train.train(tiny_cfg("train.steps=8"), quiet=True)
+    assert cli.main(["eval", str(res.run_dir), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["step"] == 8 and out["signature"] and {"fid", "fid_alpha", "isc", "kid"} <= set(out["metrics"])
+    assert out["metrics"]["fid"] == pytest.approx(res.best, rel=1e-5)       # same protocol, same generator
