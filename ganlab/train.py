@@ -155,12 +155,15 @@ class Trainer:
             loss_d.backward()
             gn_d = self._clip(self.d, t.clip_norm_d, t.clip_value_d)
             self.opt_d.step()
-        # G update: the seed reuses the batch's fake images; so do we (same math, one G forward less)
+        # G update on the batch's fake images (as the seed does). D's weights are frozen meanwhile:
+        # their gradients would be thrown away, and skipping them saves a third of D's backward.
+        self.d.requires_grad_(False)
         with self.autocast():
             d_out = self.d_fwd(self._d_input(fake, sigma))
             loss_g = losses.g_loss(t.loss, d_out.float())
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
+        self.d.requires_grad_(True)
         gn_g = self._clip(self.g, t.clip_norm_g, t.clip_value_g)
         self.opt_g.step()
         if self.g_ema is not None:
