@@ -4,8 +4,8 @@ each run hands over (re-evaluated with the run's own protocol), mode coverage, a
     python scripts/compare_runs.py RUN_DIR [RUN_DIR ...] --out docs/study [--samples 400]
 
 Mode coverage, in pixel space on images composited over the checkerboard: `dup_rate` is the share of
-generated images whose nearest other generated image is closer than the closest pair among the
-same number of held-out real images (repeated sprites push it up); `diversity` is the mean pairwise
+generated images whose nearest other generated image is closer than half the median
+nearest-neighbour distance among as many held-out real images (repeated sprites push it up); `diversity` is the mean pairwise
 distance of generated images over that of real ones (1.0 = as varied as the real set).
 """
 from __future__ import annotations
@@ -30,7 +30,9 @@ def pairwise(x: torch.Tensor) -> torch.Tensor:
 def coverage(fake_rgb: torch.Tensor, real_rgb: torch.Tensor) -> dict:
     n = min(len(fake_rgb), len(real_rgb))
     df, dr = pairwise(fake_rgb[:n]), pairwise(real_rgb[:n])
-    threshold = dr.min().item()                      # the closest two real images are
+    # half the typical real-to-real nearest-neighbour distance (real sets hold near-twins, e.g.
+    # skin-tone variants, so their single closest pair is too strict a bar)
+    threshold = 0.5 * dr.min(1).values.median().item()
     nn_fake = df.min(1).values
     mean = lambda d: d[torch.isfinite(d)].mean().item()
     return {"dup_rate": (nn_fake < threshold).float().mean().item(), "diversity": mean(df) / mean(dr),
