@@ -8,7 +8,6 @@ anything reads them back. Knows nothing about training.
 from __future__ import annotations
 
 import datetime as dt
-import io
 import json
 import logging
 import math
@@ -17,6 +16,7 @@ import random
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -270,7 +270,10 @@ class Tracker(NullTracker):
             from mlflow.data.dataset_source_registry import resolve_dataset_source
             from mlflow.data.meta_dataset import MetaDataset
             if Path(images.source).is_dir():
-                src, name = resolve_dataset_source(Path(images.source).resolve().as_uri()), Path(images.source).name
+                with warnings.catch_warnings():     # "can be interpreted in multiple ways": both are local
+                    warnings.simplefilter("ignore")
+                    src = resolve_dataset_source(Path(images.source).resolve().as_uri())
+                name = Path(images.source).name
             else:
                 src, name = CodeDatasetSource(tags={"ganlab.data": images.source}), images.source
             ds = MetaDataset(src, name=name, digest=images.content_hash)

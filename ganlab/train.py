@@ -12,7 +12,6 @@ save, and `track` to record. Knows nothing about MLflow internals.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import random

@@ -31,7 +31,7 @@ def test_seed_baseline_is_the_seed_recipe():
 
 
 def test_extends_and_set(tmp_path):
-    base = write(tmp_path / "base.yaml", "name: base\ntrain: {steps: 10, batch_size: 32}\n")
+    write(tmp_path / "base.yaml", "name: base\ntrain: {steps: 10, batch_size: 32}\n")
     child = write(tmp_path / "child.yaml", "extends: base.yaml\nname: child\ntrain: {steps: 20}\n")
     c = config.load(child, ["train.lr_g=0.001", "model.spectral_norm=true", "train.diffaug=translation,cutout"])
     assert (c.name, c.train.steps, c.train.batch_size, c.train.lr_g) == ("child", 20, 32, 0.001)

@@ -1,5 +1,4 @@
 """Property-based tests: any input gives a valid result or the documented error."""
-import io
 
 import numpy as np
 import yaml

@@ -1,7 +1,6 @@
 """What survives what: kill -9, damaged checkpoints, hostile pickles, full disks, parallel writers."""
 import errno
 import os
-import pickle
 import random
 import signal
 import subprocess
