@@ -163,9 +163,7 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] | tuple = (
     if path is not None:
         raw = _read_with_extends(Path(path), seen=())
         src = str(path)
-    for ov in overrides:
-        key, value = _parse_override(ov)
-        _set_dotted(raw, key, value, f"--set {ov}")
+    apply_overrides(raw, overrides)
     cfg = from_dict(raw, src)
     if check_paths:
         check_data_root(cfg, src)
@@ -211,6 +209,14 @@ def _deep_merge(base: dict, top: dict) -> dict:
     for k, v in top.items():
         out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def apply_overrides(raw: dict, overrides) -> dict:
+    """Apply `key=value` strings (values parsed as YAML) to a raw config mapping, in place."""
+    for ov in overrides:
+        key, value = _parse_override(ov)
+        _set_dotted(raw, key, value, f"--set {ov}")
+    return raw
 
 
 def _parse_override(ov: str) -> tuple[str, Any]:

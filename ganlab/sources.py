@@ -85,11 +85,7 @@ def evaluate_source(source: str, overrides: list[str]) -> dict:
     g, info = resolve(source)
     cfg = info["config"]
     if overrides:
-        raw = config_mod.to_dict(cfg)
-        for ov in overrides:
-            k, v = config_mod._parse_override(ov)
-            config_mod._set_dotted(raw, k, v, f"--set {ov}")
-        cfg = config_mod.from_dict(raw, "--set")
+        cfg = config_mod.from_dict(config_mod.apply_overrides(config_mod.to_dict(cfg), overrides), "--set")
     config_mod.check_data_root(cfg, source)
     images = data.load_images(cfg.data, cfg.seed)
     ev = evaluate.Evaluator(cfg, images.holdout, "cpu")

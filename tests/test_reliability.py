@@ -144,9 +144,7 @@ def write_experiment(tmp_path, extractor, **sets):
     ov = dict(o.split("=", 1) for o in tiny_overrides(tmp_path, extractor))
     ov.update({"tracking.enabled": "true", "tracking.system_metrics": "false", "tracking.register_model": "false",
                **{k: str(v) for k, v in sets.items()}})
-    raw = {}
-    for k, v in ov.items():
-        config._set_dotted(raw, k, yaml.safe_load(v), k)
+    raw = config.apply_overrides({}, [f"{k}={v}" for k, v in ov.items()])
     p = tmp_path / "exp.yaml"
     p.write_text(yaml.safe_dump(raw))
     return p
