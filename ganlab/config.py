@@ -121,7 +121,7 @@ class SelectionConfig:
     collapse_evals: int = _f(2, "bad evaluations in a row that signal collapse", lo=1)
     dominance_d_real: float = _f(0.95, "D dominates when D(x) is above this ...", lo=0.0, hi=1.0)
     dominance_d_fake: float = _f(0.05, "... and D(G(z)) below this ...", lo=0.0, hi=1.0)
-    dominance_loss_ratio: float = _f(3.0, "... and loss_g (its worst step) reaches this many times its recent median", lo=1.0)
+    dominance_loss_ratio: float = _f(2.0, "... and loss_g (its worst step) reaches this many times its recent median", lo=1.0)
     dominance_window: int = _f(2, "diagnostic intervals in a row that D must dominate (0 = off)", lo=0)
     rollback_lr_scale: float = _f(0.5, "learning rates are multiplied by this at each rollback", lo=0.0, hi=1.0, lo_open=True)
     max_rollbacks: int = _f(3, "after this many rollbacks, the next collapse stops the run", lo=0)

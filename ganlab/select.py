@@ -112,12 +112,11 @@ class Selector:
         if not dominating:              # the median is of healthy intervals, so a long spike cannot hide itself
             hist.append(diag["loss_g"])
             del hist[:-HISTORY]
-        if self.c.dominance_window and s.dominance_streak >= self.c.dominance_window:
+        if self.c.dominance_window and s.dominance_streak == self.c.dominance_window:   # once an episode
             dec.events.append(("collapse_signal",
                                f"D dominates for {s.dominance_streak} intervals: D(x) {diag['d_real']:.3f}, "
                                f"D(G(z)) {diag['d_fake']:.3f}, loss_g up to {spike:.3g} vs recent median "
                                f"{median:.3g}", {"signal": "d_dominance"}))
-            s.dominance_streak = 0
             return self._collapse(dec, "discriminator dominance with a loss_g spike")
         return dec
 

@@ -151,3 +151,13 @@ def test_eval_command_reports_the_run_protocol(tiny_cfg, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["step"] == 8 and out["signature"] and {"fid", "fid_alpha", "isc", "kid"} <= set(out["metrics"])
     assert out["metrics"]["fid"] == pytest.approx(res.best, rel=1e-5)       # same protocol, same generator
+
+
+def test_a_long_dominance_episode_signals_once_when_ignored():
+    s = selector("selection.on_collapse=ignore")
+    s.on_eval(0, {"fid": 5})
+    for i in range(5):
+        s.on_diagnostics(i, {"loss_d": 0.3, "loss_g": 8, "loss_g_max": 10, "d_real": 0.9, "d_fake": 0.1})
+    bad = {"loss_d": 0.01, "loss_g": 12, "loss_g_max": 30, "d_real": 0.99, "d_fake": 0.01}
+    signals = sum(len(s.on_diagnostics(10 + i, bad).events) for i in range(10))
+    assert signals == 1
