@@ -115,19 +115,22 @@ def set_fluent_uri(uri: str):
 
 def open_client(uri: str):
     """An MlflowClient whose store exists. Creating a sqlite store runs schema migrations, which race
-    when two processes start on a new store at once; a file lock makes them take turns."""
+    when two processes start on a new store at once (one sees the other's half-migrated schema); a
+    file lock makes them take turns. MlflowClient opens its store in its constructor, so the
+    constructor runs under the lock."""
     import mlflow
-    client = mlflow.MlflowClient(uri)
-    if uri.startswith("sqlite:///"):
-        import fcntl
-        db = Path(uri[len("sqlite:///"):])
-        db.parent.mkdir(parents=True, exist_ok=True)
-        with open(db.with_name(db.name + ".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                client.search_experiments(max_results=1)     # creates / migrates the store
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+    if not uri.startswith("sqlite:///"):
+        return mlflow.MlflowClient(uri)
+    import fcntl
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            client = mlflow.MlflowClient(uri)
+            client.search_experiments(max_results=1)         # creates / migrates the store
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
     return client
 
 
