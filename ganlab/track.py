@@ -184,7 +184,7 @@ class NullTracker:
     def on_event(self, rec):
         pass
 
-    def finish(self, status, selector, cfg, **k):
+    def finish(self, status, selector, cfg, step=0, **k):
         pass
 
 
@@ -322,18 +322,18 @@ class Tracker(NullTracker):
         except Exception:
             pass
 
-    def finish(self, status, selector, cfg, stopped="", run_dir=None, final=True):
+    def finish(self, status, selector, cfg, step=0, stopped="", run_dir=None, final=True):
+        """Summary metrics at the run's last step (MLflow sorts by a metric's latest value, so
+        best_<metric> must be logged last), artifacts, the registry, and the run's status."""
         if self.run_id is None:
             return
         try:
             s = selector.s
-            step = max(s.best_step, 0) if s.best is not None else 0
-            final_step = max([step] + [v for v in self.last_step.values()])
             summary = {"rollbacks": s.rollbacks, "stopped_early": float(stopped.startswith("early") or stopped == "collapse")}
             if s.best is not None:
                 summary.update({f"best_{cfg.selection.metric}": s.best, "best_step": s.best_step})
             self.last_step = {}
-            self.log_metrics(summary, final_step + 1 if final else step)
+            self.log_metrics(summary, step)
             self.flush()
             run_dir = Path(run_dir or self._run_dir)
             if stopped:

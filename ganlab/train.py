@@ -439,12 +439,12 @@ def train(
         progress.close()
         save_last(step)
         events.emit(step, "error", f"interrupted at step {step}; resume with: ganlab train --resume {run_dir}")
-        tracker.finish("KILLED", selector, cfg)
+        tracker.finish("KILLED", selector, cfg, step=step)
         raise
     except Exception as e:
         progress.close()
         events.emit(step, "error", f"{e.__class__.__name__}: {e}")
-        tracker.finish("FAILED", selector, cfg)
+        tracker.finish("FAILED", selector, cfg, step=step)
         raise
     progress.close()
     save_last(step)
@@ -455,7 +455,7 @@ def train(
                     f"rollbacks {s.rollbacks}; eval took {evaluator.seconds:.0f}s "
                     f"({100 * evaluator.seconds / max(time.time() - t_start, 1e-9):.0f}% of wall time); "
                     f"generator: {run_dir / 'generator.pt'}", stopped=reason)
-    tracker.finish("FINISHED", selector, cfg, stopped=reason, run_dir=run_dir,
+    tracker.finish("FINISHED", selector, cfg, step=step, stopped=reason, run_dir=run_dir,
                    final=reason != "paused")
     return RunResult(run_dir, step, s.best, s.best_step, reason, s.rollbacks, run_id)
 
