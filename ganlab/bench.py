@@ -166,18 +166,13 @@ def main(args):
         if "seed" not in args.skip:
             contenders.append(("seed loop", SeedLoop(src, tmp, device)))
         log_every = ["train.log_every=4"]      # diagnostics and MLflow writes inside the timed window
-        for name, exp, sets in [("ganlab seed_baseline", "seed_baseline.yaml", []),
-                                ("ganlab seed_baseline bf16", "seed_baseline.yaml",
-                                 ["train.precision=bf16", "train.channels_last=true"]),
-                                ("ganlab recommended", "recommended.yaml", []),
-                                ("ganlab recommended bf16", "recommended.yaml",
-                                 ["train.precision=bf16", "train.channels_last=true"])]:
-            key = {"ganlab seed_baseline": "baseline", "ganlab seed_baseline bf16": "baseline-bf16",
-                   "ganlab recommended": "recommended", "ganlab recommended bf16": "recommended-bf16"}[name]
-            if key in args.skip:
-                continue
-            sets = sets + log_every + (["train.channels_last=true", "train.compile=false"] if device.type == "cuda" else [])
-            contenders.append((name, GanlabStep(name, exp, sets, images, device, tracker)))
+        bf16 = ["train.precision=bf16"]
+        for key, name, exp, sets in [("baseline", "ganlab seed_baseline", "seed_baseline.yaml", []),
+                                     ("baseline-bf16", "ganlab seed_baseline bf16", "seed_baseline.yaml", bf16),
+                                     ("recommended", "ganlab recommended", "recommended.yaml", []),
+                                     ("recommended-bf16", "ganlab recommended bf16", "recommended.yaml", bf16)]:
+            if key not in args.skip:
+                contenders.append((name, GanlabStep(name, exp, sets + log_every, images, device, tracker)))
         for _, c in contenders:                       # warm-up: first-call costs, caches, workers
             time_steps(c, 3, device)
         times = {n: [] for n, _ in contenders}

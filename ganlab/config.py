@@ -367,6 +367,11 @@ def _range_text(m) -> str:
 
 
 def metric_mode(cfg: Config) -> str:
-    if cfg.selection.mode != "auto":
-        return cfg.selection.mode
-    return "max" if cfg.selection.metric in ("isc", "precision", "recall") else "min"
+    return resolve_mode(cfg.selection.metric, cfg.selection.mode)
+
+
+def resolve_mode(metric: str, mode: str = "auto") -> str:
+    """min or max: `auto` knows that IS, precision and recall grow with quality and the rest shrink."""
+    if mode != "auto":
+        return mode
+    return "max" if metric in ("isc", "precision", "recall") else "min"

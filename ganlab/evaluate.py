@@ -10,6 +10,7 @@ images, and fed in memory (uint8 Bx3xHxW) to `torch_fidelity.calculate_metrics` 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -114,7 +115,6 @@ def random_inception_weights(path: Path, seed: int = RANDOM_SEED) -> Path:
             sd[k] = torch.zeros_like(v)
         else:                               # running_mean, bn.bias, fc.bias
             sd[k] = torch.zeros_like(v)
-    import io
     buf = io.BytesIO()
     torch.save(sd, buf)
     atomic_write_bytes(path, buf.getvalue())

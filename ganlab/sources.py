@@ -113,9 +113,7 @@ def rank_runs(experiment, metric, top, signature, uri) -> list[dict]:
     rows = []
     for r in runs:
         m = metric or r.data.params.get("selection.metric", "fid")
-        mode = r.data.params.get("selection.mode", "auto")
-        if mode == "auto":
-            mode = "max" if m in ("isc", "precision", "recall") else "min"
+        mode = config_mod.resolve_mode(m, r.data.params.get("selection.mode", "auto"))
         v = r.data.metrics.get(f"best_{m}")
         if v is None or not math.isfinite(v):
             continue

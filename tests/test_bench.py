@@ -1,4 +1,7 @@
+import json
+
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -29,3 +32,19 @@ def test_seed_loop_really_saves_and_reloads_checkpoints_every_step(tmp_path):
     loop.step()
     assert gpath.stat().st_mtime_ns != mtime and loop.saves == 6 and loop.loads == 4
     assert isinstance(loop.d[-1], torch.nn.Sigmoid)
+
+
+@pytest.mark.slow
+def test_bench_json_has_one_entry_per_contender(tmp_path):
+    from ganlab import cli
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--steps", "1", "--rounds", "1", "--skip", "eval", "--skip", "recommended-bf16",
+                     "--json", str(out)]) == 0
+    d = json.loads(out.read_text())
+    names = [r["name"] for r in d["results"]]
+    assert names == ["seed loop", "ganlab seed_baseline", "ganlab seed_baseline bf16", "ganlab recommended"]
+    for r in d["results"]:
+        assert r["images_per_s"] > 0 and r["ms_per_step"] > 0 and r["peak_rss_mb"] > 0
+        assert d["speedup_vs_seed"][r["name"]] > 0
+    assert d["speedup_vs_seed"]["seed loop"] == 1.0
+    assert d["seed_loop_io"]["checkpoint_saves"] >= 2 * 4 and d["tracking"]["ms_per_log_call"] > 0
