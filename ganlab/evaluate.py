@@ -96,7 +96,6 @@ def random_inception_weights(path: Path, seed: int = RANDOM_SEED) -> Path:
     path = Path(path)
     if path.exists():
         return path
-    torch.manual_seed(seed)
     net = FeatureExtractorInceptionV3.__new__(FeatureExtractorInceptionV3)
     try:                                   # build the layers without loading any weights
         FeatureExtractorInceptionV3.__init__(net, COMPAT, ["2048"], feature_extractor_weights_path=os.devnull)

@@ -58,7 +58,7 @@ class Events:
     lines after the checkpoint's step are dropped: the resumed run re-emits them identically."""
 
     def __init__(self, path: Path, quiet: bool = False, resume_step: int | None = None):
-        self.path, self.quiet, self.sink = Path(path), quiet, None
+        self.path, self.quiet = Path(path), quiet
         if resume_step is not None and self.path.exists():
             keep = [ln for ln in self.path.read_text().splitlines() if _step_of(ln) <= resume_step]
             self.path.write_text("".join(ln + "\n" for ln in keep))
@@ -70,8 +70,6 @@ class Events:
         if not self.quiet or kind in ("error", "rollback", "early_stop", "collapse_signal", "finished"):
             print(f"\n[{kind}] step {step}: {detail}" if not self.quiet else f"[{kind}] step {step}: {detail}",
                   file=sys.stderr, flush=True)
-        if self.sink is not None:
-            self.sink.on_event(rec)
 
 
 def _step_of(line: str) -> int:
@@ -181,9 +179,6 @@ class NullTracker:
     def log_summary(self, selector, cfg):
         pass
 
-    def on_event(self, rec):
-        pass
-
     def finish(self, status, selector, cfg, step=0, **k):
         pass
 
@@ -224,9 +219,9 @@ class Tracker(NullTracker):
                 tags["mlflow.parentRunId"] = parent.info.run_id
             run = self._call(self.client.create_run, exp_id, run_name=label, tags=tags)
             run_id = run.info.run_id
-            params = config_mod.flatten(cfg)
-            for i in range(0, len(params), 90):
-                chunk = list(params.items())[i:i + 90]
+            params = list(config_mod.flatten(cfg).items())
+            for i in range(0, len(params), 90):         # MLflow takes at most 100 params a batch
+                chunk = params[i:i + 90]
                 self._call(self.client.log_batch, run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in chunk])
         else:
             self.last_step = self._logged_steps(run_id)
@@ -312,9 +307,6 @@ class Tracker(NullTracker):
         step = max(s.best_step, 0)
         self.log_metrics({f"best_{cfg.selection.metric}": s.best, "best_step": s.best_step,
                           "rollbacks": s.rollbacks}, step)
-
-    def on_event(self, rec):
-        pass                            # events.jsonl is uploaded whole at the end
 
     def flush(self):
         try:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from . import checkpoint, config as config_mod, data, losses, models
 from .augment import diff_augment
@@ -349,7 +350,6 @@ def train(
     tracker = tracker if tracker is not None else track.Tracker.from_config(cfg)
     run_id = tracker.start(cfg, run_dir, images=images, evaluator=evaluator, device=device,
                            run_id=run_id, experiment_file=experiment_file)
-    events.sink = tracker
     g_params, d_params = models.count_params(trainer.g), models.count_params(trainer.d)
     events.emit(step, "resume" if resume else "start",
                 f"{images.describe()}; device {device}{' bf16' if trainer.use_bf16 else ''}; G {g_params:,} / D "
@@ -475,7 +475,7 @@ def export_generator(path: Path, g: torch.nn.Module, cfg, step: int, metrics: di
 def load_generator(path: str | Path, device="cpu") -> tuple[torch.nn.Module, dict]:
     """A generator.pt (or a best/last checkpoint) -> (generator ready to sample, info)."""
     state = checkpoint.load(path, map_location="cpu")
-    cfg = config_mod.from_dict(__import__("yaml").safe_load(state["config"]), str(path))
+    cfg = config_mod.from_dict(yaml.safe_load(state["config"]), str(path))
     g = models.build_generator(cfg.model, cfg.data.image_size)
     if state.get("kind") == "ganlab-generator":
         g.load_state_dict(state["state_dict"])
