@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import config as config_mod, data, models, train
+from . import config as config_mod, data, models
+from .generator import prepare_for_sampling
+from .trainer import Trainer, bf16_supported, pick_device
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = ROOT / "experiments"
@@ -115,7 +117,7 @@ class GanlabStep:
     def __init__(self, name, experiment, sets, images, device, tracker):
         self.name = name
         self.cfg = config_mod.load(EXPERIMENTS / experiment, sets, check_paths=False)
-        self.trainer = train.Trainer(self.cfg, images, device)
+        self.trainer = Trainer(self.cfg, images, device)
         self.tracker, self.s = tracker, 0
         self.device = device
 
@@ -146,7 +148,7 @@ def time_steps(c, steps, device) -> float:
 # ------------------------------------------------------------------------------------------- main
 
 def main(args):
-    device = train.pick_device(args.device)
+    device = pick_device(args.device)
     torch.manual_seed(0)
     steps = args.steps or (50 if device.type == "cuda" else 8)
     out = {"command": "ganlab " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("ganlab") else "ganlab bench",
@@ -230,7 +232,7 @@ def bench_tracker(tmp: Path):
     from . import track
     cfg = config_mod.load(None, [f"tracking.runs_dir={tmp / 'mlruns'}", "name=bench", "tracking.system_metrics=false"])
     t = track.Tracker(cfg)
-    t.start(cfg, tmp / "run")
+    t.start(tmp / "run")
     return t
 
 
@@ -258,8 +260,8 @@ def eval_cost(tmp: Path, device) -> dict:
     from . import evaluate
     cfg = config_mod.load(EXPERIMENTS / "default.yaml", [f"data.cache_dir={tmp / 'evalcache'}"])
     images = data.load_images(cfg.data)
-    g, _ = models.build(cfg.model, cfg.data.image_size, seed=0)
-    g = train.prepare_for_sampling(g.to(device), cfg, device)
+    g, _ = models.build(cfg.model, cfg.data.image_size, seed=0, with_d=False)
+    g = prepare_for_sampling(g.to(device), cfg, device)
     t0 = time.perf_counter()
     ev = evaluate.Evaluator(cfg, images.holdout, device)
     setup = time.perf_counter() - t0
@@ -278,7 +280,7 @@ def eval_cost(tmp: Path, device) -> dict:
 def machine_info(device) -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
             "platform": platform.platform(), "threads": torch.get_num_threads(),
-            "bf16_native": train.bf16_supported(device)}
+            "bf16_native": bf16_supported(device)}
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):

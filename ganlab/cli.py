@@ -15,7 +15,6 @@ from pathlib import Path
 from . import config as config_mod
 
 
-
 def main(argv=None):
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "true")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -50,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key, e.g. --set train.batch_size=128 (repeatable)")
     t.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last good checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar; only decisions are printed")
+    t.add_argument("--new-period", action="store_true",
+                   help="with --resume: accept a changed evaluation protocol as a new selection period "
+                        "(best and patience start again) instead of refusing")
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sample", help="write PNGs from a generator",
@@ -69,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("source")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     e.add_argument("--json", action="store_true", help="print JSON")
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="where to generate and extract features (default auto: CUDA when present)")
     e.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("best", help="rank runs by their best metric",
@@ -114,7 +118,7 @@ def cmd_train(args):
         if not (run / "config.yaml").exists():
             raise config_mod.ConfigError(f"--resume {run}: not a run folder (no config.yaml)")
         cfg = config_mod.load(run / "config.yaml", args.set)
-        res = train.train(cfg, run_dir=run, resume=True, quiet=args.quiet)
+        res = train.train(cfg, run_dir=run, resume=True, quiet=args.quiet, new_period=args.new_period)
     else:
         if not args.experiment:
             raise config_mod.ConfigError("train: give an EXPERIMENT.yaml (or --resume RUN)")
@@ -134,7 +138,7 @@ def cmd_sample(args):
 
 def cmd_eval(args):
     from . import sources
-    res = sources.evaluate_source(args.source, args.set)
+    res = sources.evaluate_source(args.source, args.set, device=args.device)
     if args.json:
         print(json.dumps(res, indent=2))
     else:
@@ -145,7 +149,8 @@ def cmd_eval(args):
 
 def cmd_best(args):
     from . import sources
-    rows = sources.rank_runs(args.experiment, args.metric, args.top, args.signature, args.uri)
+    rows = sources.rank_runs(experiment=args.experiment, metric=args.metric, top=args.top,
+                             signature=args.signature, uri=args.uri)
     if args.json:
         print(json.dumps(rows, indent=2))
         return

@@ -9,12 +9,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from . import metrics as metrics_mod
 
 
 class UserError(ValueError):
@@ -47,6 +50,7 @@ class DataConfig:
     min_holdout: int = _f(256, "held-out images at least, when the set allows", lo=1)
     sprites: int = _f(4096, "number of built-in sprites", lo=64)
     cache_dir: str = _f(".ganlab_cache", "decoded-dataset and real-statistics cache (content-hashed)")
+    placement: str = _f("auto", "where the training set lives: auto = on the GPU if under 25% of its free memory", choices=["auto", "device", "host"])
 
 
 @dataclass
@@ -100,7 +104,7 @@ class EvalConfig:
     every_images: int = _f(0, "if set, evaluate every this many training images instead", lo=0)
     num_samples: int = _f(1000, "generated images per evaluation (fixed latents)", lo=2)
     batch_size: int = _f(100, "feature-extractor batch size (FID depends on it)", lo=1)
-    metrics: list = _f(["fid", "isc", "kid"], "metrics to compute", choices=["fid", "isc", "kid", "prc"])
+    metrics: list = _f(["fid", "isc", "kid"], "metrics to compute", choices=metrics_mod.REQUESTS)
     fid_alpha: bool = _f(True, "also FID on the alpha channel alone")
     background: str = _f("checker", "what RGBA is composited over", choices=["white", "black", "gray", "checker"])
     feature_extractor: str = _f("auto", "auto | inception-v3-compat | inception-v3-random | path to a TorchScript extractor")
@@ -112,16 +116,15 @@ class EvalConfig:
 
 @dataclass
 class SelectionConfig:
-    metric: str = _f("fid", "metric that picks the best checkpoint")
-    mode: str = _f("auto", "min or max; auto knows fid/kid/fid_alpha (min) and isc (max)", choices=["auto", "min", "max"])
+    metric: str = _f("fid", "metric that picks the best checkpoint (one that eval computes)", choices=metrics_mod.SELECTABLE)
+    mode: str = _f("auto", "min or max; auto takes the metric's direction (ganlab/metrics.py)", choices=["auto", "min", "max"])
     min_delta: float = _f(0.0, "improvement smaller than this does not count", lo=0.0)
     patience: int = _f(0, "evaluations without improvement before stopping (0 = never)", lo=0)
     on_collapse: str = _f("rollback", "what a collapse signal does", choices=["rollback", "stop", "ignore"])
     collapse_factor: float = _f(2.0, "an evaluation this many times worse than the best is a bad one", lo=1.0)
     collapse_evals: int = _f(2, "bad evaluations in a row that signal collapse", lo=1)
-    dominance_d_real: float = _f(0.95, "D dominates when D(x) is above this ...", lo=0.0, hi=1.0)
-    dominance_d_fake: float = _f(0.05, "... and D(G(z)) below this ...", lo=0.0, hi=1.0)
-    dominance_loss_ratio: float = _f(2.0, "... and loss_g (its worst step) reaches this many times its recent median", lo=1.0)
+    dominance_share: float = _f(0.9, "D dominates when this share of real and of fake samples is past the loss's margin ...", lo=0.0, hi=1.0)
+    dominance_z: float = _f(6.0, "... and loss_g's worst step (wgan-gp: and the critic gap) is this many robust SDs above its recent median", lo=0.0, lo_open=True)
     dominance_window: int = _f(2, "diagnostic intervals in a row that D must dominate (0 = off)", lo=0)
     rollback_lr_scale: float = _f(0.5, "learning rates are multiplied by this at each rollback", lo=0.0, hi=1.0, lo_open=True)
     max_rollbacks: int = _f(3, "after this many rollbacks, the next collapse stops the run", lo=0)
@@ -156,6 +159,22 @@ SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eva
 
 # ---------------------------------------------------------------------------------------------- load
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where 1e-4 and 2.5e3 (no dot, or no exponent sign) are strings.
+    A researcher means a number: this loader also reads those forms as floats."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str):
+    """Safe YAML (no python tags) with every float form a researcher types: 1e-4, 1E-4, 2.5e+3, .5."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def load(path: str | os.PathLike | None = None, overrides: list[str] | tuple = (), check_paths=True) -> Config:
     """Experiment file (with `extends`) + `--set key=value` overrides -> validated Config."""
     raw: dict = {}
@@ -178,7 +197,7 @@ def _read_yaml(path: Path) -> dict:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read ({e.__class__.__name__}: {e})") from None
     try:
-        data = yaml.safe_load(text)
+        data = parse_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -224,7 +243,7 @@ def _parse_override(ov: str) -> tuple[str, Any]:
         raise ConfigError(f"--set {ov}: expected KEY=VALUE, e.g. --set train.batch_size=128")
     key, text = ov.split("=", 1)
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = parse_yaml(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
     return key.strip(), value
@@ -245,12 +264,38 @@ def _set_dotted(raw: dict, key: str, value, where: str):
 def from_dict(raw: dict, src: str = "<dict>") -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"{src}: an experiment must be a YAML mapping, got a {type(raw).__name__}")
-    return _build(Config, raw, src, prefix="")
+    cfg = _build(Config, raw, src, prefix="")
+    _check_selection_metric(cfg, src)
+    return cfg
+
+
+def _check_selection_metric(cfg: Config, src: str):
+    """A selection metric that evaluation never computes would fail at the first evaluation, hours in."""
+    have = metrics_mod.computed(cfg.eval.metrics, cfg.eval.fid_alpha)
+    m = cfg.selection.metric
+    if m not in have:
+        need = metrics_mod.METRICS[m].request
+        how = "eval.fid_alpha=true" if need == "fid_alpha" else f"'{need}' in eval.metrics"
+        raise ConfigError(f"{src}: key 'selection.metric' is {m!r}, which eval does not compute "
+                          f"(it computes {', '.join(have) or 'nothing'}); add {how} or pick one of those")
+
+
+# Keys of earlier versions that no longer mean anything: a saved run's config.yaml that has them still
+# loads (say, for --resume), with a warning, instead of failing on an "unknown key".
+RETIRED = {
+    "selection.dominance_d_real": "collapse detection reads the share of D's outputs past the loss's margin (selection.dominance_share)",
+    "selection.dominance_d_fake": "collapse detection reads the share of D's outputs past the loss's margin (selection.dominance_share)",
+    "selection.dominance_loss_ratio": "loss spikes are a robust z-score now (selection.dominance_z)",
+}
 
 
 def _build(cls, raw: dict, src: str, prefix: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
+    for key in [k for k in raw if f"{prefix}{k}" in RETIRED]:
+        import logging
+        logging.getLogger("ganlab").warning("%s: ignoring retired key '%s%s': %s", src, prefix, key, RETIRED[f"{prefix}{key}"])
+        raw = {k: v for k, v in raw.items() if k != key}
     for key in raw:
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
@@ -367,11 +412,5 @@ def _range_text(m) -> str:
 
 
 def metric_mode(cfg: Config) -> str:
-    return resolve_mode(cfg.selection.metric, cfg.selection.mode)
-
-
-def resolve_mode(metric: str, mode: str = "auto") -> str:
-    """min or max: `auto` knows that IS, precision and recall grow with quality and the rest shrink."""
-    if mode != "auto":
-        return mode
-    return "max" if metric in ("isc", "precision", "recall") else "min"
+    """min or max for the selection metric."""
+    return metrics_mod.mode_of(cfg.selection.metric, cfg.selection.mode)

@@ -188,7 +188,6 @@ class ImageSet:
     content_hash: str                      # of everything decoded (files' bytes + decode settings)
     holdout_hash: str                      # of the held-out pixels
     skipped: list = field(default_factory=list)   # (path, reason)
-    n_found: int = 0
 
     def describe(self) -> str:
         s = f"{self.source}: {len(self.train)} train / {len(self.holdout)} held-out images"
@@ -207,7 +206,7 @@ def load_images(cfg_data, seed: int = 0) -> ImageSet:
         images = make_sprites(cfg_data.sprites, cfg_data.image_size, seed=12345)
         names = [f"sprite{i:06d}" for i in range(len(images))]
         h = hashlib.sha256(f"{BUILTIN}|{cfg_data.sprites}|{cfg_data.image_size}|{DECODER_VERSION}".encode())
-        return _split(images, names, BUILTIN, h.hexdigest()[:16], [], len(images), cfg_data)
+        return _split(images, names, BUILTIN, h.hexdigest()[:16], [], cfg_data)
     root = Path(cfg_data.root).expanduser()
     if not root.is_dir():
         raise DataError(f"data.root {str(root)!r} is not a folder")
@@ -235,7 +234,7 @@ def load_images(cfg_data, seed: int = 0) -> ImageSet:
     if len(kept) < 2:
         raise DataError(f"data.root {str(root)!r}: {len(kept)} usable image(s) of {len(files)} files "
                         f"({len(skipped)} skipped); need at least 2")
-    return _split(images, kept, str(root), key, skipped, len(files), cfg_data)
+    return _split(images, kept, str(root), key, skipped, cfg_data)
 
 
 def _read_all(files, names):
@@ -289,14 +288,14 @@ def _save_cache(path: Path, obj):
         log.warning("could not write the dataset cache %s (%s)", path, e)
 
 
-def _split(images, names, source, key, skipped, n_found, cfg_data) -> ImageSet:
+def _split(images, names, source, key, skipped, cfg_data) -> ImageSet:
     order = holdout_order(names)
     k = holdout_count(len(names), cfg_data.holdout, cfg_data.min_holdout)
     held = sorted(order[:k])
     train = sorted(order[k:])
     hold_t = images[held]
     return ImageSet(train=images[train].contiguous(), holdout=hold_t.contiguous(), source=source,
-                    content_hash=key, holdout_hash=tensor_hash(hold_t), skipped=skipped, n_found=n_found)
+                    content_hash=key, holdout_hash=tensor_hash(hold_t), skipped=skipped)
 
 
 # ---------------------------------------------------------------------------------- tensors, batches
@@ -321,14 +320,18 @@ def to_straight_u8(x: torch.Tensor, alpha: str) -> torch.Tensor:
 
 class Batches:
     """Batch i of the training stream is a pure function of (seed, i): a fresh permutation per epoch,
-    seeded by the epoch, so resuming at step s needs no saved data-loader state."""
+    seeded by the epoch, so resuming at step s needs no saved data-loader state. Every batch is
+    returned on `device`, whether the set is resident there or kept in host memory."""
 
-    def __init__(self, train_u8: torch.Tensor, batch_size: int, seed: int, alpha: str, device):
+    def __init__(self, train_u8: torch.Tensor, batch_size: int, seed: int, alpha: str, device,
+                 placement: str = "auto"):
         n = len(train_u8)
         if n < batch_size:
             raise DataError(f"only {n} training images, fewer than one batch of {batch_size}: "
                             f"lower train.batch_size or add images")
-        self.data = _place(train_u8, device)
+        self.device = torch.device(device)
+        self.data = place(train_u8, self.device, placement)
+        self.resident = self.data.device == self.device
         self.batch_size, self.seed, self.alpha = batch_size, seed, alpha
         self.per_epoch = n // batch_size
         self._epoch, self._perm = None, None
@@ -340,13 +343,25 @@ class Batches:
             self._perm = torch.randperm(len(self.data), generator=g).to(self.data.device)
             self._epoch = epoch
         idx = self._perm[j * self.batch_size:(j + 1) * self.batch_size]
-        return to_model_space(self.data.index_select(0, idx), self.alpha)
+        batch = self.data.index_select(0, idx)
+        if batch.device != self.device:
+            # host-resident set: the uint8 batch (4x smaller than floats) crosses over, from pinned
+            # memory so the copy is asynchronous; the caching host allocator keeps each pinned
+            # buffer alive until its copy has finished, so the next batch cannot overwrite it
+            if self.device.type == "cuda":
+                batch = batch.pin_memory()
+            batch = batch.to(self.device, non_blocking=True)
+        return to_model_space(batch, self.alpha)
 
 
-def _place(u8: torch.Tensor, device) -> torch.Tensor:
-    device = torch.device(device)
+def place(u8: torch.Tensor, device: torch.device, placement: str = "auto") -> torch.Tensor:
+    """Where the decoded training set lives. auto: on a GPU when it takes under a quarter of its free
+    memory, else in host memory; device / host force one or the other."""
+    if placement == "host" or device.type == "cpu":
+        return u8
+    if placement == "device":
+        return u8.to(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        if u8.numel() < 0.25 * free:    # resident on the GPU when it fits comfortably
-            return u8.to(device)
-    return u8
+        return u8.to(device) if u8.numel() < 0.25 * free else u8
+    return u8.to(device)

@@ -28,6 +28,8 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 from . import data
 from .checkpoint import atomic_write_bytes
 from .config import UserError
+from .generator import generate
+from .metrics import TABLE
 
 log = logging.getLogger("ganlab")
 
@@ -72,6 +74,24 @@ def alpha_as_rgb(rgba_u8: torch.Tensor) -> torch.Tensor:
     return rgba_u8[:, 3:4].expand(-1, 3, -1, -1).contiguous()
 
 
+def grid_image(rgb_u8: torch.Tensor, pad: int = 2):
+    """N x 3 x H x W uint8 -> a square-ish grid as an H' x W' x 3 numpy array."""
+    import math
+    import torchvision
+    nrow = max(1, int(math.ceil(math.sqrt(len(rgb_u8)))))
+    grid = torchvision.utils.make_grid(rgb_u8, nrow=nrow, padding=pad, pad_value=255)
+    return grid.permute(1, 2, 0).contiguous().numpy()
+
+
+def save_grid(rgba_u8: torch.Tensor, path: Path) -> Path:
+    """Straight uint8 RGBA images as one PNG grid over a checkerboard (alpha stays visible)."""
+    from PIL import Image
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid_image(composite(rgba_u8, "checker"))).save(path)
+    return path
+
+
 class TensorImages(torch.utils.data.Dataset):
     """An in-memory uint8 N x 3 x H x W set, as torch-fidelity takes it (no PNG round trip)."""
 
@@ -97,7 +117,10 @@ def random_inception_weights(path: Path, seed: int = RANDOM_SEED) -> Path:
     if path.exists():
         return path
     net = FeatureExtractorInceptionV3.__new__(FeatureExtractorInceptionV3)
-    try:                                   # build the layers without loading any weights
+    try:
+        # torch-fidelity builds every layer first and loads the weights file last; handing it an empty
+        # file makes that last step fail, which leaves exactly what is wanted here: the layers, with
+        # no download and no weights. Whatever it raises at that point is expected and ignored.
         FeatureExtractorInceptionV3.__init__(net, COMPAT, ["2048"], feature_extractor_weights_path=os.devnull)
     except Exception:
         pass
@@ -120,10 +143,14 @@ def random_inception_weights(path: Path, seed: int = RANDOM_SEED) -> Path:
     return path
 
 
+# torch-fidelity's registry holds extractor *classes* and builds them itself, with arguments of its own
+# choosing; the only way to hand one a file path is to carry it on the class. resolve_extractor makes a
+# subclass at run time with the path as a class attribute (see _register).
+
 class _RandomInception(FeatureExtractorInceptionV3):
     """torch-fidelity's InceptionV3 with ganlab's random weights. channels_last: about 1.8x faster on
     CPU (oneDNN); this extractor is ganlab's own, so no reference numbers depend on its exact rounding."""
-    weights_path: str = ""
+    weights_path: str = ""             # set on the run-time subclass
 
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
         super().__init__(name, features_list, feature_extractor_weights_path=self.weights_path, **kwargs)
@@ -133,7 +160,7 @@ class _RandomInception(FeatureExtractorInceptionV3):
 class _TorchScriptExtractor(FeatureExtractorBase):
     """A user's TorchScript module (uint8 Bx3xHxW in, B x F features out) as a torch-fidelity extractor.
     Its output serves FID/KID/PRC as features and IS as logits."""
-    script_path: str = ""
+    script_path: str = ""              # set on the run-time subclass
 
     def __init__(self, name, features_list, **kwargs):
         super().__init__(name, features_list)
@@ -268,46 +295,46 @@ class Evaluator:
             "num_samples": e.num_samples, "batch_size": e.batch_size, "holdout": self.holdout_hash,
             "n_holdout": len(holdout_u8), "background": e.background, "alpha": cfg.data.alpha,
             "image_size": cfg.data.image_size, "bn_stats": e.bn_stats, "seed": e.seed,
-            "metrics": sorted(e.metrics), "kid_subset_size": self.kid_subset_size(len(holdout_u8)),
+            "metrics": sorted(e.metrics), "kid_subset_size": self.kid_subset_size(e.num_samples, len(holdout_u8)),
+            "device": self.device.type,    # standing statistics and batch-mode BN are computed on it
         }
         self.signature_hash = hashlib.sha256(json.dumps(self.signature, sort_keys=True).encode()).hexdigest()[:12]
         self.seconds = 0.0             # total time spent evaluating (its own cost, logged)
+        self.last_images = None        # straight uint8 RGBA of the last evaluation
 
-    def kid_subset_size(self, n_real: int) -> int:
-        return max(2, min(self.cfg.eval.kid_subset_size, self.cfg.eval.num_samples, n_real))
+    def kid_subset_size(self, n_fake: int, n_real: int) -> int:
+        """eval.kid_subset_size, clamped by the images actually passed. A subset as large as the smaller
+        side would be the same images every time (KID's std 0, no resampling): then use half of it."""
+        n = min(n_fake, n_real)
+        k = min(self.cfg.eval.kid_subset_size, n)
+        return max(2, n // 2) if k >= n else k
 
-    @torch.no_grad()
-    def generate(self, g: nn.Module) -> torch.Tensor:
-        """The fixed latents through g -> straight uint8 RGBA (on CPU), in large batches."""
-        bs = max(self.cfg.eval.batch_size, 256) if self.device.type != "cpu" else self.cfg.eval.batch_size
-        out = []
-        for z in self.latents.split(bs):
-            x = g(z.to(self.device))
-            out.append(data.to_straight_u8(x, self.cfg.data.alpha).cpu())
-        return torch.cat(out)
+    def describe(self) -> dict:
+        """What a tracker records about the protocol, as tags."""
+        tags = {"eval.signature": self.signature_hash, "eval.signature_json": json.dumps(self.signature, sort_keys=True),
+                "eval.extractor": self.extractor["name"], "eval.random_features": str(self.extractor["random"]).lower()}
+        if self.extractor["random"]:
+            tags["eval.warning"] = "random InceptionV3 features: not standard FID; compare only within this signature"
+        return tags
 
     def __call__(self, g: nn.Module) -> dict:
+        """Metrics of g on the fixed latents. The generated images stay in `last_images` (the sample
+        grid is cut from them rather than generated again)."""
         t0 = time.time()
-        fake = self.generate(g)
-        metrics = self.metrics_for(fake)
+        bs = max(self.cfg.eval.batch_size, 256) if self.device.type != "cpu" else self.cfg.eval.batch_size
+        self.last_images = generate(g, self.latents, self.cfg.data.alpha, self.device, bs)
+        metrics = self.metrics_for(self.last_images)
         metrics["eval_seconds"] = time.time() - t0
         self.seconds += metrics["eval_seconds"]
         return metrics
 
     def metrics_for(self, fake_u8: torch.Tensor) -> dict:
-        """Metrics of straight-RGBA uint8 images against the held-out set (real side cached)."""
+        """Metrics of straight-RGBA uint8 images against the held-out set (real side cached), named
+        as in ganlab/metrics.py."""
         e = self.cfg.eval
         want = set(e.metrics)
-        out = {}
         raw = self._fidelity(TensorImages(composite(fake_u8, e.background)), TensorImages(self.real), "rgb", want)
-        if "fid" in want:
-            out["fid"] = raw["frechet_inception_distance"]
-        if "isc" in want:
-            out["isc"], out["isc_std"] = raw["inception_score_mean"], raw["inception_score_std"]
-        if "kid" in want:
-            out["kid"], out["kid_std"] = raw["kernel_inception_distance_mean"], raw["kernel_inception_distance_std"]
-        if "prc" in want:
-            out["precision"], out["recall"] = raw["precision"], raw["recall"]
+        out = {m.name: raw[m.fidelity_key] for m in TABLE if m.request in want}
         if e.fid_alpha:
             raw_a = self._fidelity(TensorImages(alpha_as_rgb(fake_u8)), TensorImages(self.real_alpha), "alpha", {"fid"})
             out["fid_alpha"] = raw_a["frechet_inception_distance"]
@@ -326,7 +353,7 @@ class Evaluator:
             cache_root=str(self.cache_root), cache=True,
             fid="fid" in want, isc="isc" in want, kid="kid" in want, prc="prc" in want,
             feature_extractor=self.extractor["name"], batch_size=self.cfg.eval.batch_size,
-            kid_subset_size=self.kid_subset_size(len(real)), isc_splits=max(1, min(10, len(fake) // 2)),
+            kid_subset_size=self.kid_subset_size(len(fake), len(real)), isc_splits=max(1, min(10, len(fake) // 2)),
             cuda=self.device.type == "cuda", save_cpu_ram=True, verbose=self.verbose,
             rng_seed=self.cfg.eval.seed,
         )

@@ -8,9 +8,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("bce", "hinge", "lsgan", "wgan-gp")
-
-
 def d_loss(kind: str, real: torch.Tensor, fake: torch.Tensor, real_target: float = 1.0) -> torch.Tensor:
     if kind == "bce":
         return (F.binary_cross_entropy_with_logits(real, torch.full_like(real, real_target))
@@ -51,7 +48,20 @@ def gradient_penalty(d, real: torch.Tensor, fake: torch.Tensor, generator=None) 
     return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
 
 
-def d_probs(kind: str, logits: torch.Tensor) -> torch.Tensor:
-    """What D 'believes' in [0, 1], for the D(x) / D(G(z)) diagnostics (sigmoid of the logits for
-    every loss, so the numbers line up with the seed's log)."""
+def sigmoid_probs(logits: torch.Tensor) -> torch.Tensor:
+    """What D 'believes' in [0, 1], for the D(x) / D(G(z)) diagnostics. The sigmoid of the logits for
+    every loss, so the numbers line up with the seed's log; collapse detection does not use them
+    (a hinge D stops learning at a logit of +-1, sigmoid 0.73, long before sigmoid says 'won')."""
     return torch.sigmoid(logits.float())
+
+
+# Where D has "won" on one sample, per loss, on its raw output: real above the first number, fake
+# below the second. bce: probability 0.95 / 0.05 (logit +-2.944). hinge: the margin, past which D
+# gets no gradient. lsgan: within 0.1 of the targets 1 / 0. wgan-gp has no margin: the sign.
+MARGINS = {"bce": (2.944, -2.944), "hinge": (1.0, -1.0), "lsgan": (0.9, 0.1), "wgan-gp": (0.0, 0.0)}
+
+
+def past_margin(kind: str, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Share of real outputs above, and of fake outputs below, the loss's margin (tensors, no sync)."""
+    hi, lo = MARGINS[kind]
+    return (real.float() > hi).float().mean(), (fake.float() < lo).float().mean()

@@ -90,25 +90,22 @@ def add_spectral_norm(net: nn.Module):
             spectral_norm(m, dim=1 if isinstance(m, nn.ConvTranspose2d) else 0)
 
 
-def build(cfg_model, image_size: int, seed: int | None = None) -> tuple[Generator, Discriminator]:
+def build(cfg_model, image_size: int, seed: int | None = None, with_d: bool = True) -> tuple[Generator, Discriminator | None]:
+    """G and D as configured, initialised. with_d=False builds G alone (loading a generator: its
+    weights come from a file, so the init is only overwritten). The order below (construct both,
+    init both, then spectral norm) is the order the documented runs consumed the RNG in."""
     if seed is not None:
         torch.manual_seed(seed)
     g = Generator(cfg_model.nz, cfg_model.g_width, image_size)
-    d = Discriminator(cfg_model.d_width, image_size, cfg_model.d_norm)
-    init_weights(g, cfg_model.init)
-    init_weights(d, cfg_model.init)
-    if cfg_model.spectral_norm:
+    d = Discriminator(cfg_model.d_width, image_size, cfg_model.d_norm) if with_d else None
+    for net in (g, d):
+        if net is not None:
+            init_weights(net, cfg_model.init)
+    if cfg_model.spectral_norm and d is not None:
         add_spectral_norm(d)
     if cfg_model.spectral_norm_g:
         add_spectral_norm(g)
     return g, d
-
-
-def build_generator(cfg_model, image_size: int) -> Generator:
-    g = Generator(cfg_model.nz, cfg_model.g_width, image_size)
-    if cfg_model.spectral_norm_g:
-        add_spectral_norm(g)
-    return g
 
 
 def count_params(net: nn.Module) -> int:

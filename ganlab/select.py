@@ -2,24 +2,41 @@
 
 A `Selector` sees diagnostics (every `log_every` steps) and metrics (every evaluation) and answers
 with a `Decision`. Its whole state is plain data saved in the checkpoint, so a resumed run makes
-the same decisions as an uninterrupted one. Knows nothing about how metrics are computed.
+the same decisions as an uninterrupted one. Knows nothing about how metrics are computed, nor
+about files: the loop decides what a rollback restores.
+
+Collapse signals, each once per episode:
+- non-finite: a loss, the metric or the weights is NaN or infinite;
+- metric: `collapse_evals` evaluations in a row `collapse_factor` times worse than the best;
+- D dominance, read per loss from D's raw outputs (never from their sigmoid, which a hinge or WGAN
+  D never drives to 0 or 1): for `dominance_window` intervals in a row,
+  - bce, hinge, lsgan: at least `dominance_share` of the real and of the fake samples are past the
+    loss's margin (losses.MARGINS), and
+  - wgan-gp (no margin): the critic gap E[D(x)] - E[D(G(z))] is `dominance_z` robust SDs above its
+    recent median, and
+  - bce, hinge, wgan-gp: loss_g's worst step of the interval is `dominance_z` robust SDs above the
+    recent median of worst steps (a z-score, not a ratio: hinge and WGAN losses can be zero or
+    negative). lsgan's G loss is bounded (about 0.5 once D outputs its fake target), so there is no
+    spike to see: its margin shares decide alone.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from dataclasses import asdict, dataclass, field
 
-from .config import metric_mode
+from . import metrics as metrics_mod
 
-HISTORY = 20      # diagnostic intervals that make up loss_g's "recent median"
+HISTORY = 20      # healthy diagnostic intervals that make up the "recent" median
+MIN_HISTORY = 5   # intervals needed before a z-score means anything
 
 
 @dataclass
 class Decision:
     improved: bool = False
     stop: str = ""                     # why the run must end ("" = carry on)
-    rollback: str = ""                 # why the run must go back to best ("" = no rollback)
+    rollback: str = ""                 # why the run must go back to its best (or first) state ("" = no)
     events: list = field(default_factory=list)   # (kind, detail, extra dict)
 
 
@@ -28,45 +45,82 @@ class SelectorState:
     best: float | None = None
     best_step: int = -1
     evals: int = 0
-    since_best: int = 0                # evaluations without improvement
+    since_best: int = 0                # evaluations without improvement (patience)
     bad_streak: int = 0                # evaluations in a row worse than best by collapse_factor
     dominance_streak: int = 0
-    loss_g_history: list = field(default_factory=list)
+    loss_g_worst: list = field(default_factory=list)   # worst loss_g of recent healthy intervals
+    critic_gap: list = field(default_factory=list)     # critic gap of recent healthy intervals
     rollbacks: int = 0
+    period: int = 0                    # selection periods: a new one starts when the signature changes
+
+
+def robust_z(value: float, history: list) -> float:
+    """How many robust SDs (1.4826 x the median absolute deviation) `value` lies above the median
+    of `history`. The scale has a floor of 5% of the median's size (plus 1e-3), so a history that
+    happens to be flat does not turn ordinary jitter into a huge z."""
+    med = statistics.median(history)
+    mad = statistics.median(abs(h - med) for h in history)
+    scale = max(1.4826 * mad, 0.05 * abs(med) + 1e-3)
+    return (value - med) / scale
 
 
 class Selector:
-    def __init__(self, cfg_selection, mode: str):
-        self.c = cfg_selection
+    def __init__(self, config, mode: str, loss: str = "bce"):
+        self.config = config           # the selection section of the experiment
         self.mode = mode               # "min" or "max"
-        self.s = SelectorState()
+        self.loss = loss               # train.loss: which dominance signal applies
+        self.state = SelectorState()
 
     @classmethod
     def from_config(cls, cfg):
-        return cls(cfg.selection, metric_mode(cfg))
+        return cls(cfg.selection, metrics_mod.mode_of(cfg.selection.metric, cfg.selection.mode), cfg.train.loss)
+
+    # ---- what others may read
+    @property
+    def best(self) -> float | None:
+        return self.state.best
+
+    @property
+    def best_step(self) -> int:
+        return self.state.best_step
+
+    @property
+    def rollbacks(self) -> int:
+        return self.state.rollbacks
+
+    @property
+    def lr_scale(self) -> float:
+        """Learning-rate multiplier after the rollbacks so far: each one cuts it again (0.5, 0.25, ...)."""
+        return self.config.rollback_lr_scale ** self.state.rollbacks
+
+    def summary(self) -> dict:
+        """The run's selection outcome as metrics (empty before the first best)."""
+        if self.state.best is None:
+            return {"rollbacks": self.state.rollbacks}
+        return {f"best_{self.config.metric}": self.state.best, "best_step": self.state.best_step,
+                "rollbacks": self.state.rollbacks}
 
     # ---- evaluations
     def better(self, value: float, than: float | None) -> bool:
         if than is None:
             return True
-        return value < than - self.c.min_delta if self.mode == "min" else value > than + self.c.min_delta
+        d = self.config.min_delta
+        return value < than - d if self.mode == "min" else value > than + d
 
     def much_worse(self, value: float) -> bool:
-        b, f = self.s.best, self.c.collapse_factor
+        b, f = self.state.best, self.config.collapse_factor
         if b is None:
             return False
         if self.mode == "min":
+            # "f times worse" as a ratio only means something above zero; a best at or below zero
+            # (a KID can be slightly negative) is worse by f when it is off by (f - 1) times its size
             return value > b * f if b > 0 else value > b + abs(b) * (f - 1) + 1e-12
         return value < b / f
 
     def on_eval(self, step: int, metrics: dict, finite_weights: bool = True) -> Decision:
-        name = self.c.metric
-        dec = Decision()
-        s = self.s
+        name, s, dec = self.config.metric, self.state, Decision()
         s.evals += 1
-        if name not in metrics:
-            raise KeyError(f"selection.metric '{name}' is not among the evaluated metrics {sorted(metrics)}")
-        v = float(metrics[name])
+        v = float(metrics[name])       # config validation guarantees evaluation computes it
         if not math.isfinite(v) or not finite_weights:
             dec.events.append(("collapse_signal", f"{name}={v} or weights non-finite at step {step}", {"signal": "non_finite"}))
             return self._collapse(dec, "non-finite metric or weights")
@@ -79,74 +133,94 @@ class Selector:
             return dec
         s.since_best += 1
         s.bad_streak = s.bad_streak + 1 if self.much_worse(v) else 0
-        left = self.c.patience - s.since_best if self.c.patience else None
+        left = self.config.patience - s.since_best if self.config.patience else None
         detail = f"{name} {v:.4g}, best {s.best:.4g} at step {s.best_step}"
         if left is not None:
             detail += f", patience left {left}"
         dec.events.append(("eval", detail, {name: v, "patience_left": left}))
-        if s.bad_streak >= self.c.collapse_evals:
-            dec.events.append(("collapse_signal", f"{name} {v:.4g} is over {self.c.collapse_factor}x the best "
+        if s.bad_streak >= self.config.collapse_evals:
+            c = self.config
+            dec.events.append(("collapse_signal", f"{name} {v:.4g} is over {c.collapse_factor}x the best "
                                f"{s.best:.4g} for {s.bad_streak} evaluations", {"signal": "metric"}))
             s.bad_streak = 0
-            return self._collapse(dec, f"{name} degraded {self.c.collapse_factor}x for {self.c.collapse_evals} evaluations")
-        if self.c.patience and s.since_best >= self.c.patience:
-            dec.stop = f"no improvement of {name} in {s.since_best} evaluations (patience {self.c.patience})"
+            return self._collapse(dec, f"{name} degraded {c.collapse_factor}x for {c.collapse_evals} evaluations")
+        if self.config.patience and s.since_best >= self.config.patience:
+            dec.stop = f"no improvement of {name} in {s.since_best} evaluations (patience {self.config.patience})"
             dec.events.append(("early_stop", dec.stop, {}))
         return dec
 
     # ---- diagnostics (cheap, between evaluations)
     def on_diagnostics(self, step: int, diag: dict) -> Decision:
-        dec = Decision()
-        s = self.s
+        dec, s = Decision(), self.state
         if not all(math.isfinite(diag[k]) for k in ("loss_d", "loss_g")):
             dec.events.append(("collapse_signal", f"non-finite loss at step {step} (loss_d={diag['loss_d']}, "
                                f"loss_g={diag['loss_g']})", {"signal": "non_finite"}))
             return self._collapse(dec, "non-finite loss")
-        hist = s.loss_g_history
-        median = statistics.median(hist) if len(hist) >= 3 else None
-        spike = diag.get("loss_g_max", diag["loss_g"])     # the worst step of the interval
-        dominating = (median is not None and diag["d_real"] > self.c.dominance_d_real
-                      and diag["d_fake"] < self.c.dominance_d_fake
-                      and spike > self.c.dominance_loss_ratio * max(median, 1e-8))
-        s.dominance_streak = s.dominance_streak + 1 if dominating else 0
-        if not dominating:              # the median is of healthy intervals, so a long spike cannot hide itself
-            hist.append(diag["loss_g"])
-            del hist[:-HISTORY]
-        if self.c.dominance_window and s.dominance_streak == self.c.dominance_window:   # once an episode
-            dec.events.append(("collapse_signal",
-                               f"D dominates for {s.dominance_streak} intervals: D(x) {diag['d_real']:.3f}, "
-                               f"D(G(z)) {diag['d_fake']:.3f}, loss_g up to {spike:.3g} vs recent median "
-                               f"{median:.3g}", {"signal": "d_dominance"}))
-            return self._collapse(dec, "discriminator dominance with a loss_g spike")
+        why = self._dominance(diag)
+        s.dominance_streak = s.dominance_streak + 1 if why else 0
+        if not why:                    # the history holds healthy intervals only, so a long spike cannot hide itself
+            for hist, v in ((s.loss_g_worst, diag.get("loss_g_max", diag["loss_g"])),
+                            (s.critic_gap, diag.get("critic_gap", 0.0))):
+                hist.append(v)
+                del hist[:-HISTORY]
+        if self.config.dominance_window and s.dominance_streak == self.config.dominance_window:   # once an episode
+            dec.events.append(("collapse_signal", f"D dominates for {s.dominance_streak} intervals ({self.loss}): {why}",
+                               {"signal": "d_dominance"}))
+            return self._collapse(dec, f"discriminator dominance ({why})")
         return dec
+
+    def _dominance(self, diag: dict) -> str:
+        """Why this interval looks like a D that has won, or "" when it does not."""
+        s, c = self.state, self.config
+        if len(s.loss_g_worst) < MIN_HISTORY:
+            return ""
+        worst = diag.get("loss_g_max", diag["loss_g"])
+        z_loss = robust_z(worst, s.loss_g_worst)
+        if z_loss < c.dominance_z and self.loss != "lsgan":
+            return ""
+        spike = f"loss_g up to {worst:.3g}, z {z_loss:.1f} over its recent median {statistics.median(s.loss_g_worst):.3g}"
+        if self.loss == "wgan-gp":
+            z_gap = robust_z(diag["critic_gap"], s.critic_gap)
+            return f"critic gap {diag['critic_gap']:.3g}, z {z_gap:.1f}; {spike}" if z_gap >= c.dominance_z else ""
+        real, fake = diag["real_past_margin"], diag["fake_past_margin"]
+        if min(real, fake) < c.dominance_share:
+            return ""
+        return f"{real:.0%} of real and {fake:.0%} of fake samples past the margin; {spike}"
 
     # ---- collapse
     def _collapse(self, dec: Decision, why: str) -> Decision:
-        action = self.c.on_collapse
+        action = self.config.on_collapse
         if action == "ignore":
             return dec
         if action == "stop":
             dec.stop = f"collapse: {why}"
-        elif self.s.best is None:
-            dec.stop = f"collapse before any best checkpoint: {why}"
-        elif self.s.rollbacks >= self.c.max_rollbacks:
-            dec.stop = f"collapse after {self.s.rollbacks} rollbacks (max_rollbacks): {why}"
+        elif self.state.rollbacks >= self.config.max_rollbacks:
+            dec.stop = f"collapse after {self.state.rollbacks} rollbacks (max_rollbacks): {why}"
         else:
-            dec.rollback = why
+            dec.rollback = why         # to the best state, or to the first one when there is no best yet
         if dec.stop:
             dec.events.append(("early_stop", dec.stop, {}))
         return dec
 
     def rolled_back(self):
-        """The loop restored `best`: count it and start the signals afresh."""
-        s = self.s
+        """The loop restored a known-good state: count it, and start the signals and the patience
+        afresh (the restored weights are the best, so nothing has failed to improve on them yet)."""
+        s = self.state
         s.rollbacks += 1
-        s.dominance_streak = s.bad_streak = 0
-        s.loss_g_history.clear()
+        s.dominance_streak = s.bad_streak = s.since_best = 0
+        s.loss_g_worst.clear()
+        s.critic_gap.clear()
+
+    def new_period(self):
+        """The evaluation signature changed: numbers from the old feature space cannot be compared with
+        the new ones, so best, patience and signals start again (rollbacks keep counting)."""
+        s = self.state
+        self.state = SelectorState(rollbacks=s.rollbacks, period=s.period + 1, evals=s.evals)
 
     # ---- state
     def state_dict(self) -> dict:
-        return asdict(self.s)
+        return asdict(self.state)
 
     def load_state_dict(self, d: dict):
-        self.s = SelectorState(**d)
+        known = {f.name for f in dataclasses.fields(SelectorState)}     # checkpoints of older versions
+        self.state = SelectorState(**{k: v for k, v in d.items() if k in known})

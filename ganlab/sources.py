@@ -7,9 +7,8 @@ import re
 from pathlib import Path
 
 import torch
-import yaml
 
-from . import config as config_mod
+from . import config as config_mod, metrics as metrics_mod
 from .config import UserError
 
 
@@ -24,7 +23,7 @@ def client(uri: str | None = None):
 
 def resolve(source: str, experiment: str | None = None, device="cpu"):
     """-> (generator ready to sample, info dict with step, metrics, config)."""
-    from .train import load_generator
+    from .generator import load_generator
     if source.startswith("models:/"):
         return _registered(source, device)
     p = Path(source)
@@ -36,7 +35,7 @@ def resolve(source: str, experiment: str | None = None, device="cpu"):
                 return load_generator(p / name, device)
         raise SourceError(f"{source}: run folder without generator.pt, best.pt or last.pt")
     if source == "best":
-        rows = rank_runs(experiment, None, 1, None, None)
+        rows = rank_runs(experiment=experiment, top=1)
         if not rows:
             raise SourceError("best: no finished run with a best metric in the tracking store")
         return resolve(rows[0]["checkpoint"], device=device)
@@ -59,43 +58,47 @@ def _registered(uri: str, device):
     except Exception as e:
         raise SourceError(f"{uri}: cannot load the registered model ({str(e).splitlines()[0][:160]})") from None
     meta = info.metadata or {}
-    cfg = config_mod.from_dict(yaml.safe_load(meta["ganlab_config"]), uri)
+    cfg = config_mod.from_dict(config_mod.parse_yaml(meta["ganlab_config"]), uri)
     return g.to(device), {"step": meta.get("step"), "metrics": {}, "config": cfg, "signature": meta.get("signature")}
 
 
 def write_samples(source: str, n: int, out: Path, seed: int = 0, experiment=None) -> Path:
     from PIL import Image
-    from . import data, evaluate, track
+    from . import evaluate
+    from .generator import generate
     if n < 1:
         raise SourceError(f"-n must be at least 1, got {n}")
     g, info = resolve(source, experiment)
     cfg = info["config"]
     z = torch.randn(n, cfg.model.nz, generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        imgs = torch.cat([data.to_straight_u8(g(c), cfg.data.alpha) for c in z.split(256)])
+    imgs = generate(g, z, cfg.data.alpha, "cpu")
     out.mkdir(parents=True, exist_ok=True)
     for i, im in enumerate(imgs):
         Image.fromarray(im.permute(1, 2, 0).numpy(), "RGBA").save(out / f"sample_{i:05d}.png")
-    Image.fromarray(track.grid_image(evaluate.composite(imgs, "checker"))).save(out / "grid.png")
+    evaluate.save_grid(imgs, out / "grid.png")
     return out
 
 
-def evaluate_source(source: str, overrides: list[str]) -> dict:
+def evaluate_source(source: str, overrides: list[str], device: str = "auto") -> dict:
+    """SOURCE's generator, evaluated with its run's protocol (or the overrides) on `device` (auto =
+    CUDA when there is one, as training picks it)."""
     from . import data, evaluate
-    g, info = resolve(source)
+    from .trainer import pick_device
+    dev = pick_device(device)
+    g, info = resolve(source, device=dev)
     cfg = info["config"]
     if overrides:
         cfg = config_mod.from_dict(config_mod.apply_overrides(config_mod.to_dict(cfg), overrides), "--set")
     config_mod.check_data_root(cfg, source)
     images = data.load_images(cfg.data, cfg.seed)
-    ev = evaluate.Evaluator(cfg, images.holdout, "cpu")
-    g = g.cpu()
+    ev = evaluate.Evaluator(cfg, images.holdout, dev)
     metrics = ev(g)
     return {"source": source, "step": info["step"], "metrics": metrics, "extractor": ev.extractor["name"],
             "random_features": ev.extractor["random"], "signature": ev.signature_hash}
 
 
-def rank_runs(experiment, metric, top, signature, uri) -> list[dict]:
+def rank_runs(*, experiment: str | None = None, metric: str | None = None, top: int = 5,
+              signature: str | None = None, uri: str | None = None) -> list[dict]:
     """Runs ranked by best_<metric>, among runs sharing one evaluation signature."""
     c = client(uri)
     if experiment:
@@ -113,7 +116,7 @@ def rank_runs(experiment, metric, top, signature, uri) -> list[dict]:
     rows = []
     for r in runs:
         m = metric or r.data.params.get("selection.metric", "fid")
-        mode = config_mod.resolve_mode(m, r.data.params.get("selection.mode", "auto"))
+        mode = metrics_mod.mode_of(m, r.data.params.get("selection.mode", "auto"))
         v = r.data.metrics.get(f"best_{m}")
         if v is None or not math.isfinite(v):
             continue

@@ -67,7 +67,7 @@ def _dump(v) -> str:
 
 def run_sweep(path, extra_sets=(), quiet=False, only=()) -> list[dict]:
     import mlflow
-    from . import track, train
+    from . import track
     base, name, variants = load_sweep(path)
     if only:
         variants = [v for v in variants if v[0] in only]
@@ -89,7 +89,10 @@ def run_sweep(path, extra_sets=(), quiet=False, only=()) -> list[dict]:
     try:
         for label, cfg, err in cfgs:
             print(f"=== variant {label}", file=sys.stderr, flush=True)
-            rows.append(_run_variant(label, cfg, err, client, exp_id, parent, quiet, train, path))
+            if cfg is None:
+                rows.append(_failed_variant(label, err, client, exp_id, parent))
+            else:
+                rows.append(_run_variant(label, cfg, quiet=quiet, sweep_file=path))
         table = format_table(rows, first.selection.metric)
         print(table)
         if parent is not None:
@@ -104,19 +107,22 @@ def run_sweep(path, extra_sets=(), quiet=False, only=()) -> list[dict]:
     return rows
 
 
-def _run_variant(label, cfg, err, client, exp_id, parent, quiet, train, path) -> dict:
-    row = {"variant": label, "status": "failed", "best": None, "step": None, "stopped": "", "run_id": None,
-           "run_dir": ""}
-    if cfg is None:
-        row["stopped"] = err
-        if exp_id:                      # the failure is recorded as a failed child run
-            r = client.create_run(exp_id, run_name=label, tags={"mlflow.parentRunId": parent.info.run_id,
-                                                               "ganlab.variant": label, "ganlab.error": err[:5000]})
-            client.set_terminated(r.info.run_id, "FAILED")
-            row["run_id"] = r.info.run_id
-        return row
+def _failed_variant(label: str, err: str, client, exp_id, parent) -> dict:
+    """A variant whose config does not load: a failed row, and a failed child run that says why."""
+    row = {"variant": label, "status": "failed", "best": None, "step": None, "stopped": err, "run_id": None, "run_dir": ""}
+    if exp_id:
+        r = client.create_run(exp_id, run_name=label, tags={"mlflow.parentRunId": parent.info.run_id,
+                                                           "ganlab.variant": label, "ganlab.error": err[:5000]})
+        client.set_terminated(r.info.run_id, "FAILED")
+        row["run_id"] = r.info.run_id
+    return row
+
+
+def _run_variant(label: str, cfg, quiet: bool, sweep_file) -> dict:
+    from . import train
+    row = {"variant": label, "status": "failed", "best": None, "step": None, "stopped": "", "run_id": None, "run_dir": ""}
     try:
-        res = train.train(cfg, quiet=quiet, experiment_file=str(path))
+        res = train.train(cfg, quiet=quiet, experiment_file=str(sweep_file))
         row.update(status="ok", best=res.best, step=res.best_step, stopped=res.stopped, run_id=res.run_id,
                    run_dir=str(res.run_dir))
     except Exception as e:              # one failed variant never stops the others

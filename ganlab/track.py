@@ -2,8 +2,9 @@
 
 Default store: sqlite:///mlruns/mlflow.db with artifacts under mlruns/artifacts (MLflow 3 refuses a
 new plain file store); `tracking.uri` or $MLFLOW_TRACKING_URI points at a server instead. Metrics
-are written asynchronously, batched by MLflow, at the diagnostic interval; `flush()` runs before
-anything reads them back. Knows nothing about training.
+are written once per diagnostic interval: synchronously to a local store (about 3 ms, so a locked
+sqlite file is retried and nothing waits in a queue), asynchronously in MLflow's batches to a
+server; `flush()` runs before anything reads them back. Knows nothing about training.
 """
 from __future__ import annotations
 
@@ -22,9 +23,6 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("ganlab")
-
-SUMMARY = ("best_step", "rollbacks", "stopped_early")
-
 
 def with_retry(fn, *args, tries: int = 12, **kwargs):
     """Call an MLflow client function, retrying while a shared sqlite store is locked by another
@@ -167,19 +165,19 @@ class NullTracker:
     """Tracking off: the same calls, recording nothing beyond the run folder."""
     run_id = None
 
-    def start(self, *a, **k):
+    def start(self, run_dir, **context):
         return None
 
     def log_metrics(self, metrics: dict, step: int):
         pass
 
-    def log_samples(self, g, evaluator, run_dir, step):
-        save_sample_grid(g, evaluator, run_dir, step)
-
-    def log_summary(self, selector, cfg):
+    def log_samples(self, grid_path: Path, step: int):
         pass
 
-    def finish(self, status, selector, cfg, step=0, **k):
+    def set_tags(self, tags: dict):
+        pass
+
+    def finish(self, status: str, summary: dict, step: int = 0, stopped: str = "", final: bool = True):
         pass
 
 
@@ -187,16 +185,14 @@ class Tracker(NullTracker):
     def __init__(self, cfg):
         import mlflow
         self.mlflow = mlflow
-        self.cfg = cfg
+        self.cfg = cfg                  # what this run logs as params, and its tracking/selection settings
         self.uri = tracking_uri(cfg)
         self.client = open_client(self.uri)
-        # a local sqlite store is written synchronously, once per log_every steps (about a millisecond,
-        # see docs/benchmarks.md), so a locked store is retried and nothing is dropped in a queue;
-        # a server is written asynchronously in batches.
-        self.local = is_local(self.uri)
+        self.local = is_local(self.uri)  # a local store is written synchronously (see the module docstring)
         self.run_id = None
         self.last_step: dict[str, int] = {}      # per metric: steps at or below were logged before a resume
-        self._owns_fluent = False
+        self.monitor = None
+        self._run_dir = None
 
     @classmethod
     def from_config(cls, cfg):
@@ -206,35 +202,38 @@ class Tracker(NullTracker):
         return with_retry(fn, *args, **kwargs)
 
     # ---- lifecycle
-    def start(self, cfg, run_dir, images=None, evaluator=None, device=None, run_id=None, experiment_file=""):
+    def start(self, run_dir, images=None, evaluator=None, device=None, run_id=None, experiment_file=""):
+        """Open (or, with run_id, reopen after a resume) the MLflow run. Returns its id."""
         from . import config as config_mod
-        mlflow = self.mlflow
+        cfg = self.cfg
         set_fluent_uri(self.uri)
         exp_id = ensure_experiment(self.client, cfg.name, self.uri, cfg.tracking.runs_dir)
-        label = f"{cfg.variant or cfg.name}-{dt.datetime.now():%m%d-%H%M%S}"
-        parent = mlflow.active_run()
         if run_id is None:
-            tags = {"ganlab.run_dir": str(Path(run_dir).resolve()), "ganlab.variant": cfg.variant or cfg.name}
-            if parent is not None:
-                tags["mlflow.parentRunId"] = parent.info.run_id
-            run = self._call(self.client.create_run, exp_id, run_name=label, tags=tags)
-            run_id = run.info.run_id
-            params = list(config_mod.flatten(cfg).items())
-            for i in range(0, len(params), 90):         # MLflow takes at most 100 params a batch
-                chunk = params[i:i + 90]
-                self._call(self.client.log_batch, run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in chunk])
+            run_id = self._create_run(exp_id, run_dir, config_mod.flatten(cfg))
         else:
             self.last_step = self._logged_steps(run_id)
             self._call(self.client.update_run, run_id, status="RUNNING")
         self.run_id = run_id
-        self._tags(cfg, images, evaluator, device, experiment_file)
+        self._tags(images, evaluator, device, experiment_file)
         if images is not None:
             self._log_input(images)
-        self.monitor = None
         if cfg.tracking.system_metrics:
             self.monitor = _system_monitor(run_id, cfg.tracking.system_metrics_every)
         self._run_dir = Path(run_dir)
         return run_id
+
+    def _create_run(self, exp_id, run_dir, params: dict) -> str:
+        label = f"{self.cfg.variant or self.cfg.name}-{dt.datetime.now():%m%d-%H%M%S}"
+        tags = {"ganlab.run_dir": str(Path(run_dir).resolve()), "ganlab.variant": self.cfg.variant or self.cfg.name}
+        parent = self.mlflow.active_run()
+        if parent is not None:
+            tags["mlflow.parentRunId"] = parent.info.run_id
+        run = self._call(self.client.create_run, exp_id, run_name=label, tags=tags)
+        items = list(params.items())
+        for i in range(0, len(items), 90):         # MLflow takes at most 100 params a batch
+            self._call(self.client.log_batch, run.info.run_id,
+                       params=[self.mlflow.entities.Param(k, str(v)) for k, v in items[i:i + 90]])
+        return run.info.run_id
 
     def _logged_steps(self, run_id) -> dict:
         run = self._call(self.client.get_run, run_id)
@@ -244,7 +243,7 @@ class Tracker(NullTracker):
             out[key] = max((m.step for m in hist), default=-1)
         return out
 
-    def _tags(self, cfg, images, evaluator, device, experiment_file):
+    def _tags(self, images, evaluator, device, experiment_file):
         import torch_fidelity
         tags = {"ganlab.experiment_file": experiment_file, "ganlab.device": str(device),
                 "versions.torch": torch.__version__, "versions.torch_fidelity": torch_fidelity.__version__,
@@ -254,12 +253,10 @@ class Tracker(NullTracker):
                          "data.train_size": str(len(images.train)), "data.holdout_hash": images.holdout_hash,
                          "data.skipped": str(len(images.skipped))})
         if evaluator is not None:
-            tags.update({"eval.signature": evaluator.signature_hash,
-                         "eval.signature_json": json.dumps(evaluator.signature, sort_keys=True),
-                         "eval.extractor": evaluator.extractor["name"],
-                         "eval.random_features": str(evaluator.extractor["random"]).lower()})
-            if evaluator.extractor["random"]:
-                tags["eval.warning"] = "random InceptionV3 features: not standard FID; compare only within this signature"
+            tags.update(evaluator.describe())
+        self.set_tags(tags)
+
+    def set_tags(self, tags: dict):
         self._call(self.client.log_batch, self.run_id, tags=[self.mlflow.entities.RunTag(k, str(v)) for k, v in tags.items()])
 
     def _log_input(self, images):
@@ -290,23 +287,14 @@ class Tracker(NullTracker):
         if ms:
             self._call(self.client.log_batch, self.run_id, metrics=ms, synchronous=self.local)
 
-    def log_samples(self, g, evaluator, run_dir, step):
-        path = save_sample_grid(g, evaluator, run_dir, step)
+    def log_samples(self, grid_path: Path, step: int):
         if step <= self.last_step.get("eval_seconds", -1):
-            return
+            return                      # logged before a resume
         from PIL import Image
         try:
-            self._call(self.client.log_image, self.run_id, Image.open(path), key="samples", step=step)
+            self._call(self.client.log_image, self.run_id, Image.open(grid_path), key="samples", step=step)
         except Exception as e:
             log.warning("could not log the sample grid (%s)", e)
-
-    def log_summary(self, selector, cfg):
-        s = selector.s
-        if s.best is None:
-            return
-        step = max(s.best_step, 0)
-        self.log_metrics({f"best_{cfg.selection.metric}": s.best, "best_step": s.best_step,
-                          "rollbacks": s.rollbacks}, step)
 
     def flush(self):
         try:
@@ -314,36 +302,37 @@ class Tracker(NullTracker):
         except Exception:
             pass
 
-    def finish(self, status, selector, cfg, step=0, stopped="", run_dir=None, final=True):
+    def finish(self, status: str, summary: dict, step: int = 0, stopped: str = "", final: bool = True):
         """Summary metrics at the run's last step (MLflow sorts by a metric's latest value, so
         best_<metric> must be logged last), artifacts, the registry, and the run's status."""
         if self.run_id is None:
             return
         try:
-            s = selector.s
-            summary = {"rollbacks": s.rollbacks, "stopped_early": float(stopped.startswith("early") or stopped == "collapse")}
-            if s.best is not None:
-                summary.update({f"best_{cfg.selection.metric}": s.best, "best_step": s.best_step})
             self.last_step = {}
-            self.log_metrics(summary, step)
+            self.log_metrics({**summary, "stopped_early": float(stopped.startswith("early") or stopped == "collapse")}, step)
             self.flush()
-            run_dir = Path(run_dir or self._run_dir)
+            run_dir = self._run_dir
             if stopped:
                 self._call(self.client.set_tag, self.run_id, "ganlab.stopped", stopped)
             for name in ("config.yaml", "events.jsonl"):
                 if (run_dir / name).exists():
                     self._call(self.client.log_artifact, self.run_id, str(run_dir / name))
             if final and status == "FINISHED" and (run_dir / "generator.pt").exists():
-                self._call(self.client.log_artifact, self.run_id, str(run_dir / "generator.pt"), "model")
-                if cfg.tracking.register_model:
-                    try:
-                        register_generator(self, cfg, run_dir)
-                    except Exception as e:       # the run's own artifacts are safe; say what failed
-                        log.warning("could not register the generator in the Model Registry (%s)", e)
+                self._log_generator(run_dir)
         finally:
-            if getattr(self, "monitor", None) is not None:
+            if self.monitor is not None:
                 self.monitor.finish()
             self._call(self.client.set_terminated, self.run_id, status=status)
+
+    def _log_generator(self, run_dir: Path):
+        for name in ("generator.pt", "generator.safetensors"):
+            if (run_dir / name).exists():
+                self._call(self.client.log_artifact, self.run_id, str(run_dir / name), "model")
+        if self.cfg.tracking.register_model:
+            try:
+                register_generator(self, run_dir)
+            except Exception as e:       # the run's own artifacts are safe; say what failed
+                log.warning("could not register the generator in the Model Registry (%s)", e)
 
 
 def _system_monitor(run_id, every: float):
@@ -357,38 +346,14 @@ def _system_monitor(run_id, every: float):
         return None
 
 
-# ----------------------------------------------------------------------------------- sample grids
-
-def save_sample_grid(g, evaluator, run_dir, step, n: int = 64) -> Path:
-    """The first n fixed latents, over a checkerboard, as samples/step_XXXXXXX.png."""
-    from PIL import Image
-    from . import data, evaluate
-    with torch.no_grad():
-        x = g(evaluator.latents[:n].to(evaluator.device))
-    rgba = data.to_straight_u8(x, evaluator.cfg.data.alpha).cpu()
-    grid = grid_image(evaluate.composite(rgba, "checker"))
-    path = Path(run_dir) / "samples" / f"step_{step:07d}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(path)
-    return path
-
-
-def grid_image(rgb_u8: torch.Tensor, pad: int = 2):
-    """N x 3 x H x W uint8 -> a square-ish grid as an H' x W' x 3 numpy array."""
-    import torchvision
-    nrow = max(1, int(math.ceil(math.sqrt(len(rgb_u8)))))
-    grid = torchvision.utils.make_grid(rgb_u8, nrow=nrow, padding=pad, pad_value=255)
-    return grid.permute(1, 2, 0).contiguous().numpy()
-
-
 # --------------------------------------------------------------------------------- model registry
 
-def register_generator(tracker, cfg, run_dir: Path):
+def register_generator(tracker, run_dir: Path):
     """Log the best generator as an MLflow PyTorch model, register it under the experiment's name, and
     move the `champion` alias only when it beats the champion under the same evaluation signature."""
-    from .train import load_generator
     from .config import metric_mode, to_yaml
-    mlflow, client = tracker.mlflow, tracker.client
+    from .generator import load_generator
+    mlflow, client, cfg = tracker.mlflow, tracker.client, tracker.cfg
     g, info = load_generator(run_dir / "generator.pt")
     name = cfg.name
     metric = cfg.selection.metric

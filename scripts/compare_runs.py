@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
-from ganlab import checkpoint, data, evaluate, track, train
+from ganlab import checkpoint, data, evaluate, track
+from ganlab.generator import generate, load_generator
+from ganlab.trainer import pick_device
 
 
 def pairwise(x: torch.Tensor) -> torch.Tensor:
@@ -39,22 +41,20 @@ def coverage(fake_rgb: torch.Tensor, real_rgb: torch.Tensor) -> dict:
             "n": n}
 
 
-def study(run_dir: Path, n: int, out: Path) -> dict:
+def study(run_dir: Path, n: int, out: Path, device: str = "auto") -> dict:
     events = track.read_events(run_dir)
     best = checkpoint.load(run_dir / "best.pt")
-    g, info = train.load_generator(run_dir / "generator.pt")
+    dev = pick_device(device)
+    g, info = load_generator(run_dir / "generator.pt", dev)
     cfg = info["config"]
     images = data.load_images(cfg.data, cfg.seed)
-    ev = evaluate.Evaluator(cfg, images.holdout, "cpu")
+    ev = evaluate.Evaluator(cfg, images.holdout, dev)
     handed = ev(g)                                  # the handed-over generator, re-measured
     z = torch.randn(n, cfg.model.nz, generator=torch.Generator().manual_seed(99))
-    with torch.no_grad():
-        fake = torch.cat([data.to_straight_u8(g(c), cfg.data.alpha) for c in z.split(100)])
+    fake = generate(g, z, cfg.data.alpha, dev)
     cov = coverage(evaluate.composite(fake, "checker"), evaluate.composite(images.holdout, "checker"))
-    from PIL import Image
-    out.mkdir(parents=True, exist_ok=True)
     name = run_dir.name.rsplit("-", 3)[0]
-    Image.fromarray(track.grid_image(evaluate.composite(fake[:64], "checker"))).save(out / f"{name}_best.png")
+    evaluate.save_grid(fake[:64], out / f"{name}_best.png")
     evals = [(e["step"], e.get(cfg.selection.metric)) for e in events if e["kind"] in ("eval", "improved")]
     signals = [e for e in events if e["kind"] in ("collapse_signal", "rollback", "early_stop")]
     return {"run": name, "run_dir": str(run_dir), "signature": ev.signature_hash, "best_step": best["step"],
@@ -67,8 +67,9 @@ def main(argv=None):
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--out", type=Path, default=Path("docs/study"))
     p.add_argument("--samples", type=int, default=400)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     a = p.parse_args(argv)
-    rows = [study(r, a.samples, a.out) for r in a.runs]
+    rows = [study(r, a.samples, a.out, a.device) for r in a.runs]
     if len({r["signature"] for r in rows}) != 1:
         print("warning: the runs have different evaluation signatures; their metrics are not comparable",
               file=sys.stderr)

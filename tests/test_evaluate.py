@@ -107,9 +107,11 @@ def test_kid_subset_is_clamped(tmp_path, script_extractor, sprites):
     cfg = config.load(None, [f"data.cache_dir={tmp_path / 'cache'}", f"eval.feature_extractor={script_extractor}",
                              "eval.num_samples=10", "eval.kid_subset_size=1000", "eval.batch_size=5"])
     ev = evaluate.Evaluator(cfg, sprites[:7], "cpu")
-    assert ev.kid_subset_size(7) == 7
+    assert ev.kid_subset_size(10, 7) == 3        # by the images passed; never the whole set (no resampling)
+    assert ev.kid_subset_size(3, 50) == 1 + 1    # at least 2
+    assert ev.kid_subset_size(5000, 5000) == 1000
     m = ev.metrics_for(sprites[10:20])
-    assert np.isfinite(m["kid"])
+    assert np.isfinite(m["kid"]) and m["kid_std"] > 0   # subsets differ, so KID has a spread
 
 
 def test_torchscript_extractor_hash_joins_the_signature(tmp_path, script_extractor, sprites):

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from ganlab import checkpoint, cli, config, train
+from ganlab import checkpoint, cli, config, train, trainer
 from ganlab.checkpoint import CheckpointError
 from ganlab.track import read_events, tracking_uri
 
@@ -96,14 +96,14 @@ def test_disk_full_keeps_previous_checkpoint_and_says_so(tiny_cfg, monkeypatch, 
 def test_non_finite_weights_never_reach_best(tiny_cfg, monkeypatch):
     from ganlab import evaluate
     calls = iter([5.0, 1.0, 1.0])
-    monkeypatch.setattr(evaluate.Evaluator, "__call__", lambda self, g: {"fid": next(calls), "eval_seconds": 0.0})
-    orig = train.Trainer.step
+    monkeypatch.setattr(evaluate.Evaluator, "metrics_for", lambda self, fake: {"fid": next(calls)})
+    orig = trainer.Trainer.step
     def poisoned(self, step):
         orig(self, step)
         if step == 12:                                                       # weights go bad after the first eval
             with torch.no_grad():
                 next(self.g.parameters()).fill_(float("nan"))
-    monkeypatch.setattr(train.Trainer, "step", poisoned)
+    monkeypatch.setattr(trainer.Trainer, "step", poisoned)
     res = train.train(tiny_cfg("selection.on_collapse=stop", "selection.dominance_window=0"), quiet=True)
     best = checkpoint.load(res.run_dir / "best.pt")
     assert best["step"] == 8

@@ -26,7 +26,7 @@ def tracked(tiny_cfg, tmp_path):
 
 def scripted(monkeypatch, values):
     it = iter(values)
-    monkeypatch.setattr(evaluate.Evaluator, "__call__", lambda self, g: {"fid": next(it), "eval_seconds": 0.0})
+    monkeypatch.setattr(evaluate.Evaluator, "metrics_for", lambda self, fake: {"fid": next(it)})
 
 
 def test_run_records_params_tags_metrics_images_artifacts(tracked):

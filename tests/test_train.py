@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ganlab import checkpoint, train
+from ganlab import checkpoint, generator, train, trainer
 from ganlab.track import read_events
 
 STABILISERS = [
@@ -20,7 +20,7 @@ def test_each_loss_and_stabiliser_runs_a_step(tiny_cfg, sets):
     cfg = tiny_cfg(*sets)
     from ganlab import data
     images = data.load_images(cfg.data)
-    tr = train.Trainer(cfg, images.train, torch.device("cpu"))
+    tr = trainer.Trainer(cfg, images.train, torch.device("cpu"))
     before = [p.detach().clone() for p in tr.g.parameters()]
     for s in range(2):
         tr.step(s)
@@ -47,23 +47,23 @@ def test_train_run_folder_and_generator(tiny_cfg):
     assert kinds[0] == "start" and kinds[-1] == "finished" and "improved" in kinds
     assert res.stopped == "finished" and res.step == 24
     assert list((d / "samples").glob("step_*.png"))
-    g, info = train.load_generator(d / "generator.pt")
+    g, info = generator.load_generator(d / "generator.pt")
     assert g(torch.randn(2, 16)).shape == (2, 4, 32, 32)
 
 
 def test_checkpoint_round_trip(tiny_cfg, tmp_path):
     cfg = tiny_cfg()
     from ganlab import data
-    tr = train.Trainer(cfg, data.load_images(cfg.data).train, torch.device("cpu"))
+    tr = trainer.Trainer(cfg, data.load_images(cfg.data).train, torch.device("cpu"))
     tr.step(0)
-    state = {"step": 1, "trainer": tr.state_dict(), "global_rng": train.global_rng_state()}
+    state = {"step": 1, "trainer": tr.state_dict(), "global_rng": trainer.global_rng_state()}
     checkpoint.save(tmp_path / "c.pt", state)
     back = checkpoint.load(tmp_path / "c.pt")
-    tr2 = train.Trainer(cfg, data.load_images(cfg.data).train, torch.device("cpu"))
+    tr2 = trainer.Trainer(cfg, data.load_images(cfg.data).train, torch.device("cpu"))
     tr2.load_state_dict(back["trainer"])
     for a, b in zip(tr.g.state_dict().values(), tr2.g.state_dict().values()):
         assert torch.equal(a, b)
-    train.set_global_rng_state(back["global_rng"])
+    trainer.set_global_rng_state(back["global_rng"])
 
 
 def _weights(run_dir):

@@ -1,0 +1,308 @@
+"""The training step: networks, optimisers, EMA, the training RNG, and the diagnostics of each step.
+
+`Trainer` does one generator update (after `d_steps` discriminator updates) per `step()`.
+Everything that varies over time (learning rate, instance-noise level, the batch drawn) is a pure
+function of the step, so a resumed run retraces an uninterrupted one exactly. Diagnostics are
+summed on the device under their names and read back once per `log_every` steps: no host sync in
+the step. Knows nothing about evaluation, selection or tracking.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from . import config as config_mod, data, losses, models
+from .augment import diff_augment
+from .generator import prepare_for_sampling
+
+log = logging.getLogger("ganlab")
+
+
+# ------------------------------------------------------------------------------------------ device
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise config_mod.ConfigError("train.device is 'cuda' but no CUDA GPU is available; use auto or cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise config_mod.ConfigError("train.device is 'mps' but MPS is not available; use auto or cpu")
+    return torch.device(name)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+# ------------------------------------------------------------------------------------- schedules
+
+def lr_factor(step: int, cfg_train) -> float:
+    """Multiplier of the base learning rate at `step`: warm-up, then constant / linear / cosine decay."""
+    if cfg_train.lr_warmup and step < cfg_train.lr_warmup:
+        return (step + 1) / cfg_train.lr_warmup
+    t = min(1.0, step / max(1, cfg_train.steps))
+    if cfg_train.lr_schedule == "linear":
+        return 1.0 - t
+    if cfg_train.lr_schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * t))
+    return 1.0
+
+
+def noise_level(step: int, cfg_train) -> float:
+    if not cfg_train.instance_noise:
+        return 0.0
+    if not cfg_train.instance_noise_anneal:
+        return cfg_train.instance_noise
+    return cfg_train.instance_noise * max(0.0, 1.0 - step / cfg_train.instance_noise_anneal)
+
+
+def ema_beta(cfg_train) -> float:
+    return 0.5 ** (cfg_train.batch_size / cfg_train.ema_halflife) if cfg_train.ema_halflife else 0.0
+
+
+# ------------------------------------------------------------------------------------- diagnostics
+
+# Summed over an interval and reported as means. d_real / d_fake: sigmoid of D's output (the seed's
+# D(x) / D(G(z))). logit_*: D's raw output. *_past_margin: the share of samples on which D has won
+# past its loss's margin (losses.MARGINS): what collapse detection reads, whatever the loss.
+DIAGNOSTICS = ("loss_d", "loss_g", "d_real", "d_fake", "logit_real", "logit_fake",
+               "real_past_margin", "fake_past_margin", "grad_norm_g", "grad_norm_d")
+
+
+class DiagnosticSums:
+    """Named per-interval sums, kept as device tensors so that the step never waits for the host.
+    `pop()` reads them all back in one transfer, with `loss_g_max`: a loss spike vanishes in an
+    interval's mean, so the worst step is kept beside it."""
+
+    def __init__(self, device):
+        self.sums = {k: torch.zeros((), device=device) for k in DIAGNOSTICS}
+        self.steps = torch.zeros((), device=device)
+        self.loss_g_max = torch.full((), float("-inf"), device=device)
+
+    @torch.no_grad()
+    def add(self, values: dict):
+        torch._foreach_add_([self.sums[k] for k in DIAGNOSTICS], [values[k].detach().float() for k in DIAGNOSTICS])
+        self.steps += 1
+        torch.maximum(self.loss_g_max, values["loss_g"].detach().float(), out=self.loss_g_max)
+
+    def pop(self) -> dict:
+        """Means since the last call, plus loss_g_max (one host sync), and start afresh."""
+        *sums, steps, worst = torch.stack([*self.sums.values(), self.steps, self.loss_g_max]).tolist()
+        out = {k: v / max(steps, 1.0) for k, v in zip(DIAGNOSTICS, sums)}
+        out["loss_g_max"] = worst
+        out["critic_gap"] = out["logit_real"] - out["logit_fake"]
+        self.reset()
+        return out
+
+    def reset(self):
+        for v in self.sums.values():
+            v.zero_()
+        self.steps.zero_()
+        self.loss_g_max.fill_(float("-inf"))
+
+    def state_dict(self) -> dict:
+        """Saved in last.pt, so that a run stopped in the middle of an interval logs the same means."""
+        return {"sums": {k: v.cpu() for k, v in self.sums.items()}, "steps": self.steps.cpu(),
+                "loss_g_max": self.loss_g_max.cpu()}
+
+    def load_state_dict(self, s: dict | None):
+        self.reset()
+        if s is None:
+            return
+        for k, v in s["sums"].items():
+            self.sums[k].copy_(v)
+        self.steps.copy_(s["steps"])
+        self.loss_g_max.copy_(s["loss_g_max"])
+
+
+# ----------------------------------------------------------------------------------------- trainer
+
+class Trainer:
+    def __init__(self, cfg, train_images: torch.Tensor, device: torch.device):
+        self.cfg, self.device = cfg, device
+        t = cfg.train
+        self.g, self.d = models.build(cfg.model, cfg.data.image_size, seed=cfg.seed)
+        self.g.to(device)
+        self.d.to(device)
+        self.g_ema = copy.deepcopy(self.g).requires_grad_(False) if t.ema_halflife else None
+        fused = {"fused": True} if device.type == "cuda" else {}
+        self.opt_g = torch.optim.Adam(self.g.parameters(), lr=t.lr_g, betas=(t.beta1, t.beta2), **fused)
+        self.opt_d = torch.optim.Adam(self.d.parameters(), lr=t.lr_d, betas=(t.beta1, t.beta2), **fused)
+        self.batches = data.Batches(train_images, t.batch_size, cfg.seed, cfg.data.alpha, device, cfg.data.placement)
+        self.rng = torch.Generator(device=device).manual_seed(cfg.seed + 1)   # latents, noise, augment
+        self.lr_scale = 1.0
+        self.use_bf16 = t.precision == "bf16" and bf16_supported(device)
+        if t.precision == "bf16" and not self.use_bf16:
+            log.warning("train.precision is bf16 but %s has no native bf16: training in fp32", device)
+        self.mem = torch.channels_last if t.channels_last else torch.contiguous_format
+        if t.channels_last:
+            self.g.to(memory_format=self.mem)
+            self.d.to(memory_format=self.mem)
+        self.g_fwd, self.d_fwd = (torch.compile(self.g), torch.compile(self.d)) if t.compile else (self.g, self.d)
+        self.diagnostics = DiagnosticSums(device)
+        self._ema_beta = ema_beta(t)
+
+    # ---- one step
+    def autocast(self):
+        if not self.use_bf16:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def _d_input(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        if sigma:
+            x = x + sigma * torch.randn(x.shape, device=x.device, generator=self.rng)
+        if self.cfg.train.diffaug:
+            x = diff_augment(x, self.cfg.train.diffaug, self.rng)
+        return x.contiguous(memory_format=self.mem)
+
+    def step(self, step: int):
+        """One generator update at global step `step` (0-based), preceded by d_steps D updates."""
+        t = self.cfg.train
+        f = lr_factor(step, t) * self.lr_scale
+        for grp in self.opt_g.param_groups:
+            grp["lr"] = t.lr_g * f
+        for grp in self.opt_d.param_groups:
+            grp["lr"] = t.lr_d * f
+        sigma = noise_level(step, t)
+        real_target = 1.0 - t.label_smoothing
+        bs = t.batch_size
+        for k in range(t.d_steps):
+            i = step * t.d_steps + k
+            real = self.batches(i)
+            z = torch.randn(bs, self.cfg.model.nz, device=self.device, generator=self.rng)
+            with self.autocast():
+                fake = self.g_fwd(z)
+                d_real = self.d_fwd(self._d_input(real, sigma))
+                d_fake = self.d_fwd(self._d_input(fake.detach(), sigma))
+                loss_d = losses.d_loss(t.loss, d_real.float(), d_fake.float(), real_target)
+                if t.loss == "wgan-gp" and t.gp_lambda:
+                    loss_d = loss_d + t.gp_lambda * losses.gradient_penalty(self.d_fwd, real, fake, self.rng)
+                if t.r1_gamma and i % t.r1_every == 0:
+                    loss_d = loss_d + 0.5 * t.r1_gamma * t.r1_every * losses.r1_penalty(self.d_fwd, real)
+            self.opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            gn_d = self._clip(self.d, t.clip_norm_d, t.clip_value_d)
+            self.opt_d.step()
+        # G update on the batch's fake images (as the seed does). D's weights are frozen meanwhile:
+        # their gradients would be thrown away, and skipping them saves a third of D's backward.
+        self.d.requires_grad_(False)
+        with self.autocast():
+            d_out = self.d_fwd(self._d_input(fake, sigma))
+            loss_g = losses.g_loss(t.loss, d_out.float())
+        self.opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        self.d.requires_grad_(True)
+        gn_g = self._clip(self.g, t.clip_norm_g, t.clip_value_g)
+        self.opt_g.step()
+        if self.g_ema is not None:
+            self._update_ema()
+        real_won, fake_won = losses.past_margin(t.loss, d_real, d_fake)
+        self.diagnostics.add({
+            "loss_d": loss_d, "loss_g": loss_g, "grad_norm_g": gn_g, "grad_norm_d": gn_d,
+            "d_real": losses.sigmoid_probs(d_real).mean(), "d_fake": losses.sigmoid_probs(d_fake).mean(),
+            "logit_real": d_real.float().mean(), "logit_fake": d_fake.float().mean(),
+            "real_past_margin": real_won, "fake_past_margin": fake_won})
+
+    @staticmethod
+    def _clip(net, max_norm: float, max_value: float) -> torch.Tensor:
+        """Clip as configured and return the total gradient norm before clipping (no host sync)."""
+        params = [p for p in net.parameters() if p.grad is not None]
+        if max_value:
+            torch.nn.utils.clip_grad_value_(params, max_value)
+        if max_norm:
+            return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True).float()
+        norms = torch._foreach_norm([p.grad for p in params])
+        return torch.linalg.vector_norm(torch.stack(norms)).float()
+
+    @torch.no_grad()
+    def _update_ema(self):
+        ps = list(self.g_ema.parameters())
+        torch._foreach_lerp_(ps, [p.detach() for p in self.g.parameters()], 1.0 - self._ema_beta)
+        for be, b in zip(self.g_ema.buffers(), self.g.buffers()):
+            be.copy_(b)
+
+    def pop_diagnostics(self) -> dict:
+        return self.diagnostics.pop()
+
+    def weights_finite(self) -> bool:
+        nets = list(self.g.parameters()) + list(self.d.parameters())
+        return bool(torch.stack([torch.isfinite(p).all() for p in nets]).all())
+
+    # ---- sampling
+    def sampling_generator(self) -> torch.nn.Module:
+        """A copy of the generator that evaluation and export use: the EMA one when EMA is on, with
+        batch-norm statistics prepared as eval.bn_stats says."""
+        g = copy.deepcopy(self.g_ema if self.g_ema is not None else self.g).float()
+        g.to(memory_format=torch.contiguous_format)
+        return prepare_for_sampling(g, self.cfg, self.device)
+
+    # ---- state
+    def state_dict(self) -> dict:
+        return {
+            "g": self.g.state_dict(), "d": self.d.state_dict(),
+            "g_ema": self.g_ema.state_dict() if self.g_ema is not None else None,
+            "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+            "lr_scale": self.lr_scale, "rng": self.rng.get_state(), "diagnostics": self.diagnostics.state_dict(),
+        }
+
+    def load_state_dict(self, s: dict, rng: bool = True):
+        self.g.load_state_dict(s["g"])
+        self.d.load_state_dict(s["d"])
+        if self.g_ema is not None and s.get("g_ema") is not None:
+            self.g_ema.load_state_dict(s["g_ema"])
+        self.opt_g.load_state_dict(s["opt_g"])
+        self.opt_d.load_state_dict(s["opt_d"])
+        self.lr_scale = float(s["lr_scale"])
+        if rng:                        # a resume continues the interval; a rollback starts a new one
+            self.rng.set_state(s["rng"])
+            self.diagnostics.load_state_dict(s.get("diagnostics"))
+        else:
+            self.diagnostics.reset()
+
+    def reseed(self, seed: int):
+        self.rng.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------- RNG states
+
+def global_rng_state() -> dict:
+    """Every global RNG as tensors and plain types, so the checkpoint loads with weights_only."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    out = {"torch": torch.get_rng_state(),
+           "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                     "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+           "python": {"version": py_state[0], "state": torch.tensor(py_state[1], dtype=torch.int64),
+                      "gauss": py_state[2]}}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_global_rng_state(s: dict):
+    torch.set_rng_state(s["torch"])
+    n = s["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = s["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
+    if "cuda" in s and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
