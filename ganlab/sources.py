@@ -49,17 +49,16 @@ def resolve(source: str, experiment: str | None = None, device="cpu"):
 
 
 def _registered(uri: str, device):
+    """A registered `images` pyfunc (see ganlab.serve): its generator.pt is loaded as a torch module."""
     import mlflow
+    from .generator import load_generator
     from .track import set_fluent_uri, tracking_uri
     set_fluent_uri(tracking_uri(config_mod.Config()))
     try:
-        info = mlflow.models.get_model_info(uri)
-        g = mlflow.pytorch.load_model(uri, map_location=device)
+        path = mlflow.artifacts.download_artifacts(f"{uri.rstrip('/')}/artifacts/generator.pt")
     except Exception as e:
         raise SourceError(f"{uri}: cannot load the registered model ({str(e).splitlines()[0][:160]})") from None
-    meta = info.metadata or {}
-    cfg = config_mod.from_dict(config_mod.parse_yaml(meta["ganlab_config"]), uri)
-    return g.to(device), {"step": meta.get("step"), "metrics": {}, "config": cfg, "signature": meta.get("signature")}
+    return load_generator(path, device)
 
 
 def write_samples(source: str, n: int, out: Path, seed: int = 0, experiment=None) -> Path:

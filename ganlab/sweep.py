@@ -13,7 +13,6 @@ under one parent MLflow run, with a summary table at the end.
 from __future__ import annotations
 
 import itertools
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -98,9 +97,10 @@ def run_sweep(path, extra_sets=(), quiet=False, only=()) -> list[dict]:
         if parent is not None:
             with tempfile.TemporaryDirectory() as d:
                 (Path(d) / "sweep_summary.md").write_text(table + "\n")
-                (Path(d) / "sweep_summary.json").write_text(json.dumps(rows, indent=2))
                 client.log_artifact(parent.info.run_id, str(Path(d) / "sweep_summary.md"))
-                client.log_artifact(parent.info.run_id, str(Path(d) / "sweep_summary.json"))
+            # an MLflow table: the UI shows it as a grid, and mlflow.load_table reads it back
+            columns = ["variant", "status", "best", "step", "stopped", "run_id", "run_dir"]
+            mlflow.log_table({c: [r[c] for r in rows] for c in columns}, "sweep_summary.json", run_id=parent.info.run_id)
     finally:
         if parent is not None:
             mlflow.end_run("FINISHED" if all(r["status"] == "ok" for r in rows) and len(rows) == len(cfgs) else "FAILED")

@@ -117,16 +117,12 @@ def open_client(uri: str):
     import mlflow
     if not uri.startswith("sqlite:///"):
         return mlflow.MlflowClient(uri)
-    import fcntl
+    from filelock import FileLock       # portable (fcntl on POSIX, msvcrt on Windows)
     db = Path(uri[len("sqlite:///"):])
     db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            client = mlflow.MlflowClient(uri)
-            client.search_experiments(max_results=1)         # creates / migrates the store
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with FileLock(str(db.with_name(db.name + ".lock"))):
+        client = mlflow.MlflowClient(uri)
+        client.search_experiments(max_results=1)             # creates / migrates the store
     return client
 
 
@@ -161,6 +157,41 @@ def git_info() -> dict:
     return {"git.commit": "unknown", "git.dirty": "unknown"}
 
 
+def _user() -> str:
+    import getpass
+    try:
+        return getpass.getuser()
+    except Exception:                  # no login name (some containers)
+        return "unknown"
+
+
+def header_comment(experiment_file: str) -> str:
+    """The comment block at the top of an experiment file: what the experiment is for, in its
+    author's words."""
+    try:
+        lines = Path(experiment_file).read_text().splitlines() if experiment_file else []
+    except OSError:
+        return ""
+    head = []
+    for ln in lines:
+        if not ln.startswith("#"):
+            break
+        head.append(ln.lstrip("#").strip())
+    return "\n".join(head).strip()
+
+
+NOTE_EVENTS = ("improved", "rollback", "early_stop", "new_period", "finished")
+
+
+def run_note(header: str, run_dir: Path) -> str:
+    """The run's description in the MLflow UI: the experiment's header, then the run's decisions."""
+    decisions = [f"- step {e['step']}: {e['kind']}: {e['detail']}" for e in read_events(run_dir) if e["kind"] in NOTE_EVENTS]
+    parts = [header or "(no header comment in the experiment file)"]
+    if decisions:
+        parts.append("Decisions:\n" + "\n".join(decisions[-50:]))
+    return "\n\n".join(parts)
+
+
 class NullTracker:
     """Tracking off: the same calls, recording nothing beyond the run folder."""
     run_id = None
@@ -192,7 +223,7 @@ class Tracker(NullTracker):
         self.run_id = None
         self.last_step: dict[str, int] = {}      # per metric: steps at or below were logged before a resume
         self.monitor = None
-        self._run_dir = None
+        self._run_dir, self._header, self._exp_id = None, "", None
 
     @classmethod
     def from_config(cls, cfg):
@@ -220,7 +251,17 @@ class Tracker(NullTracker):
         if cfg.tracking.system_metrics:
             self.monitor = _system_monitor(run_id, cfg.tracking.system_metrics_every)
         self._run_dir = Path(run_dir)
+        self._header = header_comment(experiment_file)
+        self.set_tags({"mlflow.note.content": run_note(self._header, self._run_dir)})
+        self._say_where(exp_id)
         return run_id
+
+    def _say_where(self, exp_id=None):
+        """With a tracking server, the run's page in the UI (its runs view), printed for the user."""
+        if self.uri.startswith(("http://", "https://")):
+            self._exp_id = exp_id or self._exp_id
+            print(f"MLflow run: {self.uri.rstrip('/')}/#/experiments/{self._exp_id}/runs/{self.run_id}",
+                  file=sys.stderr, flush=True)
 
     def _create_run(self, exp_id, run_dir, params: dict) -> str:
         label = f"{self.cfg.variant or self.cfg.name}-{dt.datetime.now():%m%d-%H%M%S}"
@@ -245,9 +286,15 @@ class Tracker(NullTracker):
 
     def _tags(self, images, evaluator, device, experiment_file):
         import torch_fidelity
+        git = git_info()
         tags = {"ganlab.experiment_file": experiment_file, "ganlab.device": str(device),
                 "versions.torch": torch.__version__, "versions.torch_fidelity": torch_fidelity.__version__,
-                "versions.mlflow": self.mlflow.__version__, **git_info()}
+                "versions.mlflow": self.mlflow.__version__, **git,
+                # MLflow's own conventions: the UI's Source and User columns read these
+                "mlflow.source.name": experiment_file or "ganlab train", "mlflow.source.type": "LOCAL",
+                "mlflow.user": _user()}
+        if git["git.commit"] != "unknown":
+            tags["mlflow.source.git.commit"] = git["git.commit"]
         if images is not None:
             tags.update({"data.hash": images.content_hash, "data.holdout_size": str(len(images.holdout)),
                          "data.train_size": str(len(images.train)), "data.holdout_hash": images.holdout_hash,
@@ -271,10 +318,13 @@ class Tracker(NullTracker):
                 name = Path(images.source).name
             else:
                 src, name = CodeDatasetSource(tags={"ganlab.data": images.source}), images.source
-            ds = MetaDataset(src, name=name, digest=images.content_hash)
             ent = self.mlflow.entities
-            self._call(self.client.log_inputs, self.run_id, datasets=[ent.DatasetInput(
-                ds._to_mlflow_entity(), tags=[ent.InputTag("mlflow.data.context", "training")])])
+            # the same source, split by path hash: the held-out part is what every metric is measured on
+            inputs = [ent.DatasetInput(MetaDataset(src, name=f"{name}{suffix}", digest=digest)._to_mlflow_entity(),
+                                       tags=[ent.InputTag("mlflow.data.context", context)])
+                      for suffix, digest, context in (("", images.content_hash, "training"),
+                                                      (":held-out", images.holdout_hash, "evaluation"))]
+            self._call(self.client.log_inputs, self.run_id, datasets=inputs)
         except Exception as e:          # lineage is nice to have; never fail a run over it
             log.warning("could not log the dataset input (%s)", e)
 
@@ -314,6 +364,7 @@ class Tracker(NullTracker):
             run_dir = self._run_dir
             if stopped:
                 self._call(self.client.set_tag, self.run_id, "ganlab.stopped", stopped)
+            self.set_tags({"mlflow.note.content": run_note(self._header, run_dir)})
             for name in ("config.yaml", "events.jsonl"):
                 if (run_dir / name).exists():
                     self._call(self.client.log_artifact, self.run_id, str(run_dir / name))
@@ -323,6 +374,7 @@ class Tracker(NullTracker):
             if self.monitor is not None:
                 self.monitor.finish()
             self._call(self.client.set_terminated, self.run_id, status=status)
+            self._say_where()
 
     def _log_generator(self, run_dir: Path):
         for name in ("generator.pt", "generator.safetensors"):
@@ -349,21 +401,26 @@ def _system_monitor(run_id, every: float):
 # --------------------------------------------------------------------------------- model registry
 
 def register_generator(tracker, run_dir: Path):
-    """Log the best generator as an MLflow PyTorch model, register it under the experiment's name, and
-    move the `champion` alias only when it beats the champion under the same evaluation signature."""
+    """Log the best generator twice, at its best step: as an MLflow PyTorch model (pt2, for torch
+    users) and as the `images` pyfunc (count + seed -> RGBA images, for `mlflow models serve`).
+    Register the pyfunc under the experiment's name, and move the `champion` alias only when it beats
+    the champion under the same evaluation signature."""
+    from . import serve
     from .config import metric_mode, to_yaml
     from .generator import load_generator
     mlflow, client, cfg = tracker.mlflow, tracker.client, tracker.cfg
     g, info = load_generator(run_dir / "generator.pt")
-    name = cfg.name
-    metric = cfg.selection.metric
+    name, metric = cfg.name, cfg.selection.metric
     value = info["metrics"].get(metric)
-    with _quiet_logs():
-        model_info = mlflow.pytorch.log_model(
-            g, name="generator", run_id=tracker.run_id, pip_requirements=["torch"],
-            input_example=torch.randn(2, info["config"].model.nz).numpy(), serialization_format="pt2",
-            metadata={"ganlab_config": to_yaml(info["config"]),
-                      "step": info["step"], "signature": info["signature"], metric: value})
+    meta = {"ganlab_config": to_yaml(info["config"]), "step": info["step"], "signature": info["signature"], metric: value}
+    pins = serve.pinned_requirements()
+    with _quiet_logs(), mlflow.start_run(run_id=tracker.run_id, nested=mlflow.active_run() is not None):
+        mlflow.pytorch.log_model(g, name="generator", pip_requirements=pins, step=info["step"], metadata=meta,
+                                 input_example=torch.randn(2, info["config"].model.nz).numpy(), serialization_format="pt2")
+        model_info = mlflow.pyfunc.log_model(
+            name="images", python_model=serve.GeneratorImages(), artifacts={"generator": str(run_dir / "generator.pt")},
+            code_paths=[str(Path(__file__).resolve().parent)], pip_requirements=pins, signature=serve.signature(),
+            metadata=meta, step=info["step"])
     try:
         with_retry(client.create_registered_model, name)
     except Exception:

@@ -202,3 +202,16 @@ def test_batches_are_a_pure_function_of_the_index():
     assert torch.equal(b(7), seq[7]) and torch.equal(b(11), seq[11])
     with pytest.raises(DataError, match="fewer than one batch"):
         data.Batches(u8[:5], 8, 0, "straight", "cpu")
+
+
+def test_host_resident_batches_reach_the_model_device():
+    """data.placement=host keeps the set in host memory; every batch must still arrive on the model's
+    device. 'meta' stands in for a GPU here: a batch left on the CPU would fail the device check."""
+    u8 = torch.randint(0, 256, (40, 4, 8, 8), dtype=torch.uint8)
+    b = data.Batches(u8, 8, seed=0, alpha="straight", device="meta", placement="host")
+    assert b.data.device.type == "cpu" and not b.resident
+    x = b(3)
+    assert x.device.type == "meta" and x.shape == (8, 4, 8, 8)
+    same = data.Batches(u8, 8, seed=0, alpha="straight", device="cpu", placement="host")
+    resident = data.Batches(u8, 8, seed=0, alpha="straight", device="cpu", placement="device")
+    assert torch.equal(same(5), resident(5))                # where the set lives never changes the stream

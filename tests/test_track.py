@@ -29,9 +29,11 @@ def scripted(monkeypatch, values):
     monkeypatch.setattr(evaluate.Evaluator, "metrics_for", lambda self, fake: {"fid": next(it)})
 
 
-def test_run_records_params_tags_metrics_images_artifacts(tracked):
+def test_run_records_params_tags_metrics_images_artifacts(tracked, tmp_path):
     cfg = tracked("tracking.system_metrics=true", "tracking.system_metrics_every=0.5", "train.steps=40")
-    res = train.train(cfg, quiet=True, experiment_file="exp.yaml")
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("# Tiny sprites, to check the tracking.\n# Second line of the header.\nname: exp\n")
+    res = train.train(cfg, quiet=True, experiment_file=str(exp))
     c = mlflow.MlflowClient(tracking_uri(cfg))
     run = c.get_run(res.run_id)
     assert run.info.status == "FINISHED"
@@ -41,6 +43,10 @@ def test_run_records_params_tags_metrics_images_artifacts(tracked):
                 "versions.torch", "versions.torch_fidelity", "versions.mlflow", "ganlab.experiment_file"):
         assert t.get(tag), tag
     assert t["eval.random_features"] == "false"
+    assert t["mlflow.source.name"] == str(exp) and t["mlflow.source.type"] == "LOCAL" and t["mlflow.user"]
+    assert t["mlflow.source.git.commit"] == t["git.commit"]
+    note = t["mlflow.note.content"]
+    assert note.startswith("Tiny sprites, to check the tracking.\nSecond line") and "improved" in note and "finished" in note
     for k in ("loss_d", "loss_g", "d_real", "d_fake", "grad_norm_g", "grad_norm_d", "lr_g", "img_per_s",
               "fid", "fid_alpha", "isc", "kid", "eval_seconds", "best_fid", "best_step", "rollbacks", "stopped_early"):
         assert k in m, k
@@ -50,7 +56,8 @@ def test_run_records_params_tags_metrics_images_artifacts(tracked):
     arts = {a.path for a in c.list_artifacts(res.run_id)}
     assert {"config.yaml", "events.jsonl", "model"} <= arts
     assert any(a.path.startswith("images/samples") for a in c.list_artifacts(res.run_id, "images"))
-    assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.digest == t["data.hash"]
+    contexts = {i.tags[0].value: i.dataset.digest for i in run.inputs.dataset_inputs}
+    assert contexts == {"training": t["data.hash"], "evaluation": t["data.holdout_hash"]}
     assert any(k.startswith("system/") for k in m)
 
 
@@ -120,6 +127,10 @@ def test_two_variant_sweep(tmp_path, script_extractor, capsys):
     assert len(parents) == 1 and len(children) == 3
     assert sorted(r.info.status for r in children) == ["FAILED", "FINISHED", "FINISHED"]
     assert {a.path for a in c.list_artifacts(parents[0].info.run_id)} >= {"sweep_summary.md", "sweep_summary.json"}
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    mlflow.set_experiment("sw")
+    table = mlflow.load_table("sweep_summary.json", run_ids=[parents[0].info.run_id])      # an MLflow table
+    assert list(table["variant"]) == ["plain", "clipped", "broken"] and list(table["status"]) == ["ok", "ok", "failed"]
 
 
 def free_port() -> int:
@@ -129,7 +140,7 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_real_mlflow_server_over_http(tracked, tmp_path):
+def test_real_mlflow_server_over_http(tracked, tmp_path, capfd):
     port = free_port()
     env = dict(os.environ, MLFLOW_ALLOW_FILE_STORE="true")
     server = subprocess.Popen(
@@ -152,6 +163,9 @@ def test_real_mlflow_server_over_http(tracked, tmp_path):
                     raise RuntimeError("mlflow server did not start")
                 time.sleep(1)
         res = train.train(tracked(f"tracking.uri={uri}"), quiet=True)
+        where = f"{uri}/#/experiments/"
+        printed = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("MLflow run: " + where)]
+        assert len(printed) == 2 and printed[0].endswith(f"/runs/{res.run_id}")        # at the start and the end
         c = mlflow.MlflowClient(uri)
         run = c.get_run(res.run_id)
         assert run.data.params["train.steps"] == "24"
@@ -164,3 +178,56 @@ def test_real_mlflow_server_over_http(tracked, tmp_path):
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_registered_generator_serves_rgba_images(tracked, tmp_path):
+    """A real `mlflow models serve --env-manager local` of the champion: one request, one response."""
+    import base64
+    import io
+    import urllib.request
+    from PIL import Image
+    cfg = tracked("tracking.register_model=true", "train.steps=8")
+    res = train.train(cfg, quiet=True)
+    uri = tracking_uri(cfg)
+    c = mlflow.MlflowClient(uri)
+    champ = c.get_model_version_by_alias("exp", "champion")
+    assert champ.run_id == res.run_id
+    mlflow.set_tracking_uri(uri)
+    models = {m.name: m for m in mlflow.search_logged_models(
+        experiment_ids=[c.get_run(res.run_id).info.experiment_id], output_format="list")}
+    assert {"images", "generator"} <= set(models) and models["images"].source_run_id == res.run_id
+    linked = {(m.key, m.step) for m in models["images"].metrics}          # logged at the best step
+    assert ("fid", res.best_step) in linked and {s for _, s in linked} == {res.best_step}
+    reqs = Path(mlflow.artifacts.download_artifacts(f"models:/exp@champion/requirements.txt", tracking_uri=uri)).read_text()
+    from importlib.metadata import version
+    assert f"torch=={version('torch')}" in reqs.splitlines()                         # pinned, not bare
+    port = free_port()
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri)
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/exp@champion",
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    try:
+        body = json.dumps({"dataframe_records": [{"count": 3, "seed": 7, "format": "png"},
+                                                 {"count": 1, "seed": 7, "format": "array"}]}).encode()
+        deadline, reply = time.time() + 180, None
+        while reply is None:
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                             headers={"Content-Type": "application/json"})
+                reply = json.loads(urllib.request.urlopen(req, timeout=30).read())     # loopback only
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise RuntimeError("mlflow models serve did not answer")
+                time.sleep(1)
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+    pred = reply["predictions"]
+    assert len(pred) == 4 and [p["request"] for p in pred] == [0, 0, 0, 1]
+    im = Image.open(io.BytesIO(base64.b64decode(pred[0]["png"])))
+    assert im.mode == "RGBA" and im.size == (32, 32)
+    import numpy as np
+    arr = np.array(pred[3]["rgba"], dtype=np.uint8)
+    assert arr.shape == (32, 32, 4)
+    assert np.array_equal(arr, np.array(im))          # same seed, same first image, whichever format

@@ -4,31 +4,51 @@ import torch
 from ganlab import checkpoint, generator, train, trainer
 from ganlab.track import read_events
 
+BASE = ["train.loss=bce", "train.channels_last=false"]
+# Each option at a value that binds on the tiny nets (a clip of 100 would never bite).
 STABILISERS = [
-    ["train.loss=bce"], ["train.loss=hinge"], ["train.loss=lsgan"], ["train.loss=wgan-gp", "model.d_norm=none"],
-    ["train.clip_norm_g=1.0", "train.clip_norm_d=1.0"], ["train.clip_value_g=100", "train.clip_value_d=100"],
+    ["train.loss=hinge"], ["train.loss=lsgan"], ["train.loss=wgan-gp", "model.d_norm=none"],
+    ["train.clip_norm_g=0.001", "train.clip_norm_d=0.001"], ["train.clip_value_g=0.00001", "train.clip_value_d=0.00001"],
     ["train.instance_noise=0.1", "train.instance_noise_anneal=10"], ["train.label_smoothing=0.1"],
-    ["train.r1_gamma=1.0", "train.r1_every=2"], ["train.lr_d=0.0004", "train.d_steps=2"],
+    ["train.r1_gamma=1.0", "train.r1_every=2"], ["train.d_steps=2"], ["train.lr_d=0.0004"],
     ["train.ema_halflife=100"], ["train.diffaug=translation,cutout,color"], ["train.precision=bf16"],
-    ["train.channels_last=true"], ["model.spectral_norm=true", "model.d_norm=none"],
-    ["model.init=kaiming"], ["train.lr_schedule=cosine", "train.lr_warmup=2"],
+    ["model.spectral_norm=true", "model.d_norm=none"], ["model.spectral_norm_g=true"],
+    ["model.init=kaiming"], ["train.lr_schedule=cosine", "train.lr_warmup=2"], ["train.beta1=0.0"],
 ]
 
 
-@pytest.mark.parametrize("sets", STABILISERS, ids=lambda s: ",".join(s))
-def test_each_loss_and_stabiliser_runs_a_step(tiny_cfg, sets):
-    cfg = tiny_cfg(*sets)
+def two_steps(cfg):
     from ganlab import data
-    images = data.load_images(cfg.data)
-    tr = trainer.Trainer(cfg, images.train, torch.device("cpu"))
-    before = [p.detach().clone() for p in tr.g.parameters()]
+    tr = trainer.Trainer(cfg, data.load_images(cfg.data).train, torch.device("cpu"))
     for s in range(2):
         tr.step(s)
+    return tr
+
+
+def result(tr) -> list:
+    """What a step leaves behind: the generator that would be sampled, and D."""
+    g = tr.g_ema if tr.g_ema is not None else tr.g
+    return [p.detach().clone() for p in list(g.state_dict().values()) + list(tr.d.state_dict().values())]
+
+
+@pytest.mark.parametrize("sets", STABILISERS, ids=lambda s: ",".join(s))
+def test_each_loss_and_stabiliser_changes_the_step(tiny_cfg, sets):
+    """Every option runs, stays finite, and changes what the step computes: an option that was
+    silently ignored would leave the result equal to the base recipe's."""
+    if "train.precision=bf16" in sets and not trainer.bf16_supported(torch.device("cpu")):
+        pytest.skip("this CPU has no native bf16: the option falls back to fp32 (with a warning)")
+    base = result(two_steps(tiny_cfg(*BASE)))
+    tr = two_steps(tiny_cfg(*BASE, *sets))
     diag = tr.pop_diagnostics()
     assert all(torch.isfinite(torch.tensor(v)) for v in diag.values())
-    assert any(not torch.equal(a, b) for a, b in zip(before, tr.g.parameters()))
-    if "train.clip_norm_d=1.0" in sets:
-        pass  # the reported norm is the pre-clip norm; clipping itself is torch's
+    mine = result(tr)
+    assert len(mine) != len(base) or any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(mine, base))
+
+
+def test_channels_last_keeps_the_math(tiny_cfg):
+    a = result(two_steps(tiny_cfg(*BASE)))
+    b = result(two_steps(tiny_cfg("train.loss=bce", "train.channels_last=true")))
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(a, b))
 
 
 def test_diffaug_colour_never_touches_alpha():
@@ -41,14 +61,30 @@ def test_diffaug_colour_never_touches_alpha():
 def test_train_run_folder_and_generator(tiny_cfg):
     res = train.train(tiny_cfg(), quiet=True)
     d = res.run_dir
-    for name in ("config.yaml", "last.pt", "best.pt", "generator.pt", "events.jsonl"):
+    for name in ("config.yaml", "start.pt", "last.pt", "best.pt", "generator.pt", "generator.safetensors", "events.jsonl"):
         assert (d / name).exists(), name
     kinds = [e["kind"] for e in read_events(d)]
     assert kinds[0] == "start" and kinds[-1] == "finished" and "improved" in kinds
     assert res.stopped == "finished" and res.step == 24
     assert list((d / "samples").glob("step_*.png"))
     g, info = generator.load_generator(d / "generator.pt")
-    assert g(torch.randn(2, 16)).shape == (2, 4, 32, 32)
+    g2, info2 = generator.load_generator(d / "generator.safetensors")
+    z = torch.randn(2, 16)
+    assert g(z).shape == (2, 4, 32, 32) and torch.equal(g(z), g2(z))
+    assert info2["step"] == info["step"] and info2["metrics"] == info["metrics"]
+
+
+def test_diagnostics_are_named_and_read_once_per_interval(tiny_cfg):
+    from ganlab import data
+    cfg = tiny_cfg("train.loss=hinge")
+    tr = trainer.Trainer(cfg, data.load_images(cfg.data).train, torch.device("cpu"))
+    for s in range(3):
+        tr.step(s)
+    d = tr.pop_diagnostics()
+    assert set(trainer.DIAGNOSTICS) <= set(d) and {"loss_g_max", "critic_gap"} <= set(d)
+    assert 0 <= d["real_past_margin"] <= 1 and d["loss_g_max"] >= d["loss_g"]
+    assert d["critic_gap"] == pytest.approx(d["logit_real"] - d["logit_fake"])
+    assert tr.pop_diagnostics()["loss_d"] == 0.0          # popped: the next interval starts empty
 
 
 def test_checkpoint_round_trip(tiny_cfg, tmp_path):
@@ -71,13 +107,20 @@ def _weights(run_dir):
 
 
 @pytest.mark.parametrize("extra", [[], ["train.ema_halflife=200", "train.instance_noise=0.1", "train.diffaug=translation"]])
-def test_exact_resume(tiny_cfg, tmp_path, extra):
-    """2N steps straight == N steps, resume, N steps: identical weights, optimiser and EMA."""
+def test_exact_resume(tiny_cfg, tmp_path, monkeypatch, extra):
+    """2N steps straight == N steps, resume, N steps: identical weights, optimiser and EMA; and the
+    resume really continues (a restart from step 0 would also end identical, as training is a pure
+    function of the step: so count the steps that run after the resume)."""
     cfg = tiny_cfg("train.steps=16", "train.checkpoint_every=100", *extra)
     straight = train.train(cfg, run_dir=tmp_path / "a", quiet=True)
     half = train.train(cfg, run_dir=tmp_path / "b", quiet=True, stop_at=8)
     assert half.step == 8 and half.stopped == "paused"
+    ran = []
+    orig = trainer.Trainer.step
+    monkeypatch.setattr(trainer.Trainer, "step", lambda self, s: (ran.append(s), orig(self, s))[1])
     resumed = train.train(cfg, run_dir=tmp_path / "b", resume=True, quiet=True)
+    assert ran == list(range(8, 16))
+    assert [e["step"] for e in read_events(resumed.run_dir) if e["kind"] == "resume"] == [8]
     assert resumed.step == 16
     a, b = _weights(straight.run_dir), _weights(resumed.run_dir)
     for k in ("g", "d", "g_ema"):
@@ -89,6 +132,25 @@ def test_exact_resume(tiny_cfg, tmp_path, extra):
     ea = [(e["step"], e["kind"]) for e in read_events(straight.run_dir) if e["kind"] in ("improved", "eval")]
     eb = [(e["step"], e["kind"]) for e in read_events(resumed.run_dir) if e["kind"] in ("improved", "eval")]
     assert ea == eb
+
+
+def test_held_out_images_never_reach_training(tiny_cfg, monkeypatch):
+    """Every batch the trainer draws comes from the training split: none is a held-out image."""
+    from ganlab import data
+    drawn = []
+    orig = data.Batches.__call__
+    def spy(self, i):
+        idx_batch = orig(self, i)
+        drawn.append(idx_batch)
+        return idx_batch
+    monkeypatch.setattr(data.Batches, "__call__", spy)
+    cfg = tiny_cfg("train.steps=20", "eval.every=0")
+    images = data.load_images(cfg.data)
+    held = {bytes(data.to_model_space(h[None], cfg.data.alpha).numpy().tobytes()) for h in images.holdout}
+    train.train(cfg, quiet=True)
+    seen = {bytes(x[None].numpy().tobytes()) for b in drawn for x in b}
+    assert len(drawn) == 20 and len(seen) > 100
+    assert not (seen & held)
 
 
 def test_corrupt_file_in_data_does_not_stop_training(tiny_cfg, tmp_path):
