@@ -1,4 +1,4 @@
-"""`ganlab train | sample | eval | best | sweep | bench`: parse, call, print.
+"""`ganlab train | sample | eval | best | sweep | report | bench`: parse, call, print.
 
 User mistakes (bad config, unusable data, missing weights, damaged checkpoints) end with one line
 on stderr and exit status 2, never a traceback.
@@ -95,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--only", action="append", default=[], help="run only these variants")
     w.set_defaults(func=cmd_sweep)
 
+    r = sub.add_parser("report", help="an HTML page of one run, or one comparing several",
+                       description="RUN: run folders. One run: curves, metric, sample grids, config diff. "
+                                   "Several: their metric curves overlaid and each best grid.")
+    r.add_argument("runs", nargs="+")
+    r.add_argument("--out", help="output folder (default RUN/report, or ./report for several runs)")
+    r.set_defaults(func=cmd_report)
+
     n = sub.add_parser("bench", help="benchmark ganlab against the seed loop",
                        description="Training speed of the seed loop, ganlab's seed_baseline and recommended configs, "
                                    "evaluation and tracking cost, measured side by side in one process.")
@@ -165,6 +172,12 @@ def cmd_best(args):
 def cmd_sweep(args):
     from . import sweep
     sweep.run_sweep(args.sweep, args.set, quiet=args.quiet, only=args.only)
+
+
+def cmd_report(args):
+    from . import report
+    page = report.write_report([Path(r) for r in args.runs], Path(args.out) if args.out else None)
+    print(f"report: {page}")
 
 
 def cmd_bench(args):

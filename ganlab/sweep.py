@@ -101,6 +101,7 @@ def run_sweep(path, extra_sets=(), quiet=False, only=()) -> list[dict]:
             # an MLflow table: the UI shows it as a grid, and mlflow.load_table reads it back
             columns = ["variant", "status", "best", "step", "stopped", "run_id", "run_dir"]
             mlflow.log_table({c: [r[c] for r in rows] for c in columns}, "sweep_summary.json", run_id=parent.info.run_id)
+            _log_comparison(client, parent.info.run_id, [Path(r["run_dir"]) for r in rows if r["run_dir"]])
     finally:
         if parent is not None:
             mlflow.end_run("FINISHED" if all(r["status"] == "ok" for r in rows) and len(rows) == len(cfgs) else "FAILED")
@@ -129,6 +130,19 @@ def _run_variant(label: str, cfg, quiet: bool, sweep_file) -> dict:
         row["stopped"] = f"{e.__class__.__name__}: {e}"
         print(f"variant {label} failed: {row['stopped']}", file=sys.stderr)
     return row
+
+
+def _log_comparison(client, run_id: str, run_dirs: list[Path]):
+    """One report page comparing the variants, logged to the sweep's parent run."""
+    from .report import write_report
+    if not run_dirs:
+        return
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            page = write_report(run_dirs, Path(d) / "report")
+            client.log_artifacts(run_id, str(page.parent), "report")
+    except Exception as e:              # the variants' own results are safe
+        print(f"could not write the sweep report ({e})", file=sys.stderr)
 
 
 def format_table(rows, metric) -> str:

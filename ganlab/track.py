@@ -51,20 +51,30 @@ def _safe(s: str) -> str:
 
 # ------------------------------------------------------------------------------------------ events
 
-class Events:
-    """One JSON object per decision in events.jsonl, and one readable line in the log. On resume,
-    lines after the checkpoint's step are dropped: the resumed run re-emits them identically."""
+class JsonLines:
+    """An append-only file of one JSON object per line, each with a "step". On resume, lines after
+    the checkpoint's step are dropped: the resumed run writes them again, identically."""
 
-    def __init__(self, path: Path, quiet: bool = False, resume_step: int | None = None):
-        self.path, self.quiet = Path(path), quiet
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = Path(path)
         if resume_step is not None and self.path.exists():
             keep = [ln for ln in self.path.read_text().splitlines() if _step_of(ln) <= resume_step]
             self.path.write_text("".join(ln + "\n" for ln in keep))
 
-    def emit(self, step: int, kind: str, detail: str, **extra):
-        rec = {"step": step, "kind": kind, "detail": detail, "time": time.time(), **_plain(extra)}
+    def write(self, rec: dict):
         with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+            f.write(json.dumps(_plain(rec)) + "\n")
+
+
+class Events(JsonLines):
+    """One JSON object per decision in events.jsonl, and one readable line in the log."""
+
+    def __init__(self, path: Path, quiet: bool = False, resume_step: int | None = None):
+        super().__init__(path, resume_step)
+        self.quiet = quiet
+
+    def emit(self, step: int, kind: str, detail: str, **extra):
+        self.write({"step": step, "kind": kind, "detail": detail, "time": time.time(), **extra})
         if not self.quiet or kind in ("error", "rollback", "early_stop", "collapse_signal", "finished"):
             print(f"\n[{kind}] step {step}: {detail}" if not self.quiet else f"[{kind}] step {step}: {detail}",
                   file=sys.stderr, flush=True)
@@ -81,8 +91,8 @@ def _plain(d: dict) -> dict:
     return {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in d.items()}
 
 
-def read_events(run_dir: Path) -> list[dict]:
-    p = Path(run_dir) / "events.jsonl"
+def read_events(run_dir: Path, name: str = "events.jsonl") -> list[dict]:
+    p = Path(run_dir) / name
     return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()] if p.exists() else []
 
 
@@ -365,9 +375,11 @@ class Tracker(NullTracker):
             if stopped:
                 self._call(self.client.set_tag, self.run_id, "ganlab.stopped", stopped)
             self.set_tags({"mlflow.note.content": run_note(self._header, run_dir)})
-            for name in ("config.yaml", "events.jsonl"):
+            for name in ("config.yaml", "events.jsonl", "metrics.jsonl"):
                 if (run_dir / name).exists():
                     self._call(self.client.log_artifact, self.run_id, str(run_dir / name))
+            if final and status == "FINISHED":
+                self._log_report(run_dir)
             if final and status == "FINISHED" and (run_dir / "generator.pt").exists():
                 self._log_generator(run_dir)
         finally:
@@ -375,6 +387,14 @@ class Tracker(NullTracker):
                 self.monitor.finish()
             self._call(self.client.set_terminated, self.run_id, status=status)
             self._say_where()
+
+    def _log_report(self, run_dir: Path):
+        from .report import write_report
+        try:
+            page = write_report([run_dir])
+            self._call(self.client.log_artifacts, self.run_id, str(page.parent), "report")
+        except Exception as e:          # the run's results are safe; say what failed
+            log.warning("could not write or log the run report (%s)", e)
 
     def _log_generator(self, run_dir: Path):
         for name in ("generator.pt", "generator.safetensors"):

@@ -132,6 +132,7 @@ class Run:
         (self.run_dir / "config.yaml").write_text(config_mod.to_yaml(self.cfg))
         self.events = track.Events(self.run_dir / "events.jsonl", quiet=self.quiet,
                                    resume_step=self.step if resume else None)
+        self.curves = track.JsonLines(self.run_dir / "metrics.jsonl", resume_step=self.step if resume else None)
         self.run_id = self.tracker.start(self.run_dir, images=self.images, evaluator=self.evaluator,
                                          device=self.device, run_id=self.run_id, experiment_file=experiment_file)
         if not resume:                 # what a collapse goes back to before there is a best
@@ -141,7 +142,8 @@ class Run:
                          f"{self.images.describe()}; device {self.device}{' bf16' if tr.use_bf16 else ''}; "
                          f"G {models.count_params(tr.g):,} / D {models.count_params(tr.d):,} params; eval "
                          f"{ev.extractor['name']} signature {ev.signature_hash}; run folder {self.run_dir}",
-                         device=str(self.device), n_train=len(self.images.train), n_holdout=len(self.images.holdout))
+                         device=str(self.device), n_train=len(self.images.train), n_holdout=len(self.images.holdout),
+                         experiment_file=str(Path(experiment_file).resolve()) if experiment_file else "")
         if changed:
             self.events.emit(self.step, "new_period", f"evaluation signature changed ({changed}): selection period "
                              f"{self.selector.state.period} starts; best and patience start again",
@@ -179,6 +181,7 @@ class Run:
         diag["img_per_s"] = t.log_every * t.batch_size / max(now - self.t_log, 1e-9)
         diag["lr_g"], diag["lr_d"] = (o.param_groups[0]["lr"] for o in (self.trainer.opt_g, self.trainer.opt_d))
         self.t_log = now
+        self.curves.write({"step": self.step, **diag})
         self.tracker.log_metrics(diag, self.step)
         self.progress.update(self.step, diag, diag["img_per_s"])
         self.act(self.selector.on_diagnostics(self.step, diag), stop_kind="collapse")
@@ -201,6 +204,7 @@ class Run:
         grid = evaluate.save_grid(self.evaluator.last_images[:64], self.run_dir / "samples" / f"step_{s:07d}.png")
         self.tracker.log_samples(grid, s)              # before the metrics: a resume keys on them
         self.tracker.log_metrics(m, s)
+        self.curves.write({"step": s, **m})
         before = self.selector.state_dict()
         dec = self.selector.on_eval(s, m, finite_weights=self.trainer.weights_finite())
         if dec.improved and not self._save_best(g, m):

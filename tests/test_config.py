@@ -100,3 +100,16 @@ def test_stabilizers_sweep_variants_all_load():
         c = config.load(exp, ov + [f"variant={label}"])
         assert c.name == "stabilizers" and c.selection.on_collapse == "ignore"
     assert variants[-1][1].name == "recommended.yaml"
+
+
+@pytest.mark.parametrize("text,value", [("1e-4", 1e-4), ("1E-4", 1e-4), ("2.5e+3", 2500.0), (".5", 0.5),
+                                        ("2.5e3", 2500.0), ("-3e-2", -0.03), ("+1e0", 1.0)])
+def test_every_float_form_parses_in_set_and_in_files(tmp_path, text, value):
+    assert config.load(None, [f"train.lr_d={text}"]).train.lr_d == value
+    p = tmp_path / "e.yaml"
+    p.write_text(f"train: {{lr_g: {text}}}\n")
+    assert config.load(p).train.lr_g == value
+
+
+def test_strings_that_only_look_numeric_stay_strings():
+    assert config.load(None, ["name=1e4run", "variant=e5"]).name == "1e4run"
