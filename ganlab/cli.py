@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(best and patience start again) instead of refusing")
     t.set_defaults(func=cmd_train)
 
+    _generator_commands(sub)
+    _run_commands(sub)
+    return p
+
+
+def _generator_commands(sub):
+    """sample, eval, best: what reads a generator or the tracking store."""
     s = sub.add_parser("sample", help="write PNGs from a generator",
                        description="SOURCE: a checkpoint (.pt), a run folder, a run id, 'best' (the best run of the "
                                    "latest experiment) or models:/NAME@champion. Writes straight-alpha RGBA PNGs and "
@@ -86,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_best)
 
+
+def _run_commands(sub):
+    """sweep, report, bench: what runs or reads several runs."""
     w = sub.add_parser("sweep", help="run a base experiment with a list or grid of overrides",
                        description="SWEEP.yaml: {base: EXPERIMENT.yaml, name?: str, variants: {label: {key: value}}} "
                                    "or grid: {key: [values]}. One parent MLflow run, a child per variant.")
@@ -113,7 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--skip", action="append", default=[], help="skip a contender (seed, baseline, baseline-bf16, recommended-bf16, "
                                                                  "recommended, eval, tracking)")
     n.set_defaults(func=cmd_bench)
-    return p
 
 
 # ----------------------------------------------------------------------------------------- commands

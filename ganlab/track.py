@@ -218,6 +218,9 @@ class NullTracker:
     def set_tags(self, tags: dict):
         pass
 
+    def log_artifacts(self, folder: Path, artifact_path: str):
+        pass
+
     def finish(self, status: str, summary: dict, step: int = 0, stopped: str = "", final: bool = True):
         pass
 
@@ -378,8 +381,6 @@ class Tracker(NullTracker):
             for name in ("config.yaml", "events.jsonl", "metrics.jsonl"):
                 if (run_dir / name).exists():
                     self._call(self.client.log_artifact, self.run_id, str(run_dir / name))
-            if final and status == "FINISHED":
-                self._log_report(run_dir)
             if final and status == "FINISHED" and (run_dir / "generator.pt").exists():
                 self._log_generator(run_dir)
         finally:
@@ -388,13 +389,8 @@ class Tracker(NullTracker):
             self._call(self.client.set_terminated, self.run_id, status=status)
             self._say_where()
 
-    def _log_report(self, run_dir: Path):
-        from .report import write_report
-        try:
-            page = write_report([run_dir])
-            self._call(self.client.log_artifacts, self.run_id, str(page.parent), "report")
-        except Exception as e:          # the run's results are safe; say what failed
-            log.warning("could not write or log the run report (%s)", e)
+    def log_artifacts(self, folder: Path, artifact_path: str):
+        self._call(self.client.log_artifacts, self.run_id, str(folder), artifact_path)
 
     def _log_generator(self, run_dir: Path):
         for name in ("generator.pt", "generator.safetensors"):

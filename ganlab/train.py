@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, config as config_mod, data, evaluate, models, select, track
+from . import checkpoint, config as config_mod, data, evaluate, models, report, select, track
 from .generator import export_generator
 from .trainer import Trainer, global_rng_state, pick_device, set_global_rng_state
 
@@ -291,8 +291,19 @@ class Run:
                              f"{best} at step {sel.best_step}; rollbacks {sel.rollbacks}; eval took {ev.seconds:.0f}s "
                              f"({100 * ev.seconds / max(time.time() - self.t_start, 1e-9):.0f}% of wall time); "
                              f"generator: {self.run_dir / 'generator.pt'}", stopped=reason)
+        if reason != "paused" and self.tracker.run_id is not None:
+            self._log_report()
         self.tracker.finish("FINISHED", sel.summary(), step=self.step, stopped=reason, final=reason != "paused")
         return RunResult(self.run_dir, self.step, sel.best, sel.best_step, reason, sel.rollbacks, self.run_id)
+
+
+    def _log_report(self):
+        """report/report.html in the run folder, logged to the MLflow run."""
+        try:
+            page = report.write_report([self.run_dir])
+            self.tracker.log_artifacts(page.parent, "report")
+        except Exception as e:          # the run's results are safe; say what failed
+            log.warning("could not write or log the run report (%s)", e)
 
 
 def signature_change(state: dict, evaluator) -> str:

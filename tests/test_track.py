@@ -199,7 +199,7 @@ def test_registered_generator_serves_rgba_images(tracked, tmp_path):
     assert {"images", "generator"} <= set(models) and models["images"].source_run_id == res.run_id
     linked = {(m.key, m.step) for m in models["images"].metrics}          # logged at the best step
     assert ("fid", res.best_step) in linked and {s for _, s in linked} == {res.best_step}
-    reqs = Path(mlflow.artifacts.download_artifacts(f"models:/exp@champion/requirements.txt", tracking_uri=uri)).read_text()
+    reqs = Path(mlflow.artifacts.download_artifacts("models:/exp@champion/requirements.txt", tracking_uri=uri)).read_text()
     from importlib.metadata import version
     assert f"torch=={version('torch')}" in reqs.splitlines()                         # pinned, not bare
     port = free_port()
