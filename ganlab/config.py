@@ -32,9 +32,10 @@ class ConfigError(UserError):
     """A mistake in an experiment file or override."""
 
 
-def _f(default, doc, choices=None, lo=None, hi=None, lo_open=False):
-    """A schema field: its default, a one-line doc, and what values are allowed."""
-    meta = {"doc": doc, "choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open}
+def _f(default, doc, choices=None, lo=None, hi=None, lo_open=False, words=()):
+    """A schema field: its default, a one-line doc, and what values are allowed (`words`: strings a
+    number field also takes, e.g. auto)."""
+    meta = {"doc": doc, "choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open, "words": words}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -118,7 +119,8 @@ class EvalConfig:
 class SelectionConfig:
     metric: str = _f("fid", "metric that picks the best checkpoint (one that eval computes)", choices=metrics_mod.SELECTABLE)
     mode: str = _f("auto", "min or max; auto takes the metric's direction (ganlab/metrics.py)", choices=["auto", "min", "max"])
-    min_delta: float = _f(0.0, "improvement smaller than this does not count", lo=0.0)
+    min_delta: float = _f(0.0, "improvement smaller than this does not count; auto = the metric's measured noise band", lo=0.0, words=("auto",))
+    keep_top: int = _f(3, "keep the K best checkpoints; at the end re-evaluate them (fresh latents, 2x samples) and hand over the winner (1 = off)", lo=1)
     patience: int = _f(0, "evaluations without improvement before stopping (0 = never)", lo=0)
     on_collapse: str = _f("rollback", "what a collapse signal does", choices=["rollback", "stop", "ignore"])
     collapse_factor: float = _f(2.0, "an evaluation this many times worse than the best is a bad one", lo=1.0)
@@ -318,6 +320,8 @@ def _build(cls, raw: dict, src: str, prefix: str):
 
 def _check_value(key: str, hint, meta: dict, value, src: str):
     where = f"{src}: key '{key}'"
+    if isinstance(value, str) and value in meta.get("words", ()):
+        return value
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where} must be true or false, got {value!r}")
@@ -326,7 +330,8 @@ def _check_value(key: str, hint, meta: dict, value, src: str):
             raise ConfigError(f"{where} must be an integer, got {value!r}")
     elif hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
+            also = "".join(f" or {w}" for w in meta.get("words", ()))
+            raise ConfigError(f"{where} must be a number{also}, got {value!r}")
         value = float(value)
         if value != value or value in (float("inf"), float("-inf")):
             raise ConfigError(f"{where} must be a finite number, got {value!r}")
@@ -408,7 +413,7 @@ def _range_text(m) -> str:
     if lo is None and hi is None:
         return ""
     left = ("> " if m.get("lo_open") else ">= ") + str(lo) if lo is not None else ""
-    return left + (f", <= {hi}" if hi is not None else "")
+    return left + (f", <= {hi}" if hi is not None else "") + "".join(f", or {w}" for w in m.get("words", ()))
 
 
 def metric_mode(cfg: Config) -> str:

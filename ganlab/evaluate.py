@@ -328,6 +328,17 @@ class Evaluator:
         self.seconds += metrics["eval_seconds"]
         return metrics
 
+    def with_fresh_latents(self, g: nn.Module, seed: int, num_samples: int | None = None) -> dict:
+        """Metrics of g on other latents (another seed, optionally more samples), for the noise band
+        and the final re-evaluation of the top checkpoints. The run's fixed latents stay as they are."""
+        t0 = time.time()
+        n = num_samples or self.cfg.eval.num_samples
+        z = torch.randn(n, self.cfg.model.nz, generator=torch.Generator().manual_seed(seed))
+        bs = max(self.cfg.eval.batch_size, 256) if self.device.type != "cpu" else self.cfg.eval.batch_size
+        metrics = self.metrics_for(generate(g, z, self.cfg.data.alpha, self.device, bs))
+        self.seconds += time.time() - t0
+        return metrics
+
     def metrics_for(self, fake_u8: torch.Tensor) -> dict:
         """Metrics of straight-RGBA uint8 images against the held-out set (real side cached), named
         as in ganlab/metrics.py."""

@@ -34,7 +34,7 @@ def generate(g: nn.Module, latents: torch.Tensor, alpha: str, device, batch_size
     return torch.cat(out)
 
 
-def export_generator(path: Path, g: nn.Module, cfg, step: int, metrics: dict, signature: str):
+def export_generator(path: Path, g: nn.Module, cfg, step: int, metrics: dict, signature: str, safetensors: bool = True):
     """The generator a run hands over: sampling-ready weights (EMA, batch-norm prepared), its step and
     metrics, and what is needed to rebuild it. Loads with weights_only. A safetensors copy of the
     weights (with the same facts as string metadata) is written beside it for other tools."""
@@ -43,7 +43,8 @@ def export_generator(path: Path, g: nn.Module, cfg, step: int, metrics: dict, si
     state = {"kind": "ganlab-generator", "step": step, "metrics": metrics, "signature": signature,
              "config": config_mod.to_yaml(cfg), "state_dict": weights, "bn_train_mode": cfg.eval.bn_stats == "batch"}
     checkpoint.save(path, state)
-    _write_safetensors(path.with_suffix(".safetensors"), weights, state)
+    if safetensors:
+        _write_safetensors(path.with_suffix(".safetensors"), weights, state)
 
 
 def _write_safetensors(path: Path, weights: dict, state: dict):

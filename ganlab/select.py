@@ -37,6 +37,8 @@ class Decision:
     improved: bool = False
     stop: str = ""                     # why the run must end ("" = carry on)
     rollback: str = ""                 # why the run must go back to its best (or first) state ("" = no)
+    keep: bool = False                 # this evaluation entered the top keep_top: keep its generator
+    drop: list = field(default_factory=list)     # steps that left the top keep_top: their generators can go
     events: list = field(default_factory=list)   # (kind, detail, extra dict)
 
 
@@ -52,6 +54,8 @@ class SelectorState:
     critic_gap: list = field(default_factory=list)     # critic gap of recent healthy intervals
     rollbacks: int = 0
     period: int = 0                    # selection periods: a new one starts when the signature changes
+    noise_band: float | None = None    # min_delta: auto, once measured for this period's signature
+    top: list = field(default_factory=list)      # [value, step] of the keep_top best evaluations, best first
 
 
 def robust_z(value: float, history: list) -> float:
@@ -100,12 +104,38 @@ class Selector:
         return {f"best_{self.config.metric}": self.state.best, "best_step": self.state.best_step,
                 "rollbacks": self.state.rollbacks}
 
+    @property
+    def min_delta(self) -> float:
+        """selection.min_delta, or with `auto` the measured noise band (0 until it is measured)."""
+        d = self.config.min_delta
+        return (self.state.noise_band or 0.0) if d == "auto" else d
+
+    def needs_noise_band(self) -> bool:
+        return self.config.min_delta == "auto" and self.state.noise_band is None
+
+    def set_noise_band(self, band: float):
+        self.state.noise_band = float(band)
+
     # ---- evaluations
     def better(self, value: float, than: float | None) -> bool:
         if than is None:
             return True
-        d = self.config.min_delta
+        d = self.min_delta
         return value < than - d if self.mode == "min" else value > than + d
+
+    def _rank_key(self, value: float) -> float:
+        return value if self.mode == "min" else -value
+
+    def _update_top(self, value: float, step: int, dec: Decision):
+        """Keep the keep_top best evaluations (raw values: the re-evaluation at the end, not
+        min_delta, decides between close ones)."""
+        k = self.config.keep_top
+        if k <= 1:
+            return
+        top = sorted(self.state.top + [[value, step]], key=lambda vs: self._rank_key(vs[0]))
+        self.state.top, gone = top[:k], top[k:]
+        dec.keep = any(s == step for _, s in self.state.top)
+        dec.drop = [s for _, s in gone if s != step]
 
     def much_worse(self, value: float) -> bool:
         b, f = self.state.best, self.config.collapse_factor
@@ -124,6 +154,7 @@ class Selector:
         if not math.isfinite(v) or not finite_weights:
             dec.events.append(("collapse_signal", f"{name}={v} or weights non-finite at step {step}", {"signal": "non_finite"}))
             return self._collapse(dec, "non-finite metric or weights")
+        self._update_top(v, step, dec)
         if self.better(v, s.best):
             prev = s.best
             s.best, s.best_step, s.since_best, s.bad_streak = v, step, 0, 0
@@ -215,7 +246,7 @@ class Selector:
         """The evaluation signature changed: numbers from the old feature space cannot be compared with
         the new ones, so best, patience and signals start again (rollbacks keep counting)."""
         s = self.state
-        self.state = SelectorState(rollbacks=s.rollbacks, period=s.period + 1, evals=s.evals)
+        self.state = SelectorState(rollbacks=s.rollbacks, period=s.period + 1, evals=s.evals)   # top, band: afresh
 
     # ---- state
     def state_dict(self) -> dict:

@@ -10,8 +10,10 @@ state: what a collapse rolls back to before there is a best), generator.pt / .sa
 """
 from __future__ import annotations
 
+import json
 import logging
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -22,10 +24,17 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, config as config_mod, data, evaluate, models, report, select, track
-from .generator import export_generator
+from .checkpoint import atomic_write_bytes
+from .generator import export_generator, load_generator
 from .trainer import Trainer, global_rng_state, pick_device, set_global_rng_state
 
 log = logging.getLogger("ganlab")
+
+NOISE_SEEDS = 8           # latent seeds that measure the metric's noise band (selection.min_delta: auto)
+# The band: two evaluations of equal generators differ by more than 1.96 x sqrt(2) x sd one time in 20,
+# and an SD estimated from 8 draws is itself uncertain, so its 95% upper bound is used:
+# sd x sqrt(7 / chi2_0.05(7)) = sd x sqrt(7 / 2.1673) = sd x 1.797. Together about 5 sd.
+NOISE_BAND_PER_SD = 1.96 * 2 ** 0.5 * (7 / 2.1673) ** 0.5
 
 
 @dataclass
@@ -37,6 +46,7 @@ class RunResult:
     stopped: str                       # why it ended: "finished", "early_stop", "collapse", "paused"
     rollbacks: int
     run_id: str | None = None          # MLflow run id, when tracked
+    handed_over_step: int = -1         # the step of generator.pt (the re-evaluation's winner with keep_top)
 
 
 def train(
@@ -199,6 +209,8 @@ class Run:
     def evaluate_and_select(self):
         s = self.last_eval = self.step
         g = self.trainer.sampling_generator()
+        if self.selector.needs_noise_band():
+            self._measure_noise_band(g)
         m = self.evaluator(g)
         m["eval_share"] = self.evaluator.seconds / max(time.time() - self.t_start, 1e-9)
         grid = evaluate.save_grid(self.evaluator.last_images[:64], self.run_dir / "samples" / f"step_{s:07d}.png")
@@ -210,6 +222,7 @@ class Run:
         if dec.improved and not self._save_best(g, m):
             self.selector.load_state_dict(before)      # the best on disk is still the old one
             dec = select.Decision()
+        self._keep_top(g, m, dec)
         self.act(dec, stop_kind="early_stop")
         self.t_log = time.time()                       # evaluation time is not training speed
 
@@ -225,6 +238,38 @@ class Run:
             return False
         self.tracker.log_metrics(self.selector.summary(), self.step)
         return True
+
+    def _measure_noise_band(self, g):
+        """min_delta: auto. The metric of one generator over NOISE_SEEDS fresh latent draws at the run's
+        protocol; the band is NOISE_BAND_PER_SD SDs. Measured once per signature (cached beside the
+        real statistics), on the generator of the period's first evaluation."""
+        metric, sig = self.cfg.selection.metric, self.evaluator.signature_hash
+        cache = Path(self.cfg.data.cache_dir) / f"noise-band-{sig}-{metric}.json"
+        if cache.exists():
+            values = json.loads(cache.read_text())["values"]
+        else:
+            values = [self.evaluator.with_fresh_latents(g, seed=self.cfg.eval.seed + 101 + k)[metric]
+                      for k in range(NOISE_SEEDS)]
+            atomic_write_bytes(cache, json.dumps({"signature": sig, "metric": metric, "values": values}).encode())
+        sd = statistics.stdev(values)
+        band = NOISE_BAND_PER_SD * sd
+        self.selector.set_noise_band(band)
+        self.events.emit(self.step, "noise_band", f"{metric} over {len(values)} latent seeds: mean "
+                         f"{statistics.mean(values):.4g}, sd {sd:.3g}; min_delta auto = {NOISE_BAND_PER_SD:.2f} sd "
+                         f"= {band:.3g}", band=band, sd=sd, values=json.dumps(values))
+        self.tracker.log_metrics({f"noise_band_{metric}": band}, self.step)
+
+    def _keep_top(self, g, metrics: dict, dec: select.Decision):
+        """selection.keep_top: the generators of the K best evaluations, for the re-evaluation at the end."""
+        top = self.run_dir / "top"
+        try:
+            if dec.keep:
+                export_generator(top / f"step_{self.step:07d}.pt", g, self.cfg, self.step, metrics,
+                                 self.evaluator.signature_hash, safetensors=False)
+            for s in dec.drop:
+                (top / f"step_{s:07d}.pt").unlink(missing_ok=True)
+        except OSError as e:
+            self.events.emit(self.step, "error", f"could not keep the top-{self.cfg.selection.keep_top} generator ({e})")
 
     def act(self, dec: select.Decision, stop_kind: str):
         for kind, detail, extra in dec.events:
@@ -285,17 +330,44 @@ class Run:
         self.save_last()
         sel, ev = self.selector, self.evaluator
         reason = self.stopped or ("finished" if self.step >= self.cfg.train.steps else "paused")
+        handed = sel.best_step
         if reason != "paused":
+            handed = self._reevaluate_top()
             best = "none" if sel.best is None else format(sel.best, ".4g")
             self.events.emit(self.step, "finished", f"{reason} at step {self.step}; best {self.cfg.selection.metric} "
-                             f"{best} at step {sel.best_step}; rollbacks {sel.rollbacks}; eval took {ev.seconds:.0f}s "
-                             f"({100 * ev.seconds / max(time.time() - self.t_start, 1e-9):.0f}% of wall time); "
-                             f"generator: {self.run_dir / 'generator.pt'}", stopped=reason)
-        if reason != "paused" and self.tracker.run_id is not None:
-            self._log_report()
+                             f"{best} at step {sel.best_step}; handed over step {handed}; rollbacks {sel.rollbacks}; "
+                             f"eval took {ev.seconds:.0f}s ({100 * ev.seconds / max(time.time() - self.t_start, 1e-9):.0f}% "
+                             f"of wall time); generator: {self.run_dir / 'generator.pt'}", stopped=reason)
+            if self.tracker.run_id is not None:
+                self._log_report()
         self.tracker.finish("FINISHED", sel.summary(), step=self.step, stopped=reason, final=reason != "paused")
-        return RunResult(self.run_dir, self.step, sel.best, sel.best_step, reason, sel.rollbacks, self.run_id)
+        return RunResult(self.run_dir, self.step, sel.best, sel.best_step, reason, sel.rollbacks, self.run_id, handed)
 
+    def _reevaluate_top(self) -> int:
+        """The best of several noisy evaluations is biased low (the winner's curse): evaluate the kept
+        top checkpoints again, on fresh latents with twice the samples, and hand over the winner.
+        Returns the step of the generator handed over."""
+        cfg, sel = self.cfg, self.selector
+        kept = [(v, s, self.run_dir / "top" / f"step_{s:07d}.pt") for v, s in sel.state.top]
+        kept = [k for k in kept if k[2].exists()]
+        if len(kept) < 2:
+            return sel.best_step
+        metric, n = cfg.selection.metric, 2 * cfg.eval.num_samples
+        rows = []
+        for value, step, path in kept:
+            g, info = load_generator(path, self.device)
+            again = self.evaluator.with_fresh_latents(g, seed=cfg.eval.seed + 7919, num_samples=n)[metric]
+            rows.append((again, step, value, g, info))
+            self.tracker.log_metrics({f"reeval_{metric}": again}, step)
+        win = min(rows, key=lambda r: r[0] if sel.mode == "min" else -r[0])
+        again, step, _, g, info = win
+        export_generator(self.run_dir / "generator.pt", g, cfg, step, {**info["metrics"], f"reeval_{metric}": again},
+                         self.evaluator.signature_hash)
+        table = "; ".join(f"step {s}: {v:.4g} -> {a:.4g}" for a, s, v, _, _ in rows)
+        self.events.emit(self.step, "reevaluated", f"top {len(rows)} by {metric} again on fresh latents with {n} "
+                         f"samples ({table}): hand over step {step}", winner_step=step, reeval=again)
+        self.tracker.log_metrics({"handed_over_step": step}, self.step)
+        return step
 
     def _log_report(self):
         """report/report.html in the run folder, logged to the MLflow run."""

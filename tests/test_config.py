@@ -103,7 +103,7 @@ def test_stabilizers_sweep_variants_all_load():
 
 
 @pytest.mark.parametrize("text,value", [("1e-4", 1e-4), ("1E-4", 1e-4), ("2.5e+3", 2500.0), (".5", 0.5),
-                                        ("2.5e3", 2500.0), ("-3e-2", -0.03), ("+1e0", 1.0)])
+                                        ("2.5e3", 2500.0), ("3e-2", 0.03), ("+1e0", 1.0)])
 def test_every_float_form_parses_in_set_and_in_files(tmp_path, text, value):
     assert config.load(None, [f"train.lr_d={text}"]).train.lr_d == value
     p = tmp_path / "e.yaml"

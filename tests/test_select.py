@@ -335,3 +335,56 @@ def test_eval_command_reports_the_run_protocol(tiny_cfg, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["step"] == 8 and out["signature"] and {"fid", "fid_alpha", "isc", "kid"} <= set(out["metrics"])
     assert out["metrics"]["fid"] == pytest.approx(res.best, rel=1e-5)       # same protocol, same generator
+
+
+# ------------------------------------------------------------------- selection that knows its noise
+
+def test_keep_top_hands_over_the_winner_of_the_re_evaluation(tiny_cfg, monkeypatch):
+    """Evaluations at 8, 16, 24 score 2.0, 1.0, 1.5: step 16 is the best by the run's own latents.
+    Re-evaluated on fresh latents with twice the samples, step 24 wins: it is what is handed over."""
+    calls = []
+    values = iter([2.0, 1.0, 1.5] + [1.3, 0.9, 1.1])     # then the re-evaluation, best first: 16, 24, 8
+    def scripted(self, fake):
+        calls.append(len(fake))
+        return {"fid": next(values)}
+    monkeypatch.setattr(evaluate.Evaluator, "metrics_for", scripted)
+    res = train.train(tiny_cfg("selection.keep_top=3", "selection.on_collapse=ignore"), quiet=True)
+    assert res.best_step == 16 and res.handed_over_step == 24
+    assert calls == [32, 32, 32, 64, 64, 64]                # fresh latents, twice the samples
+    gen = checkpoint.load(res.run_dir / "generator.pt")
+    assert gen["step"] == 24 and gen["metrics"]["reeval_fid"] == 0.9
+    kept = checkpoint.load(res.run_dir / "top" / "step_0000024.pt")["state_dict"]
+    assert all(torch.equal(gen["state_dict"][k], kept[k]) for k in kept)
+    ev = [e for e in read_events(res.run_dir) if e["kind"] == "reevaluated"]
+    assert len(ev) == 1 and ev[0]["winner_step"] == 24
+    assert checkpoint.load(res.run_dir / "best.pt")["step"] == 16   # rollback still targets the best by the run's metric
+
+
+def test_keep_top_drops_checkpoints_that_leave_the_top(tiny_cfg, monkeypatch):
+    values = iter([3.0, 2.0, 1.0, 2.5, 0.5] + [1.0, 1.0])
+    monkeypatch.setattr(evaluate.Evaluator, "metrics_for", lambda self, fake: {"fid": next(values)})
+    res = train.train(tiny_cfg("selection.keep_top=2", "train.steps=40", "selection.on_collapse=ignore"), quiet=True)
+    assert sorted(p.name for p in (res.run_dir / "top").glob("*.pt")) == ["step_0000024.pt", "step_0000040.pt"]
+
+
+def test_min_delta_auto_lies_above_the_measured_noise(tiny_cfg, tmp_path):
+    """One fixed generator evaluated on ten fresh latent draws is pure noise: with min_delta 0 it
+    'improves' again and again; with the auto band (measured by the run) it improves once."""
+    res = train.train(tiny_cfg("selection.min_delta=auto", "train.steps=8"), quiet=True)
+    band_ev = [e for e in read_events(res.run_dir) if e["kind"] == "noise_band"]
+    assert len(band_ev) == 1 and band_ev[0]["step"] == 8
+    band = band_ev[0]["band"]
+    assert band > 0 and band == pytest.approx(train.NOISE_BAND_PER_SD * band_ev[0]["sd"])
+    from ganlab import data
+    cfg = config.load(res.run_dir / "config.yaml")
+    g, _ = generator.load_generator(res.run_dir / "generator.pt")
+    ev = evaluate.Evaluator(cfg, data.load_images(cfg.data, cfg.seed).holdout, "cpu")
+    noise = [ev.with_fresh_latents(g, seed=5000 + k)["fid"] for k in range(10)]
+    fixed, auto = selector("selection.min_delta=0"), selector("selection.min_delta=auto")
+    auto.set_noise_band(band)
+    assert sum(fixed.on_eval(i, {"fid": v}).improved for i, v in enumerate(noise)) > 1
+    assert sum(auto.on_eval(i, {"fid": v}).improved for i, v in enumerate(noise)) == 1
+    # a second run with the same signature reuses the band instead of measuring it again
+    res2 = train.train(tiny_cfg("selection.min_delta=auto", "train.steps=8"), quiet=True)
+    again = [e for e in read_events(res2.run_dir) if e["kind"] == "noise_band"]
+    assert again[0]["band"] == band
