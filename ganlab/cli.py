@@ -112,6 +112,17 @@ def _run_commands(sub):
     r.add_argument("--out", help="output folder (default RUN/report, or ./report for several runs)")
     r.set_defaults(func=cmd_report)
 
+    f = sub.add_parser("features", help="train a domain feature encoder on an experiment's training split",
+                       description="Trains a compact encoder (SimCLR, plus class labels when the folder has "
+                                   "several classes) on the training split only, and writes a TorchScript file "
+                                   "for eval.feature_extractor, named by its content hash, with a JSON card.")
+    f.add_argument("experiment")
+    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    f.add_argument("--steps", type=int, default=600)
+    f.add_argument("--batch-size", type=int, default=128)
+    f.add_argument("--out", help="output folder (default: data.cache_dir/encoders)")
+    f.set_defaults(func=cmd_features)
+
     n = sub.add_parser("bench", help="benchmark ganlab against the seed loop",
                        description="Training speed of the seed loop, ganlab's seed_baseline and recommended configs, "
                                    "evaluation and tracking cost, measured side by side in one process.")
@@ -187,6 +198,15 @@ def cmd_report(args):
     from . import report
     page = report.write_report([Path(r) for r in args.runs], Path(args.out) if args.out else None)
     print(f"report: {page}")
+
+
+def cmd_features(args):
+    from . import features
+    from .trainer import pick_device
+    cfg = config_mod.load(args.experiment, args.set)
+    path = features.build(cfg, steps=args.steps, batch_size=args.batch_size,
+                          out_dir=Path(args.out) if args.out else None, device=pick_device(cfg.train.device))
+    print(f"encoder: {path}  (use: --set eval.feature_extractor={path})")
 
 
 def cmd_bench(args):

@@ -188,6 +188,7 @@ class ImageSet:
     content_hash: str                      # of everything decoded (files' bytes + decode settings)
     holdout_hash: str                      # of the held-out pixels
     skipped: list = field(default_factory=list)   # (path, reason)
+    train_names: list = field(default_factory=list)  # relative paths of the training images, in order
 
     def describe(self) -> str:
         s = f"{self.source}: {len(self.train)} train / {len(self.holdout)} held-out images"
@@ -295,7 +296,8 @@ def _split(images, names, source, key, skipped, cfg_data) -> ImageSet:
     train = sorted(order[k:])
     hold_t = images[held]
     return ImageSet(train=images[train].contiguous(), holdout=hold_t.contiguous(), source=source,
-                    content_hash=key, holdout_hash=tensor_hash(hold_t), skipped=skipped)
+                    content_hash=key, holdout_hash=tensor_hash(hold_t), skipped=skipped,
+                    train_names=[names[i] for i in train])
 
 
 # ---------------------------------------------------------------------------------- tensors, batches
