@@ -175,34 +175,14 @@ def main(args):
                                      ("recommended-bf16", "ganlab recommended bf16", "recommended.yaml", bf16)]:
             if key not in args.skip:
                 contenders.append((name, GanlabStep(name, exp, sets + log_every, images, device, tracker)))
-        for _, c in contenders:                       # warm-up: first-call costs, caches, workers
-            time_steps(c, 3, device)
-        times = {n: [] for n, _ in contenders}
-        peak = {n: 0.0 for n, _ in contenders}
-        peak_gpu = {n: 0.0 for n, _ in contenders}
-        for r in range(args.rounds):
-            for n, c in contenders:
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                times[n].append(time_steps(c, steps, device) / steps)
-                peak[n] = max(peak[n], rss_mb())
-                if device.type == "cuda":
-                    peak_gpu[n] = max(peak_gpu[n], torch.cuda.max_memory_allocated() / 2**20)
-            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
-        for n, c in contenders:
-            ms = statistics.median(times[n]) * 1000
-            row = {"name": n, "ms_per_step": ms, "images_per_s": 64 / (ms / 1000), "peak_rss_mb": peak[n],
-                   "rounds_ms": [t * 1000 for t in times[n]]}
-            if device.type == "cuda":
-                row["peak_gpu_mb"] = peak_gpu[n]
-            out["results"].append(row)
+        out["results"] = measure(contenders, args.rounds, steps, device)
         seed = next((r for r in out["results"] if r["name"] == "seed loop"), None)
         if seed:
             for r in out["results"]:
                 out["speedup_vs_seed"][r["name"]] = r["images_per_s"] / seed["images_per_s"]
-        if seed:
-            out["seed_loop_io"] = {"checkpoint_loads": contenders[0][1].loads, "checkpoint_saves": contenders[0][1].saves,
-                                   "checkpoint_mb": sum(p.stat().st_size for p in contenders[0][1].paths) / 2**20}
+            loop = contenders[0][1]
+            out["seed_loop_io"] = {"checkpoint_loads": loop.loads, "checkpoint_saves": loop.saves,
+                                   "checkpoint_mb": sum(p.stat().st_size for p in loop.paths) / 2**20}
         if tracker is not None:
             out["tracking"] = tracking_cost(tracker, args.rounds)
         if "eval" not in args.skip:
@@ -213,6 +193,34 @@ def main(args):
         Path(args.json).write_text(json.dumps(out, indent=2))
         print(f"wrote {args.json}")
     return out
+
+
+def measure(contenders, rounds: int, steps: int, device) -> list[dict]:
+    """Warm up, then time every contender round by round (alternating, so machine noise hits them
+    alike); medians per contender, with peak memory."""
+    for _, c in contenders:                       # warm-up: first-call costs, caches, workers
+        time_steps(c, 3, device)
+    times = {n: [] for n, _ in contenders}
+    peak = {n: 0.0 for n, _ in contenders}
+    peak_gpu = {n: 0.0 for n, _ in contenders}
+    for r in range(rounds):
+        for n, c in contenders:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            times[n].append(time_steps(c, steps, device) / steps)
+            peak[n] = max(peak[n], rss_mb())
+            if device.type == "cuda":
+                peak_gpu[n] = max(peak_gpu[n], torch.cuda.max_memory_allocated() / 2**20)
+        print(f"round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+    rows = []
+    for n, _ in contenders:
+        ms = statistics.median(times[n]) * 1000
+        row = {"name": n, "ms_per_step": ms, "images_per_s": 64 / (ms / 1000), "peak_rss_mb": peak[n],
+               "rounds_ms": [t * 1000 for t in times[n]]}
+        if device.type == "cuda":
+            row["peak_gpu_mb"] = peak_gpu[n]
+        rows.append(row)
+    return rows
 
 
 def data_folder(src: str, tmp: Path) -> Path:

@@ -118,7 +118,7 @@ def _run_commands(sub):
                                    "for eval.feature_extractor, named by its content hash, with a JSON card.")
     f.add_argument("experiment")
     f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    f.add_argument("--steps", type=int, default=600)
+    f.add_argument("--steps", type=int, default=400)
     f.add_argument("--batch-size", type=int, default=128)
     f.add_argument("--out", help="output folder (default: data.cache_dir/encoders)")
     f.set_defaults(func=cmd_features)

@@ -73,7 +73,13 @@ def curves_figure(rows, events, out: Path) -> str:
     return _png(fig, out / "curves.png")
 
 
-def metric_figure(runs: list[tuple[str, list, list]], metric: str, min_delta: float, out: Path) -> str:
+def noise_band(events: list[dict], min_delta) -> float:
+    """The band around the best: the measured noise band (min_delta: auto), else min_delta."""
+    measured = [e["band"] for e in events if e["kind"] == "noise_band"]
+    return measured[-1] if measured else (min_delta if isinstance(min_delta, (int, float)) else 0.0)
+
+
+def metric_figure(runs: list[tuple[str, list, list]], metric: str, min_delta, out: Path) -> str:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(9, 3.5))
     for name, rows, events in runs:
@@ -85,8 +91,10 @@ def metric_figure(runs: list[tuple[str, list, list]], metric: str, min_delta: fl
         if best is not None:
             ax.plot([best["step"]], [best[metric]], marker="*", markersize=16, color=line.get_color(),
                     label=f"{name}: best {best[metric]:.4g} at step {best['step']}")
-            if min_delta:
-                ax.axhspan(best[metric] - min_delta, best[metric] + min_delta, color=line.get_color(), alpha=0.15)
+            band = noise_band(events, min_delta)
+            if band:
+                ax.axhspan(best[metric] - band, best[metric] + band, color=line.get_color(), alpha=0.15,
+                           label=f"{name}: +-{band:.3g} (noise band / min_delta)")
         if len(runs) == 1:
             _mark_events(ax, events)
     ax.set_xlabel("step")

@@ -135,3 +135,13 @@ def test_composite_same_for_real_and_fake():
     black = evaluate.composite(u8, "black")[0, :, 0, 0].tolist()
     assert white == [255, 127, 127] and black == [128, 0, 0]
     assert evaluate.alpha_as_rgb(u8)[0, :, 0, 0].tolist() == [128, 128, 128]
+
+
+def test_the_evaluation_device_joins_the_signature(tmp_path, script_extractor, sprites):
+    """Standing statistics and batch-mode BN are computed on the evaluation device, so the same run
+    evaluated elsewhere is another protocol (meta stands in for a GPU: only the signature is built)."""
+    cfg = config.load(None, [f"data.cache_dir={tmp_path / 'cache'}", f"eval.feature_extractor={script_extractor}"])
+    cpu = evaluate.Evaluator(cfg, sprites[:8], "cpu")
+    other = evaluate.Evaluator(cfg, sprites[:8], "meta")
+    assert cpu.signature["device"] == "cpu" and other.signature["device"] == "meta"
+    assert cpu.signature_hash != other.signature_hash
