@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 import re
 import typing
@@ -295,7 +296,6 @@ def _build(cls, raw: dict, src: str, prefix: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     for key in [k for k in raw if f"{prefix}{k}" in RETIRED]:
-        import logging
         logging.getLogger("ganlab").warning("%s: ignoring retired key '%s%s': %s", src, prefix, key, RETIRED[f"{prefix}{key}"])
         raw = {k: v for k, v in raw.items() if k != key}
     for key in raw:

@@ -321,12 +321,16 @@ class Evaluator:
         """Metrics of g on the fixed latents. The generated images stay in `last_images` (the sample
         grid is cut from them rather than generated again)."""
         t0 = time.time()
-        bs = max(self.cfg.eval.batch_size, 256) if self.device.type != "cpu" else self.cfg.eval.batch_size
-        self.last_images = generate(g, self.latents, self.cfg.data.alpha, self.device, bs)
+        self.last_images = self._generate(g, self.latents)
         metrics = self.metrics_for(self.last_images)
         metrics["eval_seconds"] = time.time() - t0
         self.seconds += metrics["eval_seconds"]
         return metrics
+
+    def _generate(self, g: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+        # large batches off the CPU (generation is cheap there); the extractor's batch size on the CPU
+        bs = max(self.cfg.eval.batch_size, 256) if self.device.type != "cpu" else self.cfg.eval.batch_size
+        return generate(g, latents, self.cfg.data.alpha, self.device, bs)
 
     def with_fresh_latents(self, g: nn.Module, seed: int, num_samples: int | None = None) -> dict:
         """Metrics of g on other latents (another seed, optionally more samples), for the noise band
@@ -334,8 +338,7 @@ class Evaluator:
         t0 = time.time()
         n = num_samples or self.cfg.eval.num_samples
         z = torch.randn(n, self.cfg.model.nz, generator=torch.Generator().manual_seed(seed))
-        bs = max(self.cfg.eval.batch_size, 256) if self.device.type != "cpu" else self.cfg.eval.batch_size
-        metrics = self.metrics_for(generate(g, z, self.cfg.data.alpha, self.device, bs))
+        metrics = self.metrics_for(self._generate(g, z))
         self.seconds += time.time() - t0
         return metrics
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from . import data
 from .augment import diff_augment
 from .checkpoint import atomic_write_bytes
+from .evaluate import composite
 
 log = logging.getLogger("ganlab")
 
@@ -73,7 +74,6 @@ class Exported(nn.Module):
 
 def views(rgba_u8: torch.Tensor, background: str, gen: torch.Generator) -> torch.Tensor:
     """One augmented view per image: RGBA-safe augmentation, then compositing, in [-1, 1]."""
-    from .evaluate import composite
     x = rgba_u8.float() / 127.5 - 1.0
     flip = torch.rand(len(x), generator=gen, device=x.device) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)

@@ -130,7 +130,7 @@ td,th{{border:1px solid #ccc;padding:.2em .5em}}</style></head><body>{body}</bod
 """
 
 
-def _run_summary(run_dir: Path, events: list[dict]) -> str:
+def _run_summary(events: list[dict]) -> str:
     fin = next((e for e in reversed(events) if e["kind"] == "finished"), None)
     return html.escape(fin["detail"] if fin else "(not finished)")
 
@@ -148,7 +148,7 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> Path:
     body = [f"<h1>ganlab report: {html.escape(', '.join(r.name for r in run_dirs))}</h1>"]
     if len(run_dirs) == 1:
         name, rows, events = runs[0]
-        body += [f"<p>{_run_summary(run_dirs[0], events)}</p>", "<h2>Training curves</h2>",
+        body += [f"<p>{_run_summary(events)}</p>", "<h2>Training curves</h2>",
                  f'<img src="{curves_figure(rows, events, out)}" alt="training curves">']
     body += [f"<h2>{html.escape(metric)} at each evaluation</h2>",
              f'<img src="{metric_figure(runs, metric, cfg.selection.min_delta, out)}" alt="metric">']
@@ -163,7 +163,7 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> Path:
         body += ["</table>"]
     else:
         body += ["<h2>Runs</h2><table><tr><th>run</th><th>outcome</th></tr>"]
-        body += [f"<tr><td>{html.escape(r.name)}</td><td>{_run_summary(r, ev)}</td></tr>" for r, (_, _, ev) in zip(run_dirs, runs)]
+        body += [f"<tr><td>{html.escape(r.name)}</td><td>{_run_summary(ev)}</td></tr>" for r, (_, _, ev) in zip(run_dirs, runs)]
         body += ["</table><h2>Best generator of each run</h2><div class='grids'>"]
         for r, (_, _, ev) in zip(run_dirs, runs):
             best = next((e["step"] for e in reversed(ev) if e["kind"] == "improved"), None)

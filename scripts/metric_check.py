@@ -129,10 +129,11 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         sd = r.get("noise_sd")
         drop = dict(r["mode_drop"])
+        other = f"{r['other_artist'] / max(r['floor'], 1e-12):.1f}x" if "other_artist" in r else "-"
         lines.append(f"| {r['extractor']} | {r['floor']:.4g} | {'-' if sd is None else f'{sd:.3g}'} | {fmt(r['noise'])} | "
                      f"{fmt(r['blur'])} | {fmt(r['erode_alpha'])} | {fmt(r['feather_alpha'])} | {fmt(r['mode_drop'])} | "
                      f"{'-' if not sd else f'{(drop[0.5] - drop[1.0]) / sd:.1f}x'} | "
-                     f"{'-' if 'other_artist' not in r else f'{r['other_artist'] / max(r['floor'], 1e-12):.1f}x'} | {r['seconds']:.0f} |")
+                     f"{other} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
 

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 os.environ["GANLAB_OFFLINE"] = "1"          # never try to download InceptionV3 weights in tests
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"   # MLflow 3 sends usage telemetry over the network
+os.environ["DO_NOT_TRACK"] = "true"               # (both also reach the mlflow server / serve subprocesses)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("GANLAB_INCEPTION_WEIGHTS", None)
 

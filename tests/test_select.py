@@ -342,15 +342,17 @@ def test_eval_command_reports_the_run_protocol(tiny_cfg, capsys):
 def test_keep_top_hands_over_the_winner_of_the_re_evaluation(tiny_cfg, monkeypatch):
     """Evaluations at 8, 16, 24 score 2.0, 1.0, 1.5: step 16 is the best by the run's own latents.
     Re-evaluated on fresh latents with twice the samples, step 24 wins: it is what is handed over."""
-    calls = []
+    calls, images = [], []
     values = iter([2.0, 1.0, 1.5] + [1.3, 0.9, 1.1])     # then the re-evaluation, best first: 16, 24, 8
     def scripted(self, fake):
         calls.append(len(fake))
+        images.append(fake.clone())
         return {"fid": next(values)}
     monkeypatch.setattr(evaluate.Evaluator, "metrics_for", scripted)
     res = train.train(tiny_cfg("selection.keep_top=3", "selection.on_collapse=ignore"), quiet=True)
     assert res.best_step == 16 and res.handed_over_step == 24
-    assert calls == [32, 32, 32, 64, 64, 64]                # fresh latents, twice the samples
+    assert calls == [32, 32, 32, 64, 64, 64]                # twice the samples ...
+    assert not torch.equal(images[4][:32], images[2])       # ... on fresh latents (step 24's own images differ)
     gen = checkpoint.load(res.run_dir / "generator.pt")
     assert gen["step"] == 24 and gen["metrics"]["reeval_fid"] == 0.9
     kept = checkpoint.load(res.run_dir / "top" / "step_0000024.pt")["state_dict"]
