@@ -112,15 +112,14 @@ def _run_commands(sub):
     r.add_argument("--out", help="output folder (default RUN/report, or ./report for several runs)")
     r.set_defaults(func=cmd_report)
 
-    f = sub.add_parser("features", help="train a domain feature encoder on an experiment's training split",
+    f = sub.add_parser("features", help="train (or find cached) the domain encoder for an experiment's data",
                        description="Trains a compact encoder (SimCLR, plus class labels when the folder has "
                                    "several classes) on the training split only, and writes a TorchScript file "
-                                   "for eval.feature_extractor, named by its content hash, with a JSON card.")
+                                   "for eval.feature_extractor, named by its content hash, with a JSON card. "
+                                   "eval.feature_extractor: auto does the same on first use when there are no "
+                                   "InceptionV3 weights; the recipe is eval.encoder_steps / eval.encoder_batch_size.")
     f.add_argument("experiment")
     f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    f.add_argument("--steps", type=int, default=400)
-    f.add_argument("--batch-size", type=int, default=128)
-    f.add_argument("--out", help="output folder (default: data.cache_dir/encoders)")
     f.set_defaults(func=cmd_features)
 
     n = sub.add_parser("bench", help="benchmark ganlab against the seed loop",
@@ -204,9 +203,8 @@ def cmd_features(args):
     from . import features
     from .trainer import pick_device
     cfg = config_mod.load(args.experiment, args.set)
-    path = features.build(cfg, steps=args.steps, batch_size=args.batch_size,
-                          out_dir=Path(args.out) if args.out else None, device=pick_device(cfg.train.device))
-    print(f"encoder: {path}  (use: --set eval.feature_extractor={path})")
+    path, card = features.ensure(cfg, device=pick_device(cfg.train.device))
+    print(f"encoder: {path}  (trained in {card['train_seconds']} s on {card['device']}; card beside it)")
 
 
 def cmd_bench(args):

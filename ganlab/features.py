@@ -1,5 +1,7 @@
-"""`ganlab features`: a compact domain encoder, trained self-supervised on a dataset's training
-split, exported as the TorchScript extractor `eval.feature_extractor` accepts.
+"""The domain encoder: a compact feature space for evaluation, trained self-supervised on a dataset's
+training split, exported as the TorchScript extractor `eval.feature_extractor` accepts. With
+`eval.feature_extractor: auto` and no InceptionV3 weights, evaluation trains one on first use and
+caches it by data hash (`ensure`); `ganlab features` trains one by hand.
 
 Objective: SimCLR's NT-Xent (Chen et al. 2020) between two augmented views of each image, plus a
 cross-entropy on the folder's classes when it has more than one (ImageFolder layout). Augmentations
@@ -8,52 +10,57 @@ contrast touch colour only; alpha damage (erosion, feathering) is *not* an augme
 encoder stays sensitive to it. Views are composited over the evaluation background, exactly as
 evaluation feeds images to an extractor.
 
-The export takes uint8 B x 3 x H x W (any H, W: resized to the encoder's size) and returns B x 256
+The export takes uint8 B x 3 x H x W (any H, W: resized to the encoder's side) and returns B x 256
 features. Its file is named by its content hash, with a JSON card beside it: data hash, split,
-objective, steps, seed. Held-out images never reach it: it is trained on `ImageSet.train` only.
-Status: available by path (`ganlab features` prints it); `eval.feature_extractor: auto` does not
-pick it yet, and its validity report (docs/metrics.md) is still to be written.
+objective, recipe. Held-out images never reach it: it is trained on `ImageSet.train` only.
+The validity report (docs/metrics.md, scripts/metric_check.py) shows that it ranks.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from filelock import FileLock
 
 from . import data
 from .augment import diff_augment
 from .checkpoint import atomic_write_bytes
-from .evaluate import composite
+from .compositing import composite
 
 log = logging.getLogger("ganlab")
 
-SIZE = 64                 # the encoder's input side
 DIM = 256                 # feature size
+LR = 2e-3                 # AdamW, one-cycle schedule
+TAU = 0.2                 # NT-Xent temperature
+OBJECTIVE = "simclr-nt-xent"
 
 
 class Encoder(nn.Module):
-    """Four stride-2 convolutions (64 -> 4 px), then a 3x3 at 4 px and a global average pool: 0.98 M
-    parameters, about 20 M multiply-adds an image (InceptionV3: 5.7 G)."""
+    """Stride-2 3x3 convolutions down to 4 px, widths doubling to DIM, then a global average pool.
+    At 64 px: 0.4 M parameters, about 15 M multiply-adds an image (InceptionV3: 5.7 G)."""
 
-    def __init__(self, n_classes: int = 0):
+    def __init__(self, size: int, n_classes: int = 0):
         super().__init__()
-        ch = [3, 32, 64, 128, DIM]
+        downs = max(1, int(math.log2(size // 4)))
+        ch = [3] + [max(16, DIM >> (downs - 1 - i)) for i in range(downs)]
         layers = []
         for a, b in zip(ch, ch[1:]):
             layers += [nn.Conv2d(a, b, 3, 2, 1), nn.BatchNorm2d(b), nn.ReLU(inplace=True)]
-        layers += [nn.Conv2d(DIM, DIM, 3, 1, 1), nn.BatchNorm2d(DIM), nn.ReLU(inplace=True)]
+        self.size = size
         self.body = nn.Sequential(*layers)
         self.head = nn.Sequential(nn.Linear(DIM, DIM), nn.ReLU(inplace=True), nn.Linear(DIM, 128))   # SimCLR projection
         self.classes = nn.Linear(DIM, n_classes) if n_classes > 1 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """float B x 3 x SIZE x SIZE in [-1, 1] -> B x DIM features."""
+        """float B x 3 x size x size in [-1, 1] -> B x DIM features."""
         return self.body(x).mean(dim=(2, 3))
 
 
@@ -63,7 +70,7 @@ class Exported(nn.Module):
     def __init__(self, encoder: Encoder):
         super().__init__()
         self.body = encoder.body
-        self.size = SIZE               # an attribute: TorchScript cannot read module globals
+        self.size = encoder.size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float() / 127.5 - 1.0
@@ -79,13 +86,10 @@ def views(rgba_u8: torch.Tensor, background: str, gen: torch.Generator) -> torch
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     x = diff_augment(x, ["translation", "color"], gen)          # colour never touches alpha
     u8 = ((x.clamp(-1, 1) + 1) * 127.5 + 0.5).to(torch.uint8)
-    out = composite(u8, background).float() / 127.5 - 1.0
-    if out.shape[-1] != SIZE:
-        out = F.interpolate(out, size=(SIZE, SIZE), mode="bilinear", align_corners=False, antialias=True)
-    return out
+    return composite(u8, background).float() / 127.5 - 1.0
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float = 0.2) -> torch.Tensor:
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float = TAU) -> torch.Tensor:
     z = F.normalize(torch.cat([z1, z2]), dim=1)
     sim = z @ z.t() / tau
     sim.fill_diagonal_(float("-inf"))
@@ -104,23 +108,30 @@ def class_labels(names: list[str]) -> tuple[torch.Tensor | None, int]:
     return torch.tensor([idx[t] for t in tops]), len(classes)
 
 
-def train_encoder(train_u8: torch.Tensor, labels: torch.Tensor | None, n_classes: int, steps: int = 400,
-                  batch_size: int = 128, background: str = "checker", seed: int = 0, device="cpu",
-                  progress=None) -> Encoder:
-    device = torch.device(device)
-    torch.manual_seed(seed)
-    enc = Encoder(n_classes).to(device)
-    opt = torch.optim.AdamW(enc.parameters(), lr=2e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
-    gen = torch.Generator(device=device).manual_seed(seed + 1)
-    pick = torch.Generator().manual_seed(seed + 2)
+def recipe(cfg) -> dict:
+    """Everything that decides the encoder besides the data: it joins the cache key, the card and the
+    evaluation signature."""
+    e = cfg.eval
+    return {"objective": OBJECTIVE, "steps": e.encoder_steps, "batch_size": e.encoder_batch_size, "lr": LR,
+            "tau": TAU, "dim": DIM, "size": cfg.data.image_size, "background": e.background, "seed": cfg.seed}
+
+
+def train_encoder(train_u8: torch.Tensor, labels: torch.Tensor | None, n_classes: int, rcp: dict,
+                  device="cpu", progress=None) -> Encoder:
+    """rcp: a `recipe()`. progress(step, steps, loss) is called every 50 steps."""
+    device, steps = torch.device(device), rcp["steps"]
+    torch.manual_seed(rcp["seed"])
+    enc = Encoder(rcp["size"], n_classes).to(device)
+    opt = torch.optim.AdamW(enc.parameters(), lr=rcp["lr"], weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=rcp["lr"], total_steps=steps, pct_start=0.1)
+    gen = torch.Generator(device=device).manual_seed(rcp["seed"] + 1)
+    pick = torch.Generator().manual_seed(rcp["seed"] + 2)
     data_dev = train_u8.to(device)
     for step in range(steps):
-        idx = torch.randint(len(train_u8), (batch_size,), generator=pick)
+        idx = torch.randint(len(train_u8), (rcp["batch_size"],), generator=pick)
         batch = data_dev[idx.to(device)]
-        v1, v2 = views(batch, background, gen), views(batch, background, gen)
-        h1, h2 = enc(v1), enc(v2)
-        loss = nt_xent(enc.head(h1), enc.head(h2))
+        h1, h2 = enc(views(batch, rcp["background"], gen)), enc(views(batch, rcp["background"], gen))
+        loss = nt_xent(enc.head(h1), enc.head(h2), rcp["tau"])
         if enc.classes is not None:
             y = labels[idx].to(device)
             loss = loss + 0.5 * (F.cross_entropy(enc.classes(h1), y) + F.cross_entropy(enc.classes(h2), y))
@@ -128,14 +139,14 @@ def train_encoder(train_u8: torch.Tensor, labels: torch.Tensor | None, n_classes
         loss.backward()
         opt.step()
         sched.step()
-        if progress is not None and (step + 1) % 50 == 0:
-            progress(step + 1, steps, float(loss))
+        loss = loss.detach()
+        if progress is not None and ((step + 1) % 50 == 0 or step + 1 == steps):
+            progress(step + 1, steps, loss.item())
     return enc.eval()
 
 
 def export(enc: Encoder, out_dir: Path, card: dict) -> Path:
     """TorchScript file named by its content hash, and its JSON card beside it."""
-    import io
     buf = io.BytesIO()
     torch.jit.save(torch.jit.script(Exported(enc).cpu().eval()), buf)
     blob = buf.getvalue()
@@ -146,16 +157,38 @@ def export(enc: Encoder, out_dir: Path, card: dict) -> Path:
     return path
 
 
-def build(cfg, steps: int = 400, batch_size: int = 128, out_dir: Path | None = None, device="cpu") -> Path:
-    """Train on cfg.data's training split and export. Returns the TorchScript path."""
-    images = data.load_images(cfg.data, cfg.seed)
+def build(cfg, out_dir: Path | None = None, device="cpu", images: data.ImageSet | None = None) -> Path:
+    """Train on cfg.data's training split with `recipe(cfg)` and export. Returns the TorchScript path."""
+    images = images or data.load_images(cfg.data, cfg.seed)
     labels, n_classes = class_labels(images.train_names)
+    rcp = recipe(cfg)
     t0 = time.time()
-    enc = train_encoder(images.train, labels, n_classes, steps=steps, batch_size=batch_size,
-                        background=cfg.eval.background, seed=cfg.seed, device=device,
-                        progress=lambda s, n, loss: log.info("encoder step %d/%d loss %.3f", s, n, loss))
+    enc = train_encoder(images.train, labels, n_classes, rcp, device=device,
+                        progress=lambda s, n, loss: log.info("domain encoder: step %d/%d, loss %.3f", s, n, loss))
     card = {"data_hash": images.content_hash, "holdout_hash": images.holdout_hash, "split": "train",
-            "n_train": len(images.train), "objective": "simclr-nt-xent" + ("+classes" if n_classes else ""),
-            "classes": n_classes, "steps": steps, "batch_size": batch_size, "seed": cfg.seed,
-            "background": cfg.eval.background, "train_seconds": round(time.time() - t0, 1)}
+            "n_train": len(images.train), "classes": n_classes, "recipe": rcp,
+            "objective": OBJECTIVE + ("+classes" if n_classes else ""), "device": torch.device(device).type,
+            "train_seconds": round(time.time() - t0, 1)}
     return export(enc, Path(out_dir or Path(cfg.data.cache_dir) / "encoders"), card)
+
+
+def ensure(cfg, device="cpu") -> tuple[Path, dict]:
+    """The domain encoder for cfg's data and recipe: from the cache when one was trained before (on any
+    machine sharing cache_dir), else trained now. Returns (path, card). The index is keyed by the data
+    hash, the split and the recipe; a lock keeps two workers from training the same one at once."""
+    images = data.load_images(cfg.data, cfg.seed)
+    key = hashlib.sha256(json.dumps([images.content_hash, images.holdout_hash, recipe(cfg)],
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    root = Path(cfg.data.cache_dir) / "encoders"
+    index = root / "index" / f"{key}.json"
+    index.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(index) + ".lock"):
+        if index.exists():
+            path = root / json.loads(index.read_text())["file"]
+            if path.exists():
+                return path, json.loads(path.with_suffix(".json").read_text())
+        log.info("training the domain encoder for %s (first use; %d steps on %s; cached by data hash)",
+                 images.describe(), cfg.eval.encoder_steps, torch.device(device).type)
+        path = build(cfg, out_dir=root, device=device, images=images)
+        atomic_write_bytes(index, json.dumps({"file": path.name}).encode())
+    return path, json.loads(path.with_suffix(".json").read_text())

@@ -13,7 +13,7 @@ os.environ["DO_NOT_TRACK"] = "true"               # (both also reach the mlflow 
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("GANLAB_INCEPTION_WEIGHTS", None)
 
-from ganlab import config, evaluate  # noqa: E402
+from ganlab import config, extractors  # noqa: E402
 
 
 class TinyFeatures(torch.nn.Module):
@@ -42,7 +42,7 @@ def script_extractor(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def inception_weights(tmp_path_factory) -> str:
     """A random-weights InceptionV3 file, passed as eval.weights (the compat code path)."""
-    return str(evaluate.random_inception_weights(tmp_path_factory.mktemp("weights") / "inception-random.pth"))
+    return str(extractors.random_inception_weights(tmp_path_factory.mktemp("weights") / "inception-random.pth"))
 
 
 def tiny_overrides(tmp_path: Path, extractor: str) -> list[str]:

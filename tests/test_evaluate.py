@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ganlab import config, data, evaluate
+from ganlab import config, data, evaluate, extractors
 
 
 def make_cfg(tmp_path, weights, *extra):
@@ -117,16 +117,16 @@ def test_kid_subset_is_clamped(tmp_path, script_extractor, sprites):
 def test_torchscript_extractor_hash_joins_the_signature(tmp_path, script_extractor, sprites):
     cfg = config.load(None, [f"data.cache_dir={tmp_path / 'cache'}", f"eval.feature_extractor={script_extractor}"])
     ev = evaluate.Evaluator(cfg, sprites[:8], "cpu")
-    assert ev.extractor["name"].startswith("torchscript-") and ev.signature["weights"] == evaluate.file_hash(script_extractor)
+    assert ev.extractor["name"].startswith("torchscript-") and ev.signature["weights"] == extractors.file_hash(script_extractor)
 
 
 def test_missing_weights_fail_before_training(tmp_path):
     cfg = config.load(None, [f"data.cache_dir={tmp_path}", "eval.feature_extractor=inception-v3-compat"])
-    with pytest.raises(evaluate.EvalError, match="weights are not available"):
-        evaluate.resolve_extractor(cfg.eval, tmp_path)
+    with pytest.raises(extractors.EvalError, match="weights are not available"):
+        extractors.resolve(cfg)
     cfg = config.load(None, [f"eval.weights={tmp_path / 'nope.pth'}"])
-    with pytest.raises(evaluate.EvalError, match="is not a file"):
-        evaluate.resolve_extractor(cfg.eval, tmp_path)
+    with pytest.raises(extractors.EvalError, match="is not a file"):
+        extractors.resolve(cfg)
 
 
 def test_composite_same_for_real_and_fake():

@@ -1,37 +1,96 @@
-"""The domain encoder (ganlab features): trained on the training split only, exported as a
-TorchScript extractor that evaluation accepts, and its hash joins the evaluation signature."""
+"""The domain encoder and the extractors beside it: trained on the training split only, picked by
+`auto` when there are no InceptionV3 weights (trained on first use, cached by data hash), its hash
+and recipe in the signature, its file logged with the run; DINOv2 and CLIP through torch-fidelity's
+own extractors, from local random-weights files."""
 import json
 
+import mlflow
+import pytest
 import torch
 
-from ganlab import config, data, evaluate, features
+from ganlab import config, data, evaluate, extractors, features, train
+from conftest import tiny_overrides
+
+from ganlab.track import tracking_uri
 
 
-def test_encoder_trains_on_the_training_split_only_and_exports_an_extractor(tiny_cfg, monkeypatch, tmp_path):
+@pytest.fixture(scope="module")
+def sprites():
+    return data.make_sprites(24, 32, seed=7)
+
+
+@pytest.fixture
+def auto_cfg(tmp_path, script_extractor):
+    """A tiny config with eval.feature_extractor: auto and a 4-step encoder recipe (no weights here)."""
+    def make(*extra):
+        over = [o for o in tiny_overrides(tmp_path, script_extractor) if not o.startswith("eval.feature_extractor")]
+        return config.load(None, over + ["eval.encoder_steps=4", "eval.encoder_batch_size=16", *extra])
+    return make
+
+
+def test_encoder_trains_on_the_training_split_only_and_exports_an_extractor(auto_cfg, monkeypatch, tmp_path):
     seen = []
     orig = features.train_encoder
     def spy(train_u8, *a, **k):
         seen.append(train_u8.clone())
         return orig(train_u8, *a, **k)
     monkeypatch.setattr(features, "train_encoder", spy)
-    cfg = tiny_cfg()
-    path = features.build(cfg, steps=6, batch_size=16, out_dir=tmp_path / "enc")
+    cfg = auto_cfg("eval.encoder_steps=6")
+    path = features.build(cfg, out_dir=tmp_path / "enc")
     images = data.load_images(cfg.data, cfg.seed)
     held = {bytes(h.numpy().tobytes()) for h in images.holdout}
     assert len(seen) == 1 and not ({bytes(x.numpy().tobytes()) for x in seen[0]} & held)
     assert len(seen[0]) == len(images.train)
     card = json.loads(path.with_suffix(".json").read_text())
-    assert card["split"] == "train" and card["data_hash"] == images.content_hash and card["steps"] == 6
+    assert card["split"] == "train" and card["data_hash"] == images.content_hash and card["recipe"]["steps"] == 6
     assert path.name == f"encoder-{card['sha256_16']}.pt"
     net = torch.jit.load(str(path))
-    assert net(torch.zeros(3, 3, 32, 32, dtype=torch.uint8)).shape == (3, features.DIM)
-    ev_cfg = config.load(None, [f"{k}={v}" for k, v in config.flatten(cfg).items() if k != "variant"]
-                         + [f"eval.feature_extractor={path}"])
-    ev = evaluate.Evaluator(ev_cfg, images.holdout, "cpu")
-    assert ev.signature["extractor"] == f"torchscript-{evaluate.file_hash(path)}"
+    assert net(torch.zeros(3, 3, 64, 64, dtype=torch.uint8)).shape == (3, features.DIM)   # any size in
+    ev = evaluate.Evaluator(auto_cfg(f"eval.feature_extractor={path}"), images.holdout, "cpu")
+    assert ev.signature["extractor"] == f"torchscript-{extractors.file_hash(path)}"
     same = ev.metrics_for(images.holdout)["fid"]
     noisy = ev.metrics_for((images.holdout.float() + 60 * torch.randn(images.holdout.shape)).clamp(0, 255).to(torch.uint8))["fid"]
     assert abs(same) < 1e-3 < noisy
+
+
+def test_auto_without_weights_trains_the_domain_encoder_once_and_signs_with_it(auto_cfg, monkeypatch):
+    calls = []
+    orig = features.train_encoder
+    monkeypatch.setattr(features, "train_encoder", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    cfg = auto_cfg()
+    holdout = data.load_images(cfg.data, cfg.seed).holdout
+    first = evaluate.Evaluator(cfg, holdout, "cpu")
+    again = evaluate.Evaluator(cfg, holdout, "cpu")               # a second run on the same data: cached
+    assert len(calls) == 1 and not first.extractor["random"]
+    assert first.extractor["name"].startswith("domain-") and first.signature_hash == again.signature_hash
+    assert first.signature["extractor_recipe"]["steps"] == 4
+    assert first.signature["extractor_recipe"]["data_hash"] == data.load_images(cfg.data, cfg.seed).content_hash
+    longer = evaluate.Evaluator(auto_cfg("eval.encoder_steps=5"), holdout, "cpu")   # another recipe: another encoder
+    assert len(calls) == 2 and longer.signature_hash != first.signature_hash
+    assert longer.signature["weights"] != first.signature["weights"]
+    other_split = evaluate.Evaluator(auto_cfg("data.min_holdout=40"), holdout, "cpu")   # another training split
+    assert len(calls) == 3 and other_split.signature["weights"] != first.signature["weights"]
+
+
+def test_random_inception_only_when_named(auto_cfg):
+    cfg = auto_cfg()
+    holdout = data.load_images(cfg.data, cfg.seed).holdout
+    assert not evaluate.Evaluator(cfg, holdout, "cpu").extractor["random"]
+    named = evaluate.Evaluator(auto_cfg("eval.feature_extractor=inception-v3-random", "eval.num_samples=8"), holdout, "cpu")
+    assert named.extractor["random"] and named.describe()["eval.random_features"] == "true"
+
+
+def test_the_encoder_file_is_logged_with_the_run(auto_cfg, tmp_path):
+    cfg = auto_cfg("tracking.enabled=true", "tracking.system_metrics=false", "tracking.register_model=false",
+                   "train.steps=8", "eval.every=8")
+    train.train(cfg, quiet=True)
+    client = mlflow.MlflowClient(tracking_uri(cfg))
+    run = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id])[0]
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    sig = json.loads(run.data.tags["eval.signature_json"])
+    h = sig["weights"]
+    assert {f"evaluation/encoder-{h}.pt", f"evaluation/encoder-{h}.json"} <= logged, logged
+    assert run.data.tags["eval.extractor"] == f"domain-{h}" and "extractor_recipe" in sig
 
 
 def test_augmented_views_never_change_alpha_coverage():
@@ -40,3 +99,63 @@ def test_augmented_views_never_change_alpha_coverage():
     g = torch.Generator().manual_seed(0)
     v = features.views(clear, "gray", g)
     assert torch.allclose(v, torch.zeros_like(v), atol=2 / 127.5)        # gray background, nothing else
+
+
+# ------------------------------------------------------------------------ DINOv2 and CLIP, offline
+
+def dinov2_random_weights(path, dim=64, depth=2, grid=4):
+    """A random state dict in the layout of Meta's dinov2_vit*14_pretrain.pth (a tiny one)."""
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.05                          # noqa: E731
+    sd = {"cls_token": r(1, 1, dim), "pos_embed": r(1, 1 + grid * grid, dim), "mask_token": torch.zeros(1, dim),
+          "patch_embed.proj.weight": r(dim, 3, 14, 14), "patch_embed.proj.bias": r(dim),
+          "norm.weight": torch.ones(dim), "norm.bias": torch.zeros(dim)}
+    for i in range(depth):
+        b = f"blocks.{i}."
+        sd.update({b + "norm1.weight": torch.ones(dim), b + "norm1.bias": torch.zeros(dim),
+                   b + "norm2.weight": torch.ones(dim), b + "norm2.bias": torch.zeros(dim),
+                   b + "attn.qkv.weight": r(3 * dim, dim), b + "attn.qkv.bias": r(3 * dim),
+                   b + "attn.proj.weight": r(dim, dim), b + "attn.proj.bias": r(dim),
+                   b + "mlp.fc1.weight": r(4 * dim, dim), b + "mlp.fc1.bias": r(4 * dim),
+                   b + "mlp.fc2.weight": r(dim, 4 * dim), b + "mlp.fc2.bias": r(dim),
+                   b + "ls1.gamma": torch.ones(dim), b + "ls2.gamma": torch.ones(dim)})
+    torch.save(sd, path)
+    return path
+
+
+def clip_random_weights(path):
+    """A TorchScript archive like OpenAI's CLIP .pt files (a tiny ViT), random weights: torch-fidelity
+    reads the architecture from its state dict."""
+    from torch_fidelity.feature_extractor_clip import CLIPVisual
+    torch.manual_seed(0)
+
+    class Clip(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.visual = CLIPVisual(32, 64, 1, 64, 32).visual
+            self.text_projection = torch.nn.Parameter(torch.randn(16, 32))
+
+        def forward(self, x):
+            return self.visual(x)
+
+    torch.jit.trace(Clip().eval(), torch.zeros(1, 3, 64, 64)).save(str(path))
+    return path
+
+
+@pytest.mark.parametrize("name,make", [("dinov2-vit-s-14", dinov2_random_weights), ("clip-vit-b-32", clip_random_weights)])
+def test_dinov2_and_clip_run_offline_from_a_local_weights_file(auto_cfg, tmp_path, name, make, sprites):
+    weights = make(tmp_path / f"{name}.pth")
+    cfg = auto_cfg(f"eval.feature_extractor={name}", f"eval.weights={weights}", "eval.metrics=fid", "eval.fid_alpha=false")
+    ev = evaluate.Evaluator(cfg, sprites[:16], "cpu")
+    assert ev.signature["weights"] == extractors.file_hash(weights) and not ev.extractor["random"]
+    same = ev.metrics_for(sprites[:16])["fid"]
+    noisy = ev.metrics_for((sprites[:16].float() + 80 * torch.randn(sprites[:16].shape)).clamp(0, 255).to(torch.uint8))["fid"]
+    assert abs(same) < 1e-2 < noisy, (same, noisy)
+
+
+def test_dinov2_without_weights_offline_is_one_line(auto_cfg, tmp_path):
+    with pytest.raises(extractors.EvalError, match="needs eval.weights"):
+        extractors.resolve(auto_cfg("eval.feature_extractor=dinov2-vit-s-14"))
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    with pytest.raises(extractors.EvalError, match="not a DINOv2"):
+        extractors.resolve(auto_cfg("eval.feature_extractor=dinov2-vit-s-14", f"eval.weights={tmp_path / 'junk.pth'}"))

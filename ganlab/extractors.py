@@ -1,0 +1,340 @@
+"""Feature extractors: which one evaluation uses, and building each without a download when its
+weights are local. `resolve(cfg)` decides once, before any training:
+
+- `auto`: InceptionV3 (standard FID) when its weights are present or can be downloaded; otherwise the
+  domain encoder for this dataset (ganlab/features.py: trained on first use, cached by data hash).
+- `domain`: the domain encoder, even when InceptionV3's weights are present.
+- `inception-v3-compat`: standard InceptionV3; an error without weights.
+- `inception-v3-random`: InceptionV3 with random weights. Only when named: it cannot rank good
+  generators (docs/metrics.md).
+- `dinov2-vit-{s,b,l}-14` (FD_DINOv2, Stein et al. 2023) and `clip-*`: torch-fidelity 0.4's own
+  extractors, given a local weights file in `eval.weights` (downloaded by torch-fidelity when online).
+- a path: a TorchScript module, uint8 B x 3 x H x W in, B x F features out.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.feature_extractor_clip import MODEL_URLS as CLIP_MODELS
+from torch_fidelity.feature_extractor_dinov2 import MODEL_METADATA as DINOV2_MODELS
+from torch_fidelity.feature_extractor_dinov2 import FeatureExtractorDinoV2
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+
+from . import features
+from .checkpoint import atomic_write_bytes
+from .config import UserError
+
+log = logging.getLogger("ganlab")
+
+RANDOM = "inception-v3-random"
+COMPAT = "inception-v3-compat"
+DOMAIN = "domain"
+RANDOM_SEED = 0
+RANDOM_WARNING = (
+    "evaluating with RANDOM InceptionV3 features: these FID/IS/KID numbers are NOT standard FID, are "
+    "comparable only with other runs of the same signature, catch gross collapse but cannot rank good "
+    "generators (docs/metrics.md). Use eval.feature_extractor: auto (the domain encoder) or InceptionV3 weights.")
+
+
+class EvalError(UserError):
+    """Evaluation cannot be set up as configured. One line, shown as is."""
+
+
+def random_inception_weights(path: Path, seed: int = RANDOM_SEED) -> Path:
+    """Write (once) an InceptionV3 state dict with variance-preserving random weights: He-normal convs,
+    batch-norm as identity. PyTorch's default init with eval-mode batch-norm shrinks activations
+    towards zero layer by layer, until every image set has the same features and FID is 0."""
+    path = Path(path)
+    if path.exists():
+        return path
+    net = FeatureExtractorInceptionV3.__new__(FeatureExtractorInceptionV3)
+    try:
+        # torch-fidelity builds every layer first and loads the weights file last; handing it an empty
+        # file makes that last step fail, which leaves exactly what is wanted here: the layers, with
+        # no download and no weights. Whatever it raises at that point is expected and ignored.
+        FeatureExtractorInceptionV3.__init__(net, COMPAT, ["2048"], feature_extractor_weights_path=os.devnull)
+    except Exception:
+        pass
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, v in net.state_dict().items():
+        if k.endswith("conv.weight") or k == "fc.weight":
+            fan_in = v[0].numel()
+            gain = 2.0 if k.endswith("conv.weight") else 1.0
+            sd[k] = torch.randn(v.shape, generator=g) * (gain / fan_in) ** 0.5
+        elif k.endswith("running_var") or k.endswith("bn.weight"):
+            sd[k] = torch.ones_like(v)
+        elif k.endswith("num_batches_tracked"):
+            sd[k] = torch.zeros_like(v)
+        else:                               # running_mean, bn.bias, fc.bias
+            sd[k] = torch.zeros_like(v)
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+# torch-fidelity's registry holds extractor *classes* and builds them itself, with arguments of its own
+# choosing; the only way to hand one a file path is to carry it on the class. resolve_extractor makes a
+# subclass at run time with the path as a class attribute (see _register).
+
+class _RandomInception(FeatureExtractorInceptionV3):
+    """torch-fidelity's InceptionV3 with ganlab's random weights. channels_last: about 1.8x faster on
+    CPU (oneDNN); this extractor is ganlab's own, so no reference numbers depend on its exact rounding."""
+    weights_path: str = ""             # set on the run-time subclass
+
+    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+        super().__init__(name, features_list, feature_extractor_weights_path=self.weights_path, **kwargs)
+        self.to(memory_format=torch.channels_last)
+
+
+class _TorchScriptExtractor(FeatureExtractorBase):
+    """A user's TorchScript module (uint8 Bx3xHxW in, B x F features out) as a torch-fidelity extractor.
+    Its output serves FID/KID/PRC as features and IS as logits."""
+    script_path: str = ""              # set on the run-time subclass
+
+    def __init__(self, name, features_list, **kwargs):
+        super().__init__(name, features_list)
+        self.net = torch.jit.load(self.script_path, map_location="cpu").eval()
+
+    @staticmethod
+    def get_provided_features_list():
+        return ("features", "logits")
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return "logits" if metric == "isc" else "features"
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+
+    def forward(self, x):
+        f = self.net(x).float().flatten(1)
+        return tuple(f for _ in self.features_list)
+
+
+def file_hash(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _hub_weights_path() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / URL_INCEPTION_V3.rsplit("/", 1)[-1]
+
+
+def _try_download(timeout: float = 10.0) -> Path | None:
+    """Fetch the standard InceptionV3 weights into torch's hub cache, as torch-fidelity would. None if
+    there is no network (checked quickly first, so offline machines do not hang)."""
+    if not _online():
+        return None
+    try:
+        old = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(timeout)
+        try:
+            torch.hub.load_state_dict_from_url(URL_INCEPTION_V3, progress=False, map_location="cpu")
+        finally:
+            socket.setdefaulttimeout(old)
+    except Exception as e:
+        log.warning("could not download InceptionV3 weights (%s)", e)
+        return None
+    return _hub_weights_path() if _hub_weights_path().exists() else None
+
+
+def _register(name, cls):
+    FEATURE_EXTRACTORS_REGISTRY.pop(name, None)      # re-registration with a new path replaces the old one
+    register_feature_extractor(name, cls)
+
+
+def _check_weights(path: Path):
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise EvalError(f"eval.weights {str(path)!r} is not a loadable InceptionV3 state dict ({e.__class__.__name__})") from None
+    if not isinstance(sd, dict) or "Mixed_7c.branch_pool.conv.weight" not in sd:
+        raise EvalError(f"eval.weights {str(path)!r} does not look like torch-fidelity InceptionV3 weights")
+
+
+# DINOv2 from a local weights file. torch-fidelity 0.4 builds DINOv2 only through torch.hub (code and
+# weights from the network; a weights path raises NotImplementedError), so ganlab rebuilds the hub
+# model's ViT from the official state dict (dinov2_vit*14_pretrain.pth) and keeps torch-fidelity's own
+# forward: resize to 224 like TF1, ImageNet normalisation, the CLS token after the final norm.
+
+class _Block(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.attn = nn.Module()
+        self.attn.qkv, self.attn.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Module()
+        self.mlp.fc1, self.mlp.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.ls1, self.ls2 = nn.Module(), nn.Module()
+        self.ls1.gamma, self.ls2.gamma = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.attn.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        x = x + self.ls1.gamma * self.attn.proj(a)
+        return x + self.ls2.gamma * self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))
+
+
+class DinoV2ViT(nn.Module):
+    """The DINOv2 hub ViT (no registers, MLP blocks: s/b/l), its shape read from a state dict."""
+
+    def __init__(self, sd: dict):
+        super().__init__()
+        dim, patch = sd["cls_token"].shape[-1], sd["patch_embed.proj.weight"].shape[-1]
+        depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, dim, patch, patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros_like(sd["pos_embed"]))
+        self.mask_token = nn.Parameter(torch.zeros(1, dim))
+        self.blocks = nn.ModuleList(_Block(dim, dim // 64 or 1) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.load_state_dict(sd)
+
+    def pos(self, h0: int, w0: int) -> torch.Tensor:
+        n = self.pos_embed.shape[1] - 1
+        m = int(n ** 0.5)
+        if (h0, w0) == (m, m):
+            return self.pos_embed
+        grid = self.pos_embed[:, 1:].reshape(1, m, m, -1).permute(0, 3, 1, 2)
+        # DINOv2's interpolate_pos_encoding: bicubic, scale (w0 + 0.1) / M, no antialias
+        grid = F.interpolate(grid, scale_factor=((w0 + 0.1) / m, (h0 + 0.1) / m), mode="bicubic", antialias=False)
+        return torch.cat([self.pos_embed[:, :1], grid.permute(0, 2, 3, 1).flatten(1, 2)], 1)
+
+    def forward(self, x):
+        x = self.patch_embed.proj(x)
+        h0, w0 = x.shape[-2:]
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x.flatten(2).transpose(1, 2)], 1) + self.pos(h0, w0)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)[:, 0]
+
+
+class _LocalDinoV2(FeatureExtractorDinoV2):
+    """torch-fidelity's DINOv2 extractor (its forward, resizing and normalisation) over DinoV2ViT."""
+    weights_path: str = ""             # set on the run-time subclass
+
+    def __init__(self, name, features_list, **kwargs):
+        FeatureExtractorBase.__init__(self, name, features_list)
+        self.feature_extractor_internal_dtype = torch.float32
+        self.model = DinoV2ViT(torch.load(self.weights_path, map_location="cpu", weights_only=True))
+        self.requires_grad_(False)
+        self.eval()
+
+
+def _online() -> bool:
+    if os.environ.get("GANLAB_OFFLINE"):
+        return False
+    try:
+        socket.create_connection(("github.com", 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def _pretrained(choice: str, weights: str) -> dict:
+    """dinov2-* and clip-*: torch-fidelity's extractors, from a local weights file (or its download)."""
+    if not weights:
+        if not _online():
+            raise EvalError(f"eval.feature_extractor {choice} needs eval.weights (a local weights file): no network")
+        return {"name": choice, "weights": "", "weights_hash": "download", "random": False, "weights_kwarg": None}
+    p = Path(weights).expanduser()
+    if not p.is_file():
+        raise EvalError(f"eval.weights {weights!r} is not a file")
+    h = file_hash(p)
+    if choice in DINOV2_MODELS:
+        try:
+            cls = type(f"LocalDinoV2_{h}", (_LocalDinoV2,), {"weights_path": str(p)})
+            cls(choice, ["dinov2"])                  # fail now, in one line, rather than mid-run
+        except Exception as e:
+            raise EvalError(f"eval.weights {weights!r} is not a DINOv2 ViT-S/B/L-14 state dict ({e.__class__.__name__})") from None
+        name = f"{choice}-{h}"
+        _register(name, cls)
+        return {"name": name, "weights": str(p), "weights_hash": h, "random": False, "weights_kwarg": None}
+    return {"name": choice, "weights": str(p), "weights_hash": h, "random": False, "weights_kwarg": str(p)}
+
+
+def _torchscript(choice: str, prefix: str = "torchscript") -> dict:
+    p = Path(choice).expanduser()
+    if not p.is_file():
+        raise EvalError(f"eval.feature_extractor {choice!r}: expected auto, {DOMAIN}, {COMPAT}, {RANDOM}, "
+                        f"dinov2-vit-*-14, clip-* or a TorchScript file")
+    try:
+        torch.jit.load(str(p), map_location="cpu")
+    except Exception as e:
+        raise EvalError(f"eval.feature_extractor {choice!r} is not a loadable TorchScript module ({e.__class__.__name__})") from None
+    h = file_hash(p)
+    _register(f"{prefix}-{h}", type(f"TorchScript_{h}", (_TorchScriptExtractor,), {"script_path": str(p)}))
+    return {"name": f"{prefix}-{h}", "weights": str(p), "weights_hash": h, "random": False}
+
+
+def _domain(cfg, device) -> dict:
+    path, card = features.ensure(cfg, device=device)
+    return dict(_torchscript(str(path), prefix="domain"), recipe=dict(card["recipe"], data_hash=card["data_hash"]),
+                files=[str(path), str(path.with_suffix(".json"))])
+
+
+def _inception(weights: str) -> dict | None:
+    """Standard InceptionV3: the given file, torch's hub cache, or a download; None when none of those."""
+    if weights:
+        p = Path(weights).expanduser()
+        if not p.is_file():
+            raise EvalError(f"eval.weights / GANLAB_INCEPTION_WEIGHTS {weights!r} is not a file")
+        _check_weights(p)
+        found = p
+    else:
+        found = _hub_weights_path() if _hub_weights_path().exists() else _try_download()
+    if found is None:
+        return None
+    return {"name": COMPAT, "weights": str(found), "weights_hash": file_hash(found), "random": False,
+            "weights_kwarg": str(found)}
+
+
+def resolve(cfg, device="cpu") -> dict:
+    """Decide which extractor evaluation uses and register it with torch-fidelity. Returns {name, weights,
+    weights_hash, random} and, when they apply, weights_kwarg (torch-fidelity's weights path argument),
+    recipe (the domain encoder's, for the signature) and files (to log with the run)."""
+    e = cfg.eval
+    choice = e.feature_extractor or "auto"
+    if choice in DINOV2_MODELS or choice in CLIP_MODELS:
+        return _pretrained(choice, e.weights)
+    if choice == DOMAIN:
+        return _domain(cfg, device)
+    if choice not in ("auto", COMPAT, RANDOM):
+        return _torchscript(choice)
+    weights = e.weights or os.environ.get("GANLAB_INCEPTION_WEIGHTS", "")
+    if choice == RANDOM:
+        if e.weights:
+            raise EvalError(f"eval.feature_extractor is {RANDOM} but eval.weights is set; pick one")
+        path = random_inception_weights(Path(cfg.data.cache_dir) / f"{RANDOM}-seed{RANDOM_SEED}.pth")
+        _register(RANDOM, type("RandomInception", (_RandomInception,), {"weights_path": str(path)}))
+        return {"name": RANDOM, "weights": str(path), "weights_hash": file_hash(path), "random": True}
+    found = _inception(weights)
+    if found is not None:
+        return found
+    if choice == COMPAT:
+        raise EvalError(f"eval.feature_extractor is {COMPAT} but its weights are not available: no network, "
+                        f"and neither eval.weights nor GANLAB_INCEPTION_WEIGHTS is set")
+    return _domain(cfg, device)
