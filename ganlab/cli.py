@@ -103,7 +103,19 @@ def _run_commands(sub):
     w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="applied to every variant")
     w.add_argument("--quiet", action="store_true")
     w.add_argument("--only", action="append", default=[], help="run only these variants")
+    _worker_flags(w)
     w.set_defaults(func=cmd_sweep)
+
+    t = sub.add_parser("tune", help="hyperparameter search on Optuna: each trial an ordinary run",
+                       description="STUDY.yaml: {base, name?, set?, space: {key: [choices] | {low, high, log?, step?}}, "
+                                   "sampler: tpe|random|grid, pruner: median|hyperband|none, trials, seed, storage (RDB "
+                                   "URL; default sqlite under tracking.runs_dir), heartbeat}. Run the same command on "
+                                   "another machine (same storage and tracking server) to add workers.")
+    t.add_argument("study")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="applied to every trial")
+    t.add_argument("--quiet", action="store_true")
+    _worker_flags(t)
+    t.set_defaults(func=cmd_tune)
 
     r = sub.add_parser("report", help="an HTML page of one run, or one comparing several",
                        description="RUN: run folders. One run: curves, metric, sample grids, config diff. "
@@ -188,9 +200,32 @@ def cmd_best(args):
         print(f"{i:<5}{r['run_id']:<34}{r['variant'][:23]:<24}{r['best']:>10.4g}{r['step']:>8}  {r['checkpoint']}")
 
 
+def _worker_flags(p):
+    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    p.add_argument("--devices", default="", help="GPUs for the workers, e.g. 0,1 (one each; CUDA_VISIBLE_DEVICES)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)    # a spawned worker
+    p.add_argument("--name", default="", help=argparse.SUPPRESS)               # its study
+    p.add_argument("--storage", default="", help=argparse.SUPPRESS)
+
+
 def cmd_sweep(args):
-    from . import sweep
-    sweep.run_sweep(args.sweep, args.set, quiet=args.quiet, only=args.only)
+    from . import sweep, tune
+    if args.worker:
+        spec, _, _, _ = sweep.sweep_spec(args.sweep, args.set, args.only, name=args.name, storage=args.storage)
+        tune.work(spec, args.set, quiet=True)
+        return
+    sweep.run_sweep(args.sweep, args.set, quiet=args.quiet, only=args.only, workers=args.workers, devices=args.devices)
+
+
+def cmd_tune(args):
+    from . import tune
+    spec = tune.load_spec(args.study)
+    if args.worker:
+        spec.name, spec.storage = args.name or spec.name, args.storage or spec.storage
+        tune.work(spec, args.set, quiet=True)
+        return
+    rows = tune.run_study(spec, workers=args.workers, devices=args.devices, extra_sets=args.set, quiet=args.quiet)
+    return 0 if any(r["state"] == "COMPLETE" for r in rows) else 1
 
 
 def cmd_report(args):

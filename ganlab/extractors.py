@@ -35,7 +35,6 @@ from .checkpoint import atomic_write_bytes
 from .config import UserError
 
 log = logging.getLogger("ganlab")
-
 RANDOM = "inception-v3-random"
 COMPAT = "inception-v3-compat"
 DOMAIN = "domain"

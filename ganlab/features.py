@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -36,6 +37,10 @@ from .checkpoint import atomic_write_bytes
 from .compositing import composite
 
 log = logging.getLogger("ganlab")
+# TorchScript is the extractor format eval.feature_extractor documents (uint8 in, features out; loaded
+# in ganlab/extractors.py, which imports this module); torch 2.14 marks jit.load/script/save
+# deprecated on every call, which would bury the run's own lines.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
 
 DIM = 256                 # feature size
 LR = 2e-3                 # AdamW, one-cycle schedule

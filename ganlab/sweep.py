@@ -1,5 +1,6 @@
-"""`ganlab sweep SWEEP.yaml`: a base experiment plus a list or grid of overrides, run one after another
-under one parent MLflow run, with a summary table at the end.
+"""`ganlab sweep SWEEP.yaml`: a base experiment plus a list or grid of overrides, each variant one run
+under one parent MLflow run, with a summary table at the end. It runs on ganlab tune's machinery
+(Optuna's grid sampler over the variants, ganlab/tune.py), so `--workers N` runs N at once.
 
     base: ../seed_baseline.yaml        # relative to the sweep file
     name: stabilizers                  # MLflow experiment (default: the base's name)
@@ -15,6 +16,7 @@ from __future__ import annotations
 import itertools
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import yaml
@@ -64,71 +66,78 @@ def _dump(v) -> str:
     return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
 
 
-def run_sweep(path, extra_sets=(), quiet=False, only=()) -> list[dict]:
-    import mlflow
-    from . import track
-    base, name, variants = load_sweep(path)
+def sweep_spec(path, extra_sets=(), only=(), name: str = "", storage: str = ""):
+    """-> (the tune Spec of the variants whose config loads, [(label, error)] of those that do not).
+    Every variant is validated before any runs: a typo fails now, not after hours."""
+    from .tune import Spec
+    base, exp_name, variants = load_sweep(path)
     if only:
         variants = [v for v in variants if v[0] in only]
-    # validate every variant before running any: a typo fails now, not after hours
-    cfgs = []
+    good, bad, first = {}, [], None
     for label, exp, ov in variants:
         try:
-            cfgs.append((label, config_mod.load(exp, ov + list(extra_sets) + [f"variant={label}"]), None))
+            cfg = config_mod.load(exp, ov + list(extra_sets) + [f"variant={label}"])
+            good[label], first = (exp, ov), first or cfg
         except ConfigError as e:
-            cfgs.append((label, None, str(e)))
-    first = next((c for _, c, _ in cfgs if c is not None), None) or config_mod.load(base, list(extra_sets))
-    uri = track.tracking_uri(first)
-    track.set_fluent_uri(uri)
-    client = track.open_client(uri)
-    exp_id = track.ensure_experiment(client, first.name, uri, first.tracking.runs_dir) if first.tracking.enabled else None
+            bad.append((label, str(e)))
+    first = first or config_mod.load(base, list(extra_sets))
+    spec = Spec(path=Path(path), name=name or f"sweep-{Path(path).stem}-{time.strftime('%Y%m%d-%H%M%S')}",
+                space={"variant": list(good)}, sampler="grid", pruner="none", trials=len(good),
+                storage=storage, experiment=first.name, variants=good)
+    return spec, bad, first, [label for label, _, _ in variants]
+
+
+def run_sweep(path, extra_sets=(), quiet=False, only=(), workers: int = 1, devices: str = "") -> list[dict]:
+    import mlflow
+    from . import track, tune
+    spec, bad, first, order = sweep_spec(path, extra_sets, only)
     rows = []
-    parent = mlflow.start_run(experiment_id=exp_id, run_name=f"sweep-{Path(path).stem}",
-                              tags={"ganlab.sweep": str(path)}) if exp_id else None
-    try:
-        for label, cfg, err in cfgs:
-            print(f"=== variant {label}", file=sys.stderr, flush=True)
-            if cfg is None:
-                rows.append(_failed_variant(label, err, client, exp_id, parent))
-            else:
-                rows.append(_run_variant(label, cfg, quiet=quiet, sweep_file=path))
-        table = format_table(rows, first.selection.metric)
-        print(table)
-        if parent is not None:
-            with tempfile.TemporaryDirectory() as d:
-                (Path(d) / "sweep_summary.md").write_text(table + "\n")
-                client.log_artifact(parent.info.run_id, str(Path(d) / "sweep_summary.md"))
-            # an MLflow table: the UI shows it as a grid, and mlflow.load_table reads it back
-            columns = ["variant", "status", "best", "step", "stopped", "run_id", "run_dir"]
-            mlflow.log_table({c: [r[c] for r in rows] for c in columns}, "sweep_summary.json", run_id=parent.info.run_id)
-            _log_comparison(client, parent.info.run_id, [Path(r["run_dir"]) for r in rows if r["run_dir"]])
-    finally:
-        if parent is not None:
-            mlflow.end_run("FINISHED" if all(r["status"] == "ok" for r in rows) and len(rows) == len(cfgs) else "FAILED")
+    study, parent = None, None
+    if spec.variants:
+        study, parent, _ = tune.execute(spec, workers, devices, extra_sets, quiet, worker_args=[a for o in only for a in ("--only", o)],
+                                        parent_name=f"sweep-{Path(path).stem}", parent_tags={"ganlab.sweep": str(path)})
+        rows = [_row(t) for t in study.get_trials(deepcopy=False)]
+    client = track.open_client(track.tracking_uri(first)) if first.tracking.enabled else None
+    if parent is None and client is not None:           # every variant broken: still one parent that says so
+        exp_id = track.ensure_experiment(client, first.name, track.tracking_uri(first), first.tracking.runs_dir)
+        parent = client.create_run(exp_id, run_name=f"sweep-{Path(path).stem}", tags={"ganlab.sweep": str(path)}).info.run_id
+    for label, err in bad:
+        rows.append(_failed_variant(label, err, client, parent))
+    rows.sort(key=lambda r: order.index(r["variant"]))
+    table = format_table(rows, first.selection.metric)
+    print(table)
+    if parent is not None:
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "sweep_summary.md").write_text(table + "\n")
+            client.log_artifact(parent, str(Path(d) / "sweep_summary.md"))
+        # an MLflow table: the UI shows it as a grid, and mlflow.load_table reads it back
+        columns = ["variant", "status", "best", "step", "stopped", "run_id", "run_dir"]
+        track.set_fluent_uri(track.tracking_uri(first))
+        mlflow.log_table({c: [r[c] for r in rows] for c in columns}, "sweep_summary.json", run_id=parent)
+        _log_comparison(client, parent, [Path(r["run_dir"]) for r in rows if r["run_dir"]])
+        ok = all(r["status"] == "ok" for r in rows) and len(rows) == len(order)
+        client.set_terminated(parent, "FINISHED" if ok else "FAILED")
     return rows
 
 
-def _failed_variant(label: str, err: str, client, exp_id, parent) -> dict:
+def _row(trial) -> dict:
+    """A sweep row from its Optuna trial."""
+    ok = trial.state.name == "COMPLETE"
+    return {"variant": trial.params.get("variant", "?"), "status": "ok" if ok else "failed",
+            "best": trial.value if ok else None, "step": trial.user_attrs.get("best_step"),
+            "stopped": trial.user_attrs.get("stopped") or trial.system_attrs.get("fail_reason", trial.state.name)[-200:],
+            "run_id": trial.user_attrs.get("run_id"), "run_dir": trial.user_attrs.get("run_dir", "")}
+
+
+def _failed_variant(label: str, err: str, client, parent: str | None) -> dict:
     """A variant whose config does not load: a failed row, and a failed child run that says why."""
     row = {"variant": label, "status": "failed", "best": None, "step": None, "stopped": err, "run_id": None, "run_dir": ""}
-    if exp_id:
-        r = client.create_run(exp_id, run_name=label, tags={"mlflow.parentRunId": parent.info.run_id,
+    if parent:
+        exp_id = client.get_run(parent).info.experiment_id
+        r = client.create_run(exp_id, run_name=label, tags={"mlflow.parentRunId": parent,
                                                            "ganlab.variant": label, "ganlab.error": err[:5000]})
         client.set_terminated(r.info.run_id, "FAILED")
         row["run_id"] = r.info.run_id
-    return row
-
-
-def _run_variant(label: str, cfg, quiet: bool, sweep_file) -> dict:
-    from . import train
-    row = {"variant": label, "status": "failed", "best": None, "step": None, "stopped": "", "run_id": None, "run_dir": ""}
-    try:
-        res = train.train(cfg, quiet=quiet, experiment_file=str(sweep_file))
-        row.update(status="ok", best=res.best, step=res.best_step, stopped=res.stopped, run_id=res.run_id,
-                   run_dir=str(res.run_dir))
-    except Exception as e:              # one failed variant never stops the others
-        row["stopped"] = f"{e.__class__.__name__}: {e}"
-        print(f"variant {label} failed: {row['stopped']}", file=sys.stderr)
     return row
 
 

@@ -234,6 +234,7 @@ class Tracker(NullTracker):
         self.client = open_client(self.uri)
         self.local = is_local(self.uri)  # a local store is written synchronously (see the module docstring)
         self.run_id = None
+        self.parent_run_id = None                # a tune study's parent run (else the active fluent run)
         self.last_step: dict[str, int] = {}      # per metric: steps at or below were logged before a resume
         self.monitor = None
         self._run_dir, self._header, self._exp_id = None, "", None
@@ -281,9 +282,10 @@ class Tracker(NullTracker):
     def _create_run(self, exp_id, run_dir, params: dict) -> str:
         label = f"{self.cfg.variant or self.cfg.name}-{dt.datetime.now():%m%d-%H%M%S}"
         tags = {"ganlab.run_dir": str(Path(run_dir).resolve()), "ganlab.variant": self.cfg.variant or self.cfg.name}
-        parent = self.mlflow.active_run()
-        if parent is not None:
-            tags["mlflow.parentRunId"] = parent.info.run_id
+        active = self.mlflow.active_run()
+        parent = self.parent_run_id or (active.info.run_id if active is not None else None)
+        if parent:
+            tags["mlflow.parentRunId"] = parent
         run = self._call(self.client.create_run, exp_id, run_name=label, tags=tags)
         items = list(params.items())
         for i in range(0, len(items), 90):         # MLflow takes at most 100 params a batch

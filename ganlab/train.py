@@ -43,7 +43,7 @@ class RunResult:
     step: int                          # steps trained when the run ended
     best: float | None                 # best value of selection.metric
     best_step: int
-    stopped: str                       # why it ended: "finished", "early_stop", "collapse", "paused"
+    stopped: str                       # why it ended: "finished", "early_stop", "collapse", "pruned", "paused"
     rollbacks: int
     run_id: str | None = None          # MLflow run id, when tracked
     handed_over_step: int = -1         # the step of generator.pt (the re-evaluation's winner with keep_top)
@@ -58,11 +58,17 @@ def train(
     tracker=None,                      # a track.Tracker; None = built from cfg.tracking
     experiment_file: str = "",         # recorded as a tag
     new_period: bool = False,          # on resume, accept a changed evaluation signature as a new selection period
+    parent_run_id: str | None = None,  # MLflow parent run (a tune study's); None = the active fluent run, if any
+    on_start=None,                     # on_start(run_id, run_dir) once the run exists (tune records its trial's run)
+    on_eval=None,                      # on_eval(step, metrics) after each evaluation; True stops the run as "pruned"
 ) -> RunResult:
     # ---- set up: data, evaluation protocol (its weights checked before any training), networks
     run = Run(cfg, run_dir, quiet=quiet, tracker=tracker)
+    run.tracker.parent_run_id, run.on_eval = parent_run_id, on_eval
     # ---- resume or start
     run.begin(resume=resume, new_period=new_period, experiment_file=experiment_file)
+    if on_start is not None:
+        on_start(run.run_id, run.run_dir)
     end = min(cfg.train.steps, stop_at) if stop_at is not None else cfg.train.steps
     with stop_requests() as requested:
         try:
@@ -133,6 +139,7 @@ class Run:
         self.progress = Progress(t.steps, quiet)
         self.step, self.last_eval, self.rolled_back_at = 0, -1, -1
         self.stopped = ""              # why the run ends early ("" = it goes on)
+        self.on_eval = None            # a pruner's question after each evaluation (see train())
         self.run_id = None
         self.t_start = self.t_log = time.time()
 
@@ -224,6 +231,10 @@ class Run:
             dec = select.Decision()
         self._keep_top(g, m, dec)
         self.act(dec, stop_kind="early_stop")
+        if self.on_eval is not None and not self.stopped and self.on_eval(s, m):
+            self.events.emit(s, "pruned", f"the study's pruner stopped this trial at step {s} "
+                             f"({self.cfg.selection.metric} {m[self.cfg.selection.metric]:.4g})")
+            self.stopped = "pruned"
         self.t_log = time.time()                       # evaluation time is not training speed
 
     def _save_best(self, g, metrics: dict) -> bool:

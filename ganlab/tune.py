@@ -1,0 +1,378 @@
+"""`ganlab tune STUDY.yaml`: hyperparameter search on Optuna, one ordinary ganlab run per trial.
+`ganlab sweep` runs on the same machinery: a grid sampler over its variants (ganlab/sweep.py).
+
+    base: ../recommended.yaml           # relative to the study file
+    name: lr-search                     # Optuna study and MLflow experiment (default: the file's stem)
+    set: {train.steps: 3000}            # applied to every trial
+    space:                              # dotted config key -> a range or a list of choices
+      train.lr_d: {low: 1.0e-4, high: 1.0e-3, log: true}
+      train.batch_size: {low: 32, high: 128, step: 32}   # ints when low and high are ints
+      train.loss: [hinge, bce]
+    sampler: tpe                        # tpe | random | grid (grid: lists only)
+    pruner: median                      # median | hyperband | none
+    trials: 20                          # trials in the study, all workers and machines together
+    seed: 0                             # the sampler's seed
+    storage: ""                         # RDB URL; default sqlite:///<tracking.runs_dir>/optuna.db
+    heartbeat: 10                       # seconds; a trial silent for 3x this is marked failed
+    start_with: [{train.lr_d: 0.0004, train.batch_size: 64, train.loss: hinge}]   # tried first (known-good points)
+
+Each trial is a child MLflow run under the study's parent run (its id is kept in the study, so a
+worker on another machine finds it), with the usual run folder. Every evaluation's selection
+metric is reported to Optuna; when the pruner says so the run stops as `pruned`, and the trial
+records the step and the trials it was compared with. Workers are processes that share the
+storage: `--workers N` starts N here (`--devices 0,1` gives each its own GPU); the same command on
+another machine joins the study. A dead worker's trial is marked failed by Optuna's heartbeat.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import config as config_mod
+from . import metrics as metrics_mod
+from .config import ConfigError
+
+ALLOWED = {"base", "name", "set", "space", "sampler", "pruner", "trials", "seed", "storage", "heartbeat", "start_with"}
+SAMPLERS = ("tpe", "random", "grid")
+PRUNERS = ("median", "hyperband", "none")
+PARENT = "mlflow_parent_run_id"          # study user attribute: the parent MLflow run
+
+
+@dataclass
+class Spec:
+    """A study: what each trial runs, what varies, and how the search proceeds."""
+    path: Path                           # the study (or sweep) file
+    name: str                            # Optuna study name and MLflow experiment
+    space: dict                          # key -> {"low", "high", "log", "step"} or a list of choices
+    sampler: str = "tpe"
+    pruner: str = "median"
+    trials: int = 20
+    seed: int = 0
+    storage: str = ""
+    heartbeat: int = 10
+    experiment: str = ""                 # MLflow experiment (default: name)
+    start_with: list = field(default_factory=list)  # points tried first, once (Optuna's enqueue_trial)
+    variants: dict = field(default_factory=dict)   # sweeps: label -> (experiment file, overrides)
+    base: Path | None = None
+    sets: list = field(default_factory=list)
+
+    def trial_config(self, params: dict, number: int, extra_sets=()):
+        """The config of a trial with these sampled params."""
+        if self.variants:
+            label = params["variant"]
+            exp, over = self.variants[label]
+            return config_mod.load(exp, over + list(extra_sets) + [f"variant={label}"])
+        over = [f"{k}={_dump(v)}" for k, v in params.items()]
+        return config_mod.load(self.base, self.sets + over + list(extra_sets) + [f"variant=trial-{number}"])
+
+
+def _dump(v) -> str:
+    import yaml
+    return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and check a study file; every mistake is one line naming the file and key."""
+    path = Path(path)
+    raw = config_mod._read_yaml(path)
+    unknown = set(raw) - ALLOWED
+    if unknown:
+        raise ConfigError(f"{path}: unknown study key(s) {sorted(unknown)}; allowed: {sorted(ALLOWED)}")
+    if not isinstance(raw.get("base"), str):
+        raise ConfigError(f"{path}: key 'base' must name the base experiment file")
+    space = raw.get("space")
+    if not isinstance(space, dict) or not space:
+        raise ConfigError(f"{path}: key 'space' must map dotted config keys to ranges or lists of choices")
+    sets = raw.get("set") or {}
+    if not isinstance(sets, dict):
+        raise ConfigError(f"{path}: key 'set' must be a mapping of dotted keys to values")
+    spec = Spec(path=path, name=str(raw.get("name") or path.stem), space=space, base=path.parent / raw["base"],
+                sets=[f"{k}={_dump(v)}" for k, v in sets.items()])
+    for key, kind in (("sampler", SAMPLERS), ("pruner", PRUNERS)):
+        if key in raw and raw[key] not in kind:
+            raise ConfigError(f"{path}: {key} {raw[key]!r} is not one of {list(kind)}")
+        setattr(spec, key, raw.get(key, getattr(spec, key)))
+    for key in ("trials", "seed", "heartbeat"):
+        if key in raw and (not isinstance(raw[key], int) or isinstance(raw[key], bool) or raw[key] < (0 if key == "seed" else 1)):
+            raise ConfigError(f"{path}: {key} must be a positive integer, got {raw[key]!r}")
+        setattr(spec, key, raw.get(key, getattr(spec, key)))
+    spec.storage = str(raw.get("storage") or "")
+    spec.start_with = raw.get("start_with") or []
+    if not isinstance(spec.start_with, list) or not all(isinstance(p, dict) and set(p) <= set(space) for p in spec.start_with):
+        raise ConfigError(f"{path}: start_with must be a list of mappings over the keys of 'space'")
+    if spec.sampler == "grid":          # the grid, once: a trial per combination
+        spec.trials = min(spec.trials if "trials" in raw else 10 ** 9, _grid_size(space))
+    for key, dom in space.items():
+        _check_domain(path, key, dom, spec.sampler)
+    for params in _corners(space):                       # every key exists and takes its extremes
+        try:
+            spec.trial_config(params, 0)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: space {sorted(params)} does not give a valid config: {e}") from None
+    return spec
+
+
+def _check_domain(path, key, dom, sampler):
+    if isinstance(dom, list) and dom:
+        return
+    if sampler == "grid":
+        raise ConfigError(f"{path}: space.{key}: the grid sampler takes lists of values only")
+    if not (isinstance(dom, dict) and {"low", "high"} <= set(dom) <= {"low", "high", "log", "step"}
+            and all(isinstance(dom[k], (int, float)) and not isinstance(dom[k], bool) for k in ("low", "high"))
+            and dom["low"] < dom["high"]):
+        raise ConfigError(f"{path}: space.{key} must be a list of choices or {{low, high[, log][, step]}} with low < high")
+
+
+def _grid_size(space: dict) -> int:
+    n = 1
+    for choices in space.values():
+        n *= len(choices)
+    return n
+
+
+def _corners(space: dict):
+    lo = {k: (d[0] if isinstance(d, list) else d["low"]) for k, d in space.items()}
+    hi = {k: (d[-1] if isinstance(d, list) else d["high"]) for k, d in space.items()}
+    return [lo, hi]
+
+
+def suggest(trial, space: dict) -> dict:
+    """Sample one value per key from the space, through Optuna's suggest API."""
+    out = {}
+    for key, dom in space.items():
+        if isinstance(dom, list):
+            out[key] = trial.suggest_categorical(key, dom)
+        elif all(isinstance(dom[k], int) for k in ("low", "high")) and not isinstance(dom.get("step", 1), float):
+            out[key] = trial.suggest_int(key, dom["low"], dom["high"], step=dom.get("step", 1), log=dom.get("log", False))
+        else:
+            out[key] = trial.suggest_float(key, dom["low"], dom["high"], step=dom.get("step"), log=dom.get("log", False))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ storage
+
+def storage_url(spec: Spec, cfg) -> str:
+    if spec.storage:
+        return spec.storage
+    root = Path(cfg.tracking.runs_dir).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'optuna.db'}"
+
+
+def open_study(spec: Spec, cfg, create: bool):
+    """The study in its RDB storage, with heartbeats (a dead worker's trial becomes FAIL)."""
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)   # heartbeats: stable since 2.9
+    storage = optuna.storages.RDBStorage(storage_url(spec, cfg), heartbeat_interval=spec.heartbeat,
+                                         grace_period=3 * spec.heartbeat,
+                                         failed_trial_callback=lambda study, trial: _mark_failed(cfg, trial))
+    sampler = {"tpe": lambda: optuna.samplers.TPESampler(seed=spec.seed),
+               "random": lambda: optuna.samplers.RandomSampler(seed=spec.seed),
+               "grid": lambda: optuna.samplers.GridSampler(spec.space, seed=spec.seed)}[spec.sampler]()
+    pruner = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
+              "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=max(1, cfg.eval.every),
+                                                                 max_resource=cfg.train.steps),
+              "none": lambda: optuna.pruners.NopPruner()}[spec.pruner]()
+    direction = "minimize" if metrics_mod.mode_of(cfg.selection.metric, cfg.selection.mode) == "min" else "maximize"
+    if create:
+        return optuna.create_study(storage=storage, sampler=sampler, pruner=pruner, study_name=spec.name,
+                                   direction=direction, load_if_exists=True)
+    return optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler, pruner=pruner)
+
+
+def _mark_failed(cfg, trial):
+    """Optuna found a trial whose worker stopped beating: its MLflow run says so too."""
+    run_id = trial.user_attrs.get("run_id")
+    if not run_id or not cfg.tracking.enabled:
+        return
+    from . import track
+    client = track.open_client(track.tracking_uri(cfg))
+    client.set_tag(run_id, "ganlab.failed", "its worker died (no Optuna heartbeat)")
+    client.set_terminated(run_id, "FAILED")
+
+
+# ------------------------------------------------------------------------------------------ a trial
+
+def objective(spec: Spec, parent: str | None, extra_sets=(), quiet=True):
+    """Optuna's objective: one ganlab run; its best selection metric is the trial's value."""
+    import optuna
+    from . import train
+
+    def run_trial(trial):
+        params = {"variant": trial.suggest_categorical("variant", spec.space["variant"])} if spec.variants \
+            else suggest(trial, spec.space)
+        cfg = spec.trial_config(params, trial.number, extra_sets)
+        metric = cfg.selection.metric
+
+        def started(run_id, run_dir):
+            trial.set_user_attr("run_id", run_id or "")
+            trial.set_user_attr("run_dir", str(run_dir))
+            worker = f"{socket.gethostname()}:{os.getpid()}"
+            trial.set_user_attr("worker", worker)
+            if run_id:
+                from . import track
+                track.open_client(track.tracking_uri(cfg)).set_tag(run_id, "ganlab.worker", worker)
+
+        def evaluated(step, m):
+            trial.report(m[metric], step)
+            if not trial.should_prune():
+                return False
+            others = [t.number for t in trial.study.get_trials(deepcopy=False)
+                      if t.number != trial.number and step in t.intermediate_values]
+            trial.set_user_attr("pruned_at_step", step)
+            trial.set_user_attr("pruned_against", others)       # the trials its value was compared with
+            return True
+
+        res = train.train(cfg, quiet=quiet, experiment_file=str(spec.path), parent_run_id=parent,
+                          on_start=started, on_eval=evaluated)
+        trial.set_user_attr("best_step", res.best_step)
+        trial.set_user_attr("stopped", res.stopped)
+        if res.stopped == "pruned":
+            raise optuna.TrialPruned(f"pruned at step {trial.user_attrs['pruned_at_step']}")
+        if res.best is None:
+            raise RuntimeError(f"trial {trial.number}: no evaluation scored ({res.stopped})")
+        return res.best
+    return run_trial
+
+
+def work(spec: Spec, extra_sets=(), quiet=True) -> int:
+    """One worker: take trials until the study has `trials` of them (any state). Returns trials run.
+    Two workers may both start the last one: a study can end a trial or two over, never under."""
+    import optuna
+    cfg0 = spec.trial_config(_first(spec), 0, extra_sets)
+    study = open_study(spec, cfg0, create=False)
+    run = objective(spec, study.user_attrs.get(PARENT), extra_sets, quiet)
+    done = 0
+    while _taken(study) < spec.trials:
+        # a failing trial is recorded as FAIL (with its error) and the study goes on
+        study.optimize(run, n_trials=1, catch=(Exception,))
+        done += 1
+        last = study.get_trials(deepcopy=False)[-1]
+        if last.state == optuna.trial.TrialState.FAIL:
+            print(f"trial {last.number} failed: {last.system_attrs.get('fail_reason', '')[-300:]}", file=sys.stderr)
+    return done
+
+
+def _taken(study) -> int:
+    """Trials started or done (enqueued ones still waiting do not count)."""
+    import optuna
+    return sum(t.state != optuna.trial.TrialState.WAITING for t in study.get_trials(deepcopy=False))
+
+
+def _first(spec: Spec) -> dict:
+    return {"variant": spec.space["variant"][0]} if spec.variants else _corners(spec.space)[0]
+
+
+# --------------------------------------------------------------------------------------- the study
+
+def execute(spec: Spec, workers: int = 1, devices: str = "", extra_sets=(), quiet=True, worker_args=(),
+            parent_name: str = "", parent_tags=None):
+    """Create (or join) the study and its parent run, run the workers here, fail what died.
+    Returns (study, parent run id or None, the config of the first trial)."""
+    import optuna
+    cfg0 = spec.trial_config(_first(spec), 0, extra_sets)
+    study = open_study(spec, cfg0, create=True)
+    if spec.start_with and not study.get_trials(deepcopy=False):
+        for point in spec.start_with:
+            study.enqueue_trial(point, skip_if_exists=True)
+    parent = _parent_run(study, spec, cfg0, parent_name or f"study-{spec.name}", parent_tags or {})
+    if workers <= 1 and not devices:
+        work(spec, extra_sets, quiet)
+    else:
+        _spawn(spec, workers, devices, list(worker_args) + [a for s in extra_sets for a in ("--set", s)])
+    optuna.storages.fail_stale_trials(study)
+    return study, parent, cfg0
+
+
+def run_study(spec: Spec, workers: int = 1, devices: str = "", extra_sets=(), quiet=True) -> list[dict]:
+    """`ganlab tune`: the study, its trials summarised on stdout and on the parent run."""
+    study, parent, cfg0 = execute(spec, workers, devices, extra_sets, quiet)
+    rows = summarise(study)
+    _log_summary(cfg0, parent, rows, study)
+    return rows
+
+
+def _parent_run(study, spec: Spec, cfg, run_name: str, tags: dict) -> str | None:
+    """The study's parent MLflow run: made by the first launcher, found in the study by the others."""
+    if not cfg.tracking.enabled:
+        return None
+    if study.user_attrs.get(PARENT):
+        return study.user_attrs[PARENT]
+    from . import track
+    uri = track.tracking_uri(cfg)
+    client = track.open_client(uri)
+    exp_id = track.ensure_experiment(client, spec.experiment or cfg.name, uri, cfg.tracking.runs_dir)
+    run = client.create_run(exp_id, run_name=run_name,
+                            tags={"ganlab.study": spec.name, "ganlab.study_file": str(spec.path), **tags})
+    study.set_user_attr(PARENT, run.info.run_id)
+    return run.info.run_id
+
+
+def _spawn(spec: Spec, workers: int, devices: str, args: list):
+    """N worker processes on this machine (`ganlab tune|sweep FILE --worker`), one GPU each with --devices."""
+    devs = [d.strip() for d in devices.split(",") if d.strip()] if devices else []
+    command = "sweep" if spec.variants else "tune"
+    cmd = [sys.executable, "-m", "ganlab.cli", command, str(spec.path), "--worker", "--name", spec.name,
+           "--storage", spec.storage, "--quiet", *args]
+    procs = []
+    for i in range(max(workers, len(devs))):
+        env = dict(os.environ, GANLAB_WORKER=str(i))
+        if devs:
+            env["CUDA_VISIBLE_DEVICES"] = devs[i % len(devs)]
+        procs.append(subprocess.Popen(cmd, env=env))
+    for p in procs:
+        p.wait()
+    if any(p.returncode != 0 for p in procs):
+        # a killed worker's trial is failed once its heartbeat is stale (grace: 3 heartbeats)
+        time.sleep(3 * spec.heartbeat + 1)
+
+
+def summarise(study) -> list[dict]:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        rows.append({"trial": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+                     "pruned_at_step": t.user_attrs.get("pruned_at_step"),
+                     "pruned_against": t.user_attrs.get("pruned_against"), "best_step": t.user_attrs.get("best_step"),
+                     "run_id": t.user_attrs.get("run_id"), "run_dir": t.user_attrs.get("run_dir", ""),
+                     "error": t.system_attrs.get("fail_reason", "")})
+    return rows
+
+
+def format_rows(rows: list[dict], metric: str) -> str:
+    lines = [f"| trial | state | {metric} | params | pruned at step (against trials) | run id |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        val = "-" if r["value"] is None else f"{r['value']:.4g}"
+        pruned = "-" if r["pruned_at_step"] is None else f"{r['pruned_at_step']} ({r['pruned_against']})"
+        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())
+        lines.append(f"| {r['trial']} | {r['state']} | {val} | {params} | {pruned} | {r['run_id'] or '-'} |")
+    return "\n".join(lines)
+
+
+def _log_summary(cfg, parent: str | None, rows: list[dict], study):
+    import json
+    import tempfile
+    table = format_rows(rows, cfg.selection.metric)
+    print(table)
+    if parent is None:
+        return
+    from . import track
+    client = track.open_client(track.tracking_uri(cfg))
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "study_summary.md").write_text(table + "\n")
+        (Path(d) / "study_trials.json").write_text(json.dumps(rows, indent=2, default=str))
+        client.log_artifact(parent, str(Path(d) / "study_summary.md"))
+        client.log_artifact(parent, str(Path(d) / "study_trials.json"))
+    states = {r["state"] for r in rows}
+    if "RUNNING" not in states:          # workers elsewhere may still be at it
+        best = [r for r in rows if r["state"] == "COMPLETE"]
+        if best:
+            client.log_metric(parent, f"best_{cfg.selection.metric}", study.best_value)
+            client.set_tag(parent, "ganlab.best_trial", str(study.best_trial.number))
+        client.set_terminated(parent, "FINISHED")

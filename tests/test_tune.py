@@ -1,0 +1,197 @@
+"""ganlab tune on Optuna (real Optuna, real MLflow, real PostgreSQL where the test says so): trials are
+ordinary runs under one parent run, the pruner stops a hopeless trial and the study records where,
+sweeps run on the same machinery with several workers, and a worker killed with -9 leaves a failed
+trial while the study finishes."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import mlflow
+import optuna
+import pytest
+import yaml
+
+from conftest import tiny_overrides
+from ganlab import cli, config, tune
+from ganlab.track import tracking_uri
+
+GOOD, BAD = 0.0002, 1e-9          # lr_g: a generator that learns, and one that stays at its initialisation
+
+
+def write_base(tmp_path, script_extractor, **extra) -> str:
+    sets = dict(o.split("=", 1) for o in tiny_overrides(tmp_path, script_extractor))
+    sets.update({"tracking.enabled": "true", "tracking.system_metrics": "false", "tracking.register_model": "false",
+                 "train.steps": "16", "eval.every": "4", "name": "tunes", **extra})
+    nested = {}
+    for k, v in sets.items():
+        sec, _, key = k.partition(".")
+        if key:
+            nested.setdefault(sec, {})[key] = yaml.safe_load(v)
+        else:
+            nested[sec] = yaml.safe_load(v)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(nested))
+    return "base.yaml"
+
+
+def write_study(tmp_path, **keys):
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump({"base": "base.yaml", **keys}, sort_keys=False))
+    return tmp_path / "study.yaml"
+
+
+def test_trials_are_child_runs_and_the_median_pruner_stops_the_hopeless_one(tmp_path, script_extractor, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_base(tmp_path, script_extractor)
+    study_file = write_study(tmp_path, name="prune", space={"train.lr_g": [GOOD, BAD], "train.lr_d": {"low": 1e-4, "high": 1e-3, "log": True}},
+                             sampler="random", pruner="median", trials=3,
+                             start_with=[{"train.lr_g": GOOD, "train.lr_d": 4e-4}, {"train.lr_g": GOOD, "train.lr_d": 3e-4},
+                                         {"train.lr_g": BAD, "train.lr_d": 4e-4}])
+    assert cli.main(["tune", str(study_file), "--quiet"]) == 0
+    cfg = config.load(tmp_path / "base.yaml")
+    study = optuna.load_study(study_name="prune", storage=f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}")
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
+    pruned = trials[2]
+    assert pruned.user_attrs["pruned_at_step"] == 4 and pruned.user_attrs["pruned_against"] == [0, 1]
+    assert list(pruned.intermediate_values) == [4]                    # it stopped at its first evaluation
+    assert sorted(trials[0].intermediate_values) == [4, 8, 12, 16]
+    client = mlflow.MlflowClient(tracking_uri(cfg))
+    runs = client.search_runs([client.get_experiment_by_name("tunes").experiment_id])
+    parent = [r for r in runs if r.data.tags.get("ganlab.study") == "prune"]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    children = {r.info.run_id: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id}
+    assert set(children) == {t.user_attrs["run_id"] for t in trials}
+    pruned_run = children[pruned.user_attrs["run_id"]]
+    assert [m.step for m in client.get_metric_history(pruned_run.info.run_id, "fid")] == [4]
+    events = (tmp_path / pruned.user_attrs["run_dir"] / "events.jsonl").read_text()
+    assert '"kind": "pruned"' in events
+    assert study.best_trial.params["train.lr_g"] == GOOD
+    assert {a.path for a in client.list_artifacts(parent[0].info.run_id)} >= {"study_summary.md", "study_trials.json"}
+
+
+@pytest.mark.parametrize("keys,message", [
+    ({"space": {"train.lr_d": [1e-4]}, "sampler": "bayes"}, "sampler 'bayes' is not one of"),
+    ({"space": {"train.lr_d": {"low": 1e-4, "high": 1e-3}}, "sampler": "grid"}, "grid sampler takes lists"),
+    ({"space": {"train.nope": [1, 2]}}, "does not give a valid config"),
+    ({"space": {"train.lr_d": {"low": 1e-3, "high": 1e-4}}}, "low < high"),
+    ({"space": {"train.lr_d": [1e-4]}, "trails": 3}, "unknown study key"),
+])
+def test_study_file_mistakes_are_one_line(tmp_path, script_extractor, keys, message, capsys):
+    write_base(tmp_path, script_extractor)
+    assert cli.main(["tune", str(write_study(tmp_path, **keys))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "study.yaml" in err[0]
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_its_variants_on_two_workers(tmp_path, script_extractor):
+    write_base(tmp_path, script_extractor)
+    (tmp_path / "sw.yaml").write_text("base: base.yaml\nname: two\nvariants:\n  x: {}\n  y: {train.lr_d: 0.0004}\n  z: {train.lr_d: 0.0001}\n")
+    p = subprocess.run([sys.executable, "-m", "ganlab.cli", "sweep", "sw.yaml", "--quiet", "--workers", "2"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert all(f"| {v} |" in p.stdout for v in "xyz")
+    c = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    runs = c.search_runs([c.get_experiment_by_name("two").experiment_id])
+    parent = [r for r in runs if "ganlab.sweep" in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
+    assert len(parent) == 1 and sorted(r.data.tags["ganlab.variant"] for r in children) == ["x", "y", "z"]
+    assert all(r.info.status == "FINISHED" for r in children + parent)
+    workers = {r.data.tags.get("ganlab.worker") for r in children}
+    assert len(workers) == 2, workers                  # both workers took variants
+
+
+# ------------------------------------------------------------------- the team setup, on PostgreSQL
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server URL whose role may create databases ($GANLAB_TEST_POSTGRES; .ci/run starts the
+    machine's PostgreSQL and sets it). Without it the test is skipped, except where
+    $GANLAB_REQUIRE_POSTGRES says it must run (CI)."""
+    url = os.environ.get("GANLAB_TEST_POSTGRES")
+    if not url:
+        if os.environ.get("GANLAB_REQUIRE_POSTGRES"):
+            pytest.fail("GANLAB_REQUIRE_POSTGRES is set but GANLAB_TEST_POSTGRES is not")
+        pytest.skip("no PostgreSQL: set GANLAB_TEST_POSTGRES=postgresql://user:pw@host:port/postgres")
+    return url
+
+
+def fresh_database(server_url: str) -> str:
+    import psycopg
+    name = f"ganlab_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return server_url.rsplit("/", 1)[0] + "/" + name
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def team_server(postgres, tmp_path):
+    """`mlflow server` on a PostgreSQL backend store with served artifacts: the README's team setup."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", fresh_database(postgres),
+                             "--serve-artifacts", "--artifacts-destination", str(tmp_path / "server-artifacts"),
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            mlflow.MlflowClient(url).search_experiments()
+            break
+        except Exception:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited: {proc.stderr.read()[-2000:]}")
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_workers_share_a_postgres_study_and_a_team_server_and_survive_a_kill(tmp_path, script_extractor, postgres, team_server):
+    write_base(tmp_path, script_extractor, **{"train.steps": "48", "eval.every": "8", "tracking.uri": team_server})
+    storage = fresh_database(postgres)
+    study_file = write_study(tmp_path, name="team", space={"train.lr_d": [1e-4, 2e-4, 3e-4, 4e-4, 5e-4]},
+                             sampler="grid", pruner="none", storage=storage, heartbeat=1)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    launcher = subprocess.Popen([sys.executable, "-m", "ganlab.cli", "tune", str(study_file), "--quiet", "--workers", "2"],
+                                cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim = None
+    deadline = time.time() + 300
+    while victim is None and time.time() < deadline:       # a trial mid-run, past its first evaluation
+        time.sleep(0.3)
+        try:
+            study = optuna.load_study(study_name="team", storage=storage)
+        except KeyError:
+            continue
+        for t in study.get_trials(deepcopy=False):
+            if t.state.name == "RUNNING" and "worker" in t.user_attrs and t.user_attrs.get("run_id"):
+                victim = t
+                break
+    assert victim is not None, "no trial started"
+    os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+    out, err = launcher.communicate(timeout=600)
+    assert launcher.returncode == 0, err[-3000:]
+    trials = optuna.load_study(study_name="team", storage=storage).get_trials()
+    states = {t.number: t.state.name for t in trials}
+    assert states[victim.number] == "FAIL", states
+    others = [t for t in trials if t.number != victim.number]
+    assert others and all(t.state.name == "COMPLETE" for t in others), states
+    assert len(trials) == 5                                 # the grid, once: the study finished
+    client = mlflow.MlflowClient(team_server)
+    killed = client.get_run(victim.user_attrs["run_id"])
+    assert killed.info.status == "FAILED" and "died" in killed.data.tags["ganlab.failed"]
+    for t in others:
+        run = client.get_run(t.user_attrs["run_id"])
+        assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith("mlflow-artifacts:")
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "fid")] == [8, 16, 24, 32, 40, 48]
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "events.jsonl"}
