@@ -195,3 +195,9 @@ def test_workers_share_a_postgres_study_and_a_team_server_and_survive_a_kill(tmp
         assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith("mlflow-artifacts:")
         assert [m.step for m in client.get_metric_history(run.info.run_id, "fid")] == [8, 16, 24, 32, 40, 48]
         assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "events.jsonl"}
+
+
+def test_the_shipped_study_loads():
+    from pathlib import Path
+    spec = tune.load_spec(Path(__file__).resolve().parent.parent / "experiments" / "tunes" / "recommended_lr.yaml")
+    assert spec.sampler == "tpe" and spec.pruner == "median" and set(spec.start_with[0]) <= set(spec.space)
