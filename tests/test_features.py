@@ -8,7 +8,7 @@ import mlflow
 import pytest
 import torch
 
-from ganlab import config, data, evaluate, extractors, features, train
+from ganlab import config, data, evaluate, extractors, features, train, validity
 from conftest import tiny_overrides
 
 from ganlab.track import tracking_uri
@@ -91,6 +91,22 @@ def test_the_encoder_file_is_logged_with_the_run(auto_cfg, tmp_path):
     h = sig["weights"]
     assert {f"evaluation/encoder-{h}.pt", f"evaluation/encoder-{h}.json"} <= logged, logged
     assert run.data.tags["eval.extractor"] == f"domain-{h}" and "extractor_recipe" in sig
+
+
+def test_the_domain_encoder_ranks_degradations_on_a_small_fixture(auto_cfg):
+    """docs/metrics.md's properties, small: noise, blur, eroded alpha and dropped modes each rank
+    monotonically in the encoder's space (sprites: 5 shapes in many colours, 32 px)."""
+    cfg = auto_cfg("eval.encoder_steps=60", "eval.encoder_batch_size=32", "data.sprites=400", "data.min_holdout=100",
+                   "eval.num_samples=128", "eval.metrics=fid", "eval.fid_alpha=false")
+    images = data.load_images(cfg.data, cfg.seed)
+    ev = evaluate.Evaluator(cfg, images.holdout, "cpu")
+    fid = lambda u8: ev.metrics_for(u8)["fid"]                      # noqa: E731
+    base = images.train[:128]
+    curves = {"noise": [(s, fid(validity.gaussian_noise(base, s))) for s in (0, 24, 64)],
+              "blur": [(s, fid(validity.blur(base, s))) for s in (0, 1, 2)],
+              "erode": [(p, fid(validity.erode_alpha(base, p))) for p in (0, 1, 2)],
+              "modes": [(f, fid(validity.mode_drop(images.train, 128, f, k=4))) for f in (1.0, 0.5, 0.25)]}
+    assert all(validity.monotone(c) for c in curves.values()), curves
 
 
 def test_augmented_views_never_change_alpha_coverage():
