@@ -108,6 +108,7 @@ class EvalConfig:
     batch_size: int = _f(100, "feature-extractor batch size (FID depends on it)", lo=1)
     metrics: list = _f(["fid", "isc", "kid"], "metrics to compute", choices=metrics_mod.REQUESTS)
     fid_alpha: bool = _f(True, "also FID on the alpha channel alone")
+    standard_fid: str = _f("auto", "also standard InceptionV3 FID (fid_standard) beside another extractor: auto = when its weights are present", choices=["auto", "always", "never"])
     background: str = _f("checker", "what RGBA is composited over", choices=["white", "black", "gray", "checker"])
     feature_extractor: str = _f("auto", "auto (InceptionV3 with weights, else the domain encoder) | domain | inception-v3-compat | inception-v3-random | dinov2-vit-s-14/b-14/l-14 | clip-* | path to a TorchScript extractor")
     weights: str = _f("", "local weights file of the named extractor (InceptionV3: or $GANLAB_INCEPTION_WEIGHTS)")

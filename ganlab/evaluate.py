@@ -21,7 +21,7 @@ import torch_fidelity
 
 from . import data
 from .compositing import alpha_as_rgb, composite
-from .extractors import RANDOM_WARNING, EvalError, resolve
+from .extractors import RANDOM_WARNING, EvalError, resolve, standard
 from .generator import generate
 from .metrics import TABLE
 
@@ -90,6 +90,9 @@ class Evaluator:
         }
         if "recipe" in self.extractor:     # the domain encoder: how it was trained, and on what
             self.signature["extractor_recipe"] = self.extractor["recipe"]
+        self.standard = standard(cfg, self.extractor)   # InceptionV3 for fid_standard, or None
+        if self.standard is not None:
+            self.signature["standard_weights"] = self.standard["weights_hash"]
         self.signature_hash = hashlib.sha256(json.dumps(self.signature, sort_keys=True).encode()).hexdigest()[:12]
         self.seconds = 0.0             # total time spent evaluating (its own cost, logged)
         self.last_images = None        # straight uint8 RGBA of the last evaluation
@@ -141,11 +144,15 @@ class Evaluator:
         as in ganlab/metrics.py."""
         e = self.cfg.eval
         want = set(e.metrics)
-        raw = self._fidelity(TensorImages(composite(fake_u8, e.background)), TensorImages(self.real), "rgb", want)
+        fake = TensorImages(composite(fake_u8, e.background))
+        raw = self._fidelity(fake, TensorImages(self.real), "rgb", want)
         out = {m.name: raw[m.fidelity_key] for m in TABLE if m.request in want}
         if e.fid_alpha:
             raw_a = self._fidelity(TensorImages(alpha_as_rgb(fake_u8)), TensorImages(self.real_alpha), "alpha", {"fid"})
             out["fid_alpha"] = raw_a["frechet_inception_distance"]
+        if self.standard is not None:
+            raw_s = self._fidelity(fake, TensorImages(self.real), "rgb-standard", {"fid"}, self.standard)
+            out["fid_standard"] = raw_s["frechet_inception_distance"]
         return {k: float(v) for k, v in out.items()}
 
     def real_cache_name(self, channel: str) -> str:
@@ -154,19 +161,20 @@ class Evaluator:
             key.pop(k, None)
         return "ganlab-real-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
-    def _fidelity(self, fake: TensorImages, real: TensorImages, channel: str, want: set) -> dict:
+    def _fidelity(self, fake: TensorImages, real: TensorImages, channel: str, want: set, extractor=None) -> dict:
+        extractor = extractor or self.extractor
         n = min(len(fake), len(real))
         kwargs = dict(
             input1=fake, input2=real, input2_cache_name=self.real_cache_name(channel),
             cache_root=str(self.cache_root), cache=True,
             fid="fid" in want, isc="isc" in want, kid="kid" in want, prc="prc" in want,
-            feature_extractor=self.extractor["name"], batch_size=self.cfg.eval.batch_size,
+            feature_extractor=extractor["name"], batch_size=self.cfg.eval.batch_size,
             kid_subset_size=self.kid_subset_size(len(fake), len(real)), isc_splits=max(1, min(10, len(fake) // 2)),
             cuda=self.device.type == "cuda", save_cpu_ram=True, verbose=self.verbose,
             rng_seed=self.cfg.eval.seed,
         )
-        if self.extractor.get("weights_kwarg"):
-            kwargs["feature_extractor_weights_path"] = self.extractor["weights_kwarg"]
+        if extractor.get("weights_kwarg"):
+            kwargs["feature_extractor_weights_path"] = extractor["weights_kwarg"]
         if n < 2:
             raise EvalError(f"need at least 2 generated and 2 held-out images to evaluate, have {len(fake)} and {len(real)}")
         return torch_fidelity.calculate_metrics(**kwargs)

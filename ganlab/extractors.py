@@ -311,6 +311,24 @@ def _inception(weights: str) -> dict | None:
             "weights_kwarg": str(found)}
 
 
+def standard(cfg, primary: dict) -> dict | None:
+    """InceptionV3 for fid_standard beside a primary extractor that is not InceptionV3, or None:
+    eval.standard_fid auto = when the weights are present (never downloaded for this), always = required."""
+    e = cfg.eval
+    if e.standard_fid == "never" or primary["name"] in (COMPAT, RANDOM) or primary.get("weights_kwarg"):
+        return None
+    pretrained = e.feature_extractor in DINOV2_MODELS or e.feature_extractor in CLIP_MODELS   # eval.weights is theirs
+    weights = ("" if pretrained else e.weights) or os.environ.get("GANLAB_INCEPTION_WEIGHTS", "")
+    p = Path(weights).expanduser() if weights else (_hub_weights_path() if _hub_weights_path().exists() else None)
+    if p is None or not p.is_file():
+        if e.standard_fid == "always":
+            raise EvalError("eval.standard_fid is always but InceptionV3's weights are not present "
+                            "(eval.weights, GANLAB_INCEPTION_WEIGHTS or torch's hub cache)")
+        return None
+    _check_weights(p)
+    return {"name": COMPAT, "weights": str(p), "weights_hash": file_hash(p), "random": False, "weights_kwarg": str(p)}
+
+
 def resolve(cfg, device="cpu") -> dict:
     """Decide which extractor evaluation uses and register it with torch-fidelity. Returns {name, weights,
     weights_hash, random} and, when they apply, weights_kwarg (torch-fidelity's weights path argument),

@@ -2,6 +2,7 @@
 net (fast loop tests) and InceptionV3 with random weights written to a temp file (the real
 inception-v3-compat code path of torch-fidelity)."""
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"   # MLflow 3 sends usage telemet
 os.environ["DO_NOT_TRACK"] = "true"               # (both also reach the mlflow server / serve subprocesses)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("GANLAB_INCEPTION_WEIGHTS", None)
+os.environ["TORCH_HOME"] = tempfile.mkdtemp(prefix="ganlab-torch-home-")   # no InceptionV3 from a hub cache
 
 from ganlab import config, extractors  # noqa: E402
 

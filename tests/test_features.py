@@ -175,3 +175,19 @@ def test_dinov2_without_weights_offline_is_one_line(auto_cfg, tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"junk")
     with pytest.raises(extractors.EvalError, match="not a DINOv2"):
         extractors.resolve(auto_cfg("eval.feature_extractor=dinov2-vit-s-14", f"eval.weights={tmp_path / 'junk.pth'}"))
+
+
+def test_standard_fid_is_reported_beside_another_extractor_when_inception_weights_exist(auto_cfg, inception_weights,
+                                                                                       script_extractor, sprites):
+    """eval.standard_fid: auto adds fid_standard (InceptionV3, torch-fidelity's compat path) beside the
+    primary extractor when the weights are present; its weights join the signature."""
+    base = [f"eval.feature_extractor={script_extractor}", "eval.metrics=fid", "eval.fid_alpha=false", "eval.num_samples=8"]
+    ev = evaluate.Evaluator(auto_cfg(*base, f"eval.weights={inception_weights}"), sprites[:12], "cpu")
+    noisy = (sprites[:12].float() + 80 * torch.randn(sprites[:12].shape)).clamp(0, 255).to(torch.uint8)
+    m = ev.metrics_for(noisy)
+    assert set(m) == {"fid", "fid_standard"} and m["fid"] != m["fid_standard"] and m["fid_standard"] > 0
+    assert ev.signature["standard_weights"] == extractors.file_hash(inception_weights)
+    off = evaluate.Evaluator(auto_cfg(*base, f"eval.weights={inception_weights}", "eval.standard_fid=never"), sprites[:12], "cpu")
+    assert set(off.metrics_for(noisy)) == {"fid"} and "standard_weights" not in off.signature
+    with pytest.raises(extractors.EvalError, match="standard_fid is always"):
+        evaluate.Evaluator(auto_cfg(*base, "eval.standard_fid=always"), sprites[:12], "cpu")
