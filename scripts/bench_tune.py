@@ -20,7 +20,10 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import yaml
+
+from ganlab.bench import machine_info
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,20 +82,12 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=Path("/tmp/bench_tune"))
     a = p.parse_args(argv)
     os.environ.setdefault("GANLAB_OFFLINE", "1")
-    out = {"cpu": _cpu(), "reporting": reporting_cost(a.out / "cost", a.history)}
+    out = {"machine": machine_info(torch.device("cpu")), "reporting": reporting_cost(a.out / "cost", a.history)}
     out["one_worker"] = trials_per_hour(a.out / "w1", 1, a.trials, a.steps)
     out["two_workers"] = trials_per_hour(a.out / "w2", 2, a.trials, a.steps)
     out["speedup"] = round(out["two_workers"]["trials_per_hour"] / out["one_worker"]["trials_per_hour"], 2)
     print(json.dumps(out, indent=2))
     return 0
-
-
-def _cpu() -> str:
-    try:
-        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
-        return f"{names[0]} x{len(names)}"
-    except OSError:
-        return "unknown"
 
 
 if __name__ == "__main__":
