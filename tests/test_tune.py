@@ -167,10 +167,11 @@ def test_workers_share_a_postgres_study_and_a_team_server_and_survive_a_kill(tmp
                                 cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     victim = None
     deadline = time.time() + 300
-    while victim is None and time.time() < deadline:       # a trial mid-run, past its first evaluation
+    db = optuna.storages.RDBStorage(storage)               # one connection pool for all the polling
+    while victim is None and time.time() < deadline:       # a trial that has started its run
         time.sleep(0.3)
         try:
-            study = optuna.load_study(study_name="team", storage=storage)
+            study = optuna.load_study(study_name="team", storage=db)
         except KeyError:
             continue
         for t in study.get_trials(deepcopy=False):
@@ -181,7 +182,7 @@ def test_workers_share_a_postgres_study_and_a_team_server_and_survive_a_kill(tmp
     os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
     out, err = launcher.communicate(timeout=600)
     assert launcher.returncode == 0, err[-3000:]
-    trials = optuna.load_study(study_name="team", storage=storage).get_trials()
+    trials = optuna.load_study(study_name="team", storage=db).get_trials()
     states = {t.number: t.state.name for t in trials}
     assert states[victim.number] == "FAIL", states
     others = [t for t in trials if t.number != victim.number]
