@@ -19,10 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 from . import config as config_mod
 from .config import ConfigError
+from .tune import _dump, read_file
 
 ALLOWED = {"base", "name", "set", "variants", "grid"}
 
@@ -30,12 +29,7 @@ ALLOWED = {"base", "name", "set", "variants", "grid"}
 def load_sweep(path: str | Path) -> tuple[Path, str | None, list[tuple[str, Path, list[str]]]]:
     """-> (base experiment path, experiment name or None, [(label, its experiment file, overrides)])."""
     path = Path(path)
-    raw = config_mod._read_yaml(path)
-    unknown = set(raw) - ALLOWED
-    if unknown:
-        raise ConfigError(f"{path}: unknown sweep key(s) {sorted(unknown)}; allowed: {sorted(ALLOWED)}")
-    if not isinstance(raw.get("base"), str):
-        raise ConfigError(f"{path}: key 'base' must name the base experiment file")
+    raw = read_file(path, ALLOWED, "sweep")
     base = path.parent / raw["base"]
     common = _pairs(raw.get("set") or {}, path, "set") + ([f"name={raw['name']}"] if raw.get("name") else [])
     variants = []
@@ -60,10 +54,6 @@ def _pairs(d, path, where) -> list[str]:
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: key '{where}' must be a mapping of dotted keys to values")
     return [f"{k}={_dump(v)}" for k, v in d.items()]
-
-
-def _dump(v) -> str:
-    return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 def sweep_spec(path, extra_sets=(), only=(), name: str = "", storage: str = ""):

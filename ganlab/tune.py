@@ -73,19 +73,26 @@ class Spec:
 
 
 def _dump(v) -> str:
+    """A value as `--set` reads it back."""
     import yaml
     return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def read_file(path: Path, allowed: set, what: str) -> dict:
+    """A study or sweep file: its keys checked against `allowed`, and a base experiment named."""
+    raw = config_mod._read_yaml(path)
+    unknown = set(raw) - allowed
+    if unknown:
+        raise ConfigError(f"{path}: unknown {what} key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+    if not isinstance(raw.get("base"), str):
+        raise ConfigError(f"{path}: key 'base' must name the base experiment file")
+    return raw
 
 
 def load_spec(path: str | Path) -> Spec:
     """Read and check a study file; every mistake is one line naming the file and key."""
     path = Path(path)
-    raw = config_mod._read_yaml(path)
-    unknown = set(raw) - ALLOWED
-    if unknown:
-        raise ConfigError(f"{path}: unknown study key(s) {sorted(unknown)}; allowed: {sorted(ALLOWED)}")
-    if not isinstance(raw.get("base"), str):
-        raise ConfigError(f"{path}: key 'base' must name the base experiment file")
+    raw = read_file(path, ALLOWED, "study")
     space = raw.get("space")
     if not isinstance(space, dict) or not space:
         raise ConfigError(f"{path}: key 'space' must map dotted config keys to ranges or lists of choices")
