@@ -1,37 +1,41 @@
 """DiffAugment (Zhao et al. 2020) for RGBA: differentiable augmentations applied to every image D sees,
 real and fake alike. Empty space is filled with transparent black (-1 in model space). Colour ops
-touch RGB only: alpha is shape, not colour."""
+touch RGB only: alpha is shape, not colour. Random parameters are drawn per sample through a
+distributed.Share, so a rank of a multi-process run draws its rows of the global batch's draw."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from .distributed import SINGLE, Share
 
-def diff_augment(x: torch.Tensor, ops: list[str], generator=None) -> torch.Tensor:
+
+def diff_augment(x: torch.Tensor, ops: list[str], generator=None, share: Share = SINGLE) -> torch.Tensor:
+    n, device = x.shape[0], x.device
+
+    def rand(*shape):                  # one uniform number per sample (per row of the batch)
+        return share.rand(n, *shape, generator=generator, device=device)
+
     for op in ops:
-        x = OPS[op](x, generator)
+        x = OPS[op](x, rand)
     return x
 
 
-def _rand(x, *shape, generator):
-    return torch.rand(x.shape[0], *shape, device=x.device, generator=generator)
-
-
-def color(x, generator):
+def color(x, rand):
     rgb, a = x[:, :3], x[:, 3:]
-    rgb = rgb + (_rand(x, 1, 1, 1, generator=generator) - 0.5)                       # brightness
+    rgb = rgb + (rand(1, 1, 1) - 0.5)                            # brightness
     mean = rgb.mean(dim=1, keepdim=True)
-    rgb = (rgb - mean) * (_rand(x, 1, 1, 1, generator=generator) * 2) + mean         # saturation
+    rgb = (rgb - mean) * (rand(1, 1, 1) * 2) + mean              # saturation
     mean = rgb.mean(dim=[1, 2, 3], keepdim=True)
-    rgb = (rgb - mean) * (_rand(x, 1, 1, 1, generator=generator) + 0.5) + mean       # contrast
+    rgb = (rgb - mean) * (rand(1, 1, 1) + 0.5) + mean            # contrast
     return torch.cat([rgb, a], 1)
 
 
-def translation(x, generator, ratio=0.125):
+def translation(x, rand, ratio=0.125):
     n, _, h, w = x.shape
     sh, sw = int(h * ratio + 0.5), int(w * ratio + 0.5)
-    tx = (_rand(x, generator=generator) * (2 * sh + 1)).long() - sh
-    ty = (_rand(x, generator=generator) * (2 * sw + 1)).long() - sw
+    tx = (rand() * (2 * sh + 1)).long() - sh
+    ty = (rand() * (2 * sw + 1)).long() - sw
     gy, gx = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing="ij")
     gy = (gy[None] + tx[:, None, None]).clamp(-1, h)
     gx = (gx[None] + ty[:, None, None]).clamp(-1, w)
@@ -40,11 +44,11 @@ def translation(x, generator, ratio=0.125):
     return padded.flatten(2).gather(2, idx).view_as(x)
 
 
-def cutout(x, generator, ratio=0.5):
+def cutout(x, rand, ratio=0.5):
     n, _, h, w = x.shape
     ch, cw = int(h * ratio + 0.5), int(w * ratio + 0.5)
-    oy = (_rand(x, generator=generator) * (h + 1 - ch % 2)).long() - ch // 2
-    ox = (_rand(x, generator=generator) * (w + 1 - cw % 2)).long() - cw // 2
+    oy = (rand() * (h + 1 - ch % 2)).long() - ch // 2
+    ox = (rand() * (w + 1 - cw % 2)).long() - cw // 2
     gy = torch.arange(h, device=x.device)[None, :, None]
     gx = torch.arange(w, device=x.device)[None, None, :]
     inside = ((gy - oy[:, None, None]).abs() <= ch // 2) & ((gx - ox[:, None, None]).abs() <= cw // 2)

@@ -22,6 +22,7 @@ def main(argv=None):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     p = build_parser()
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if not getattr(args, "func", None):
         p.print_help()
         return 2
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--new-period", action="store_true",
                    help="with --resume: accept a changed evaluation protocol as a new selection period "
                         "(best and patience start again) instead of refusing")
+    t.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="one run on N processes of this machine (torchrun, DistributedDataParallel): one GPU "
+                        "each, or CPU processes with gloo; train.batch_size is the global batch")
     t.set_defaults(func=cmd_train)
 
     _generator_commands(sub)
@@ -151,21 +155,44 @@ def _run_commands(sub):
 
 def cmd_train(args):
     from . import train
+    if args.nproc < 1:
+        raise config_mod.ConfigError(f"--nproc {args.nproc}: expected a number of processes >= 1")
+    cfg = _train_config(args)          # checked here: a mistake is one line, not one per process
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch_train(args)
     if args.resume:
-        run = Path(args.resume)
-        if not (run / "config.yaml").exists():
-            raise config_mod.ConfigError(f"--resume {run}: not a run folder (no config.yaml)")
-        cfg = config_mod.load(run / "config.yaml", args.set)
-        res = train.train(cfg, run_dir=run, resume=True, quiet=args.quiet, new_period=args.new_period)
+        res = train.train(cfg, run_dir=Path(args.resume), resume=True, quiet=args.quiet, new_period=args.new_period)
     else:
-        if not args.experiment:
-            raise config_mod.ConfigError("train: give an EXPERIMENT.yaml (or --resume RUN)")
-        cfg = config_mod.load(args.experiment, args.set)
         res = train.train(cfg, quiet=args.quiet, experiment_file=args.experiment)
+    if int(os.environ.get("RANK", "0")):
+        return 0                       # rank 0 reports for the run
     print(f"run folder: {res.run_dir}")
     print(f"stopped: {res.stopped} at step {res.step}; best {cfg.selection.metric} = "
           f"{'n/a' if res.best is None else format(res.best, '.4g')} at step {res.best_step}; rollbacks {res.rollbacks}")
     return 0
+
+
+def _train_config(args):
+    if args.resume:
+        run = Path(args.resume)
+        if not (run / "config.yaml").exists():
+            raise config_mod.ConfigError(f"--resume {run}: not a run folder (no config.yaml)")
+        return config_mod.load(run / "config.yaml", args.set)
+    if not args.experiment:
+        raise config_mod.ConfigError("train: give an EXPERIMENT.yaml (or --resume RUN)")
+    return config_mod.load(args.experiment, args.set)
+
+
+def _launch_train(args):
+    """--nproc N: the same command under torchrun, with N processes on this machine."""
+    from . import distributed
+    argv, skip = [], False
+    for a in args.argv:                # the command as typed, less --nproc
+        if skip or a == "--nproc" or a.startswith("--nproc="):
+            skip = a == "--nproc"
+            continue
+        argv.append(a)
+    return distributed.launch(args.nproc, argv)
 
 
 def cmd_sample(args):

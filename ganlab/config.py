@@ -94,6 +94,7 @@ class TrainConfig:
     precision: str = _f("fp32", "bf16 = autocast on CUDA, and on CPUs with native bf16", choices=["fp32", "bf16"])
     channels_last: bool = _f(True, "channels_last memory format (same math; faster convolutions on CPU and GPU)")
     compile: bool = _f(False, "torch.compile the networks")
+    sync_bn: bool = _f(False, "with several processes (--nproc, torchrun): batch-norm statistics over the global batch instead of each rank's share")
     device: str = _f("auto", "auto picks cuda, then mps, then cpu", choices=["auto", "cpu", "cuda", "mps"])
     log_every: int = _f(50, "steps between diagnostics (averaged over the interval)", lo=1)
     checkpoint_every: int = _f(500, "steps between `last` checkpoints", lo=1)

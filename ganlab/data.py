@@ -322,11 +322,12 @@ def to_straight_u8(x: torch.Tensor, alpha: str) -> torch.Tensor:
 
 class Batches:
     """Batch i of the training stream is a pure function of (seed, i): a fresh permutation per epoch,
-    seeded by the epoch, so resuming at step s needs no saved data-loader state. Every batch is
+    seeded by the epoch, so resuming at step s needs no saved data-loader state. `batch_size` is the
+global batch; with a distributed.Share each rank takes its rows of it. Every batch is
     returned on `device`, whether the set is resident there or kept in host memory."""
 
     def __init__(self, train_u8: torch.Tensor, batch_size: int, seed: int, alpha: str, device,
-                 placement: str = "auto"):
+                 placement: str = "auto", share=None):
         n = len(train_u8)
         if n < batch_size:
             raise DataError(f"only {n} training images, fewer than one batch of {batch_size}: "
@@ -337,6 +338,7 @@ class Batches:
         self.batch_size, self.seed, self.alpha = batch_size, seed, alpha
         self.per_epoch = n // batch_size
         self._epoch, self._perm = None, None
+        self.share = share             # a distributed.Share: this rank's rows of each global batch (None = all)
 
     def __call__(self, i: int) -> torch.Tensor:
         epoch, j = divmod(i, self.per_epoch)
@@ -345,6 +347,8 @@ class Batches:
             self._perm = torch.randperm(len(self.data), generator=g).to(self.data.device)
             self._epoch = epoch
         idx = self._perm[j * self.batch_size:(j + 1) * self.batch_size]
+        if self.share is not None:
+            idx = self.share.rows(idx)
         batch = self.data.index_select(0, idx)
         if batch.device != self.device:
             # host-resident set: the uint8 batch (4x smaller than floats) crosses over, from pinned

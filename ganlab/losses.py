@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .distributed import SINGLE, Share
+
 def d_loss(kind: str, real: torch.Tensor, fake: torch.Tensor, real_target: float = 1.0) -> torch.Tensor:
     if kind == "bce":
         return (F.binary_cross_entropy_with_logits(real, torch.full_like(real, real_target))
@@ -39,9 +41,10 @@ def r1_penalty(d, real: torch.Tensor) -> torch.Tensor:
     return grad.pow(2).flatten(1).sum(1).mean()
 
 
-def gradient_penalty(d, real: torch.Tensor, fake: torch.Tensor, generator=None) -> torch.Tensor:
-    """WGAN-GP (Gulrajani et al. 2017): (||grad D(x_hat)|| - 1)^2 on random interpolates."""
-    eps = torch.rand(real.shape[0], 1, 1, 1, device=real.device, generator=generator)
+def gradient_penalty(d, real: torch.Tensor, fake: torch.Tensor, generator=None, share: Share = SINGLE) -> torch.Tensor:
+    """WGAN-GP (Gulrajani et al. 2017): (||grad D(x_hat)|| - 1)^2 on random interpolates (their
+    weights drawn for the global batch: see distributed.Share)."""
+    eps = share.rand(real.shape[0], 1, 1, 1, generator=generator, device=real.device)
     x = (eps * real.detach() + (1 - eps) * fake.detach()).requires_grad_(True)
     out = d(x)
     (grad,) = torch.autograd.grad(out.sum(), x, create_graph=True)

@@ -7,6 +7,11 @@ gives each phase a short method. It asks `evaluate` for metrics, `select` for de
 
 Files in a run folder: config.yaml, events.jsonl, last.pt (+ .prev), best.pt, start.pt (the first
 state: what a collapse rolls back to before there is a best), generator.pt / .safetensors, samples/.
+
+Several processes (torchrun, `ganlab train --nproc N`): every rank trains its share of the batch;
+rank 0 alone evaluates, writes files, tracks and prints, and the others follow its decisions
+(`_follow_rank0`), so a rollback or a stop happens on every rank at the same step. Ranks share
+the run folder (one machine), which is how a rollback reads the best checkpoint on every rank.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, config as config_mod, data, evaluate, models, report, select, track
+from . import checkpoint, config as config_mod, data, distributed, evaluate, models, report, select, track
 from .checkpoint import atomic_write_bytes
 from .generator import export_generator, load_generator
 from .trainer import Trainer, global_rng_state, pick_device, set_global_rng_state
@@ -70,7 +75,7 @@ def train(
     if on_start is not None:
         on_start(run.run_id, run.run_dir)
     end = min(cfg.train.steps, stop_at) if stop_at is not None else cfg.train.steps
-    with stop_requests() as requested:
+    with stop_requests(run.share) as requested:
         try:
             while run.step < end and not run.stopped:
                 # ---- step
@@ -94,15 +99,19 @@ def train(
             run.fail(e)
             raise
     # ---- finish
-    return run.finish()
+    try:
+        return run.finish()
+    finally:
+        distributed.leave(run.share)
 
 
 @contextmanager
-def stop_requests():
+def stop_requests(share=distributed.SINGLE):
     """While training, Ctrl-C only asks the loop to stop: the step in flight completes (never D
-    updated and G not), then the loop saves and ends. A second Ctrl-C interrupts at once."""
+    updated and G not), then the loop saves and ends. A second Ctrl-C interrupts at once.
+    Several processes: Ctrl-C ends them all at once (torchrun); last.pt is the point to resume."""
     asked = []
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or share.world > 1:
         yield lambda: False
         return
 
@@ -124,19 +133,25 @@ class Run:
 
     def __init__(self, cfg, run_dir, quiet: bool, tracker):
         t = cfg.train
-        self.cfg, self.quiet = cfg, quiet
-        self.device = pick_device(t.device)
+        self.cfg = cfg
+        self.share, self.device = distributed.join(pick_device(t.device))
+        main = self.share.main
+        self.quiet = quiet or not main
         if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        self.images = data.load_images(cfg.data, cfg.seed)
-        self.evaluator = evaluate.Evaluator(cfg, self.images.holdout, self.device)
-        self.run_dir = Path(run_dir) if run_dir else track.new_run_dir(cfg)
+        with distributed.main_first(self.share):       # rank 0 decodes into the cache, the others read it
+            self.images = data.load_images(cfg.data, cfg.seed)
+        # rank 0's alone: evaluation (real statistics, perhaps the domain encoder), tracking, files
+        self.evaluator = evaluate.Evaluator(cfg, self.images.holdout, self.device) if main else None
+        self.run_dir = Path(distributed.broadcast(str(run_dir or track.new_run_dir(cfg)) if main else None, self.share))
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.trainer = Trainer(cfg, self.images.train, self.device)
+        self.trainer = Trainer(cfg, self.images.train, self.device, self.share)
         self.selector = select.Selector.from_config(cfg)
+        if not main:
+            tracker = track.NullTracker()
         self.tracker = tracker if tracker is not None else track.Tracker.from_config(cfg)
         self.eval_every = max(1, cfg.eval.every_images // t.batch_size) if cfg.eval.every_images else cfg.eval.every
-        self.progress = Progress(t.steps, quiet)
+        self.progress = Progress(t.steps, self.quiet)
         self.step, self.last_eval, self.rolled_back_at = 0, -1, -1
         self.stopped = ""              # why the run ends early ("" = it goes on)
         self.on_eval = None            # a pruner's question after each evaluation (see train())
@@ -146,6 +161,9 @@ class Run:
     # ---- resume or start
     def begin(self, resume: bool, new_period: bool, experiment_file: str):
         changed = self._load_last(new_period) if resume else ""
+        if not self.share.main:        # the event log, curves and checkpoints are rank 0's
+            self.events = self.curves = Silent()
+            return
         (self.run_dir / "config.yaml").write_text(config_mod.to_yaml(self.cfg))
         self.events = track.Events(self.run_dir / "events.jsonl", quiet=self.quiet,
                                    resume_step=self.step if resume else None)
@@ -154,12 +172,18 @@ class Run:
                                          device=self.device, run_id=self.run_id, experiment_file=experiment_file)
         if not resume:                 # what a collapse goes back to before there is a best
             checkpoint.save(self.run_dir / "start.pt", self._state())
+        if resume and self.saved_world != self.share.world:
+            self.events.emit(self.step, "warning", f"saved by {self.saved_world} process(es), resumed on "
+                             f"{self.share.world}: same global batch and data order, but per-rank batch norm sees "
+                             f"other batches, so this is not an exact continuation")
         tr, ev = self.trainer, self.evaluator
+        procs = f" x {self.share.world} processes{' (sync_bn)' if self.cfg.train.sync_bn else ''}" if self.share.world > 1 else ""
         self.events.emit(self.step, "resume" if resume else "start",
-                         f"{self.images.describe()}; device {self.device}{' bf16' if tr.use_bf16 else ''}; "
+                         f"{self.images.describe()}; device {self.device}{procs}{' bf16' if tr.use_bf16 else ''}; "
                          f"G {models.count_params(tr.g):,} / D {models.count_params(tr.d):,} params; eval "
                          f"{ev.extractor['name']} signature {ev.signature_hash}; run folder {self.run_dir}",
-                         device=str(self.device), n_train=len(self.images.train), n_holdout=len(self.images.holdout),
+                         device=str(self.device), world_size=self.share.world,
+                         n_train=len(self.images.train), n_holdout=len(self.images.holdout),
                          experiment_file=str(Path(experiment_file).resolve()) if experiment_file else "")
         if changed:
             self.events.emit(self.step, "new_period", f"evaluation signature changed ({changed}): selection period "
@@ -171,8 +195,9 @@ class Run:
 
     def _load_last(self, new_period: bool) -> str:
         """Restore last.pt. Returns how the evaluation signature changed ("" = it did not)."""
-        state, _ = checkpoint.load_latest_good(self.run_dir / "last.pt", warn=log.warning)
-        changed = signature_change(state, self.evaluator)
+        state, _ = checkpoint.load_latest_good(self.run_dir / "last.pt", 
+                                                warn=log.warning if self.share.main else (lambda msg: None))
+        changed = distributed.broadcast(signature_change(state, self.evaluator) if self.share.main else None, self.share)
         if changed and not new_period:
             raise config_mod.ConfigError(
                 f"--resume {self.run_dir}: the evaluation signature changed ({changed}), so its best, patience "
@@ -183,6 +208,7 @@ class Run:
         set_global_rng_state(state["global_rng"])
         self.step, self.run_id = int(state["step"]), state.get("mlflow_run_id")
         self.last_eval = int(state.get("last_eval", -1))
+        self.saved_world = int(state.get("world_size", 1))
         if changed:
             self.selector.new_period()
         return changed
@@ -215,11 +241,33 @@ class Run:
 
     def evaluate_and_select(self):
         s = self.last_eval = self.step
+        dec = self._follow_rank0(self._evaluate() if self.share.main else None)
+        self.act(dec, stop_kind="early_stop")
+        asked = self.share.main and not self.stopped and self.on_eval is not None and self.on_eval(s, self.last_metrics)
+        if distributed.broadcast(asked, self.share):
+            self.stopped = "pruned"
+            if self.share.main:
+                self.events.emit(s, "pruned", f"the study's pruner stopped this trial at step {s} "
+                                 f"({self.cfg.selection.metric} {self.last_metrics[self.cfg.selection.metric]:.4g})")
+        self.t_log = time.time()                       # evaluation time is not training speed
+
+    def _follow_rank0(self, dec: select.Decision | None) -> select.Decision:
+        """Rank 0's decision and selection state on every rank (with one process: `dec`)."""
+        if self.share.world == 1:
+            return dec
+        dec, state = distributed.broadcast((dec, self.selector.state_dict()), self.share)
+        self.selector.load_state_dict(state)
+        return dec
+
+    def _evaluate(self) -> select.Decision:
+        """Rank 0: evaluate, log, decide, and save what the decision keeps (best.pt, the top K)."""
+        s = self.step
         g = self.trainer.sampling_generator()
         if self.selector.needs_noise_band():
             self._measure_noise_band(g)
         m = self.evaluator(g)
         m["eval_share"] = self.evaluator.seconds / max(time.time() - self.t_start, 1e-9)
+        self.last_metrics = m
         grid = evaluate.save_grid(self.evaluator.last_images[:64], self.run_dir / "samples" / f"step_{s:07d}.png")
         self.tracker.log_samples(grid, s)              # before the metrics: a resume keys on them
         self.tracker.log_metrics(m, s)
@@ -230,12 +278,7 @@ class Run:
             self.selector.load_state_dict(before)      # the best on disk is still the old one
             dec = select.Decision()
         self._keep_top(g, m, dec)
-        self.act(dec, stop_kind="early_stop")
-        if self.on_eval is not None and not self.stopped and self.on_eval(s, m):
-            self.events.emit(s, "pruned", f"the study's pruner stopped this trial at step {s} "
-                             f"({self.cfg.selection.metric} {m[self.cfg.selection.metric]:.4g})")
-            self.stopped = "pruned"
-        self.t_log = time.time()                       # evaluation time is not training speed
+        return dec
 
     def _save_best(self, g, metrics: dict) -> bool:
         st = self._state()
@@ -314,10 +357,12 @@ class Run:
         ev = self.evaluator
         return {"step": self.step, "last_eval": self.last_eval, "trainer": self.trainer.state_dict(),
                 "selection": self.selector.state_dict(), "global_rng": global_rng_state(),
-                "config": config_mod.to_yaml(self.cfg), "mlflow_run_id": self.run_id,
+                "config": config_mod.to_yaml(self.cfg), "mlflow_run_id": self.run_id, "world_size": self.share.world,
                 "signature": ev.signature_hash, "signature_fields": dict(ev.signature)}
 
     def save_last(self):
+        if not self.share.main:
+            return
         try:
             checkpoint.save(self.run_dir / "last.pt", self._state(), keep_previous=True)
         except OSError as e:
@@ -342,7 +387,7 @@ class Run:
         sel, ev = self.selector, self.evaluator
         reason = self.stopped or ("finished" if self.step >= self.cfg.train.steps else "paused")
         handed = sel.best_step
-        if reason != "paused":
+        if reason != "paused" and self.share.main:
             handed = self._reevaluate_top()
             best = "none" if sel.best is None else format(sel.best, ".4g")
             self.events.emit(self.step, "finished", f"{reason} at step {self.step}; best {self.cfg.selection.metric} "
@@ -400,6 +445,16 @@ def signature_change(state: dict, evaluator) -> str:
     new = evaluator.signature
     keys = sorted(k for k in set(fields) | set(new) if fields.get(k) != new.get(k))
     return "; ".join(f"{k} {fields.get(k)!r} -> {new.get(k)!r}" for k in keys)
+
+
+class Silent:
+    """What a rank other than 0 has in place of the event log and the metrics file: rank 0 writes them."""
+
+    def emit(self, *args, **kwargs):
+        pass
+
+    def write(self, *args, **kwargs):
+        pass
 
 
 # ------------------------------------------------------------------------------------- progress

@@ -5,6 +5,9 @@ Everything that varies over time (learning rate, instance-noise level, the batch
 function of the step, so a resumed run retraces an uninterrupted one exactly. Diagnostics are
 summed on the device under their names and read back once per `log_every` steps: no host sync in
 the step. Knows nothing about evaluation, selection or tracking.
+
+In a multi-process run (distributed.py) each rank trains on its share of the global batch, G and D
+are each wrapped in DDP, and every draw is the global batch's, cut to the rank's rows.
 """
 from __future__ import annotations
 
@@ -17,8 +20,9 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from . import config as config_mod, data, losses, models
+from . import config as config_mod, data, distributed, losses, models
 from .augment import diff_augment
+from .distributed import SINGLE, Share
 from .generator import prepare_for_sampling
 
 log = logging.getLogger("ganlab")
@@ -135,18 +139,27 @@ class DiagnosticSums:
 # ----------------------------------------------------------------------------------------- trainer
 
 class Trainer:
-    def __init__(self, cfg, train_images: torch.Tensor, device: torch.device):
-        self.cfg, self.device = cfg, device
+    def __init__(self, cfg, train_images: torch.Tensor, device: torch.device, share: Share = SINGLE):
+        self.cfg, self.device, self.share = cfg, device, share
         t = cfg.train
-        self.g, self.d = models.build(cfg.model, cfg.data.image_size, seed=cfg.seed)
+        if t.batch_size % share.world:
+            raise config_mod.ConfigError(f"train.batch_size {t.batch_size} does not split evenly over {share.world} "
+                                         f"processes: use a multiple of {share.world}")
+        self.g, self.d = models.build(cfg.model, cfg.data.image_size, seed=cfg.seed)   # the same on every rank
+        if t.sync_bn and share.world > 1:
+            distributed.sync_batchnorm(self.g)
+            distributed.sync_batchnorm(self.d)
         self.g.to(device)
         self.d.to(device)
-        self.g_ema = copy.deepcopy(self.g).requires_grad_(False) if t.ema_halflife else None
+        # EMA, like evaluation, is rank 0's: the other ranks would only keep a copy nobody reads
+        self.g_ema = copy.deepcopy(self.g).requires_grad_(False) if t.ema_halflife and share.main else None
         fused = {"fused": True} if device.type == "cuda" else {}
         self.opt_g = torch.optim.Adam(self.g.parameters(), lr=t.lr_g, betas=(t.beta1, t.beta2), **fused)
         self.opt_d = torch.optim.Adam(self.d.parameters(), lr=t.lr_d, betas=(t.beta1, t.beta2), **fused)
-        self.batches = data.Batches(train_images, t.batch_size, cfg.seed, cfg.data.alpha, device, cfg.data.placement)
-        self.rng = torch.Generator(device=device).manual_seed(cfg.seed + 1)   # latents, noise, augment
+        self.batches = data.Batches(train_images, t.batch_size, cfg.seed, cfg.data.alpha, device, cfg.data.placement,
+                                    share=share if share.world > 1 else None)
+        # latents, noise, augment: the same seed on every rank, drawn for the global batch (Share)
+        self.rng = torch.Generator(device=device).manual_seed(cfg.seed + 1)
         self.lr_scale = 1.0
         self.use_bf16 = t.precision == "bf16" and bf16_supported(device)
         if t.precision == "bf16" and not self.use_bf16:
@@ -155,7 +168,12 @@ class Trainer:
         if t.channels_last:
             self.g.to(memory_format=self.mem)
             self.d.to(memory_format=self.mem)
-        self.g_fwd, self.d_fwd = (torch.compile(self.g), torch.compile(self.d)) if t.compile else (self.g, self.d)
+        compiled = torch.compile if t.compile else (lambda net: net)
+        self.g_fwd = compiled(distributed.wrap(self.g, device, share))
+        self.d_fwd = compiled(distributed.wrap(self.d, device, share))
+        # D as G's loss sees it: frozen, so outside DDP (it has no gradients to average, and a DDP
+        # forward would wait for a backward that never reaches D's weights)
+        self.d_for_g = compiled(self.d) if share.world > 1 else self.d_fwd
         self.diagnostics = DiagnosticSums(device)
         self._ema_beta = ema_beta(t)
 
@@ -167,9 +185,9 @@ class Trainer:
 
     def _d_input(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         if sigma:
-            x = x + sigma * torch.randn(x.shape, device=x.device, generator=self.rng)
+            x = x + sigma * self.share.randn(*x.shape, generator=self.rng, device=x.device)
         if self.cfg.train.diffaug:
-            x = diff_augment(x, self.cfg.train.diffaug, self.rng)
+            x = diff_augment(x, self.cfg.train.diffaug, self.rng, self.share)
         return x.contiguous(memory_format=self.mem)
 
     def step(self, step: int):
@@ -182,18 +200,18 @@ class Trainer:
             grp["lr"] = t.lr_d * f
         sigma = noise_level(step, t)
         real_target = 1.0 - t.label_smoothing
-        bs = t.batch_size
+        bs = t.batch_size // self.share.world                # this rank's share of the global batch
         for k in range(t.d_steps):
             i = step * t.d_steps + k
             real = self.batches(i)
-            z = torch.randn(bs, self.cfg.model.nz, device=self.device, generator=self.rng)
+            z = self.share.randn(bs, self.cfg.model.nz, generator=self.rng, device=self.device)
             with self.autocast():
                 fake = self.g_fwd(z)
                 d_real = self.d_fwd(self._d_input(real, sigma))
                 d_fake = self.d_fwd(self._d_input(fake.detach(), sigma))
                 loss_d = losses.d_loss(t.loss, d_real.float(), d_fake.float(), real_target)
                 if t.loss == "wgan-gp" and t.gp_lambda:
-                    loss_d = loss_d + t.gp_lambda * losses.gradient_penalty(self.d_fwd, real, fake, self.rng)
+                    loss_d = loss_d + t.gp_lambda * losses.gradient_penalty(self.d_fwd, real, fake, self.rng, self.share)
                 if t.r1_gamma and i % t.r1_every == 0:
                     loss_d = loss_d + 0.5 * t.r1_gamma * t.r1_every * losses.r1_penalty(self.d_fwd, real)
             self.opt_d.zero_grad(set_to_none=True)
@@ -204,7 +222,7 @@ class Trainer:
         # their gradients would be thrown away, and skipping them saves a third of D's backward.
         self.d.requires_grad_(False)
         with self.autocast():
-            d_out = self.d_fwd(self._d_input(fake, sigma))
+            d_out = self.d_for_g(self._d_input(fake, sigma))
             loss_g = losses.g_loss(t.loss, d_out.float())
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
@@ -214,11 +232,20 @@ class Trainer:
         if self.g_ema is not None:
             self._update_ema()
         real_won, fake_won = losses.past_margin(t.loss, d_real, d_fake)
-        self.diagnostics.add({
+        self.diagnostics.add(self._over_ranks({
             "loss_d": loss_d, "loss_g": loss_g, "grad_norm_g": gn_g, "grad_norm_d": gn_d,
             "d_real": losses.sigmoid_probs(d_real).mean(), "d_fake": losses.sigmoid_probs(d_fake).mean(),
             "logit_real": d_real.float().mean(), "logit_fake": d_fake.float().mean(),
-            "real_past_margin": real_won, "fake_past_margin": fake_won})
+            "real_past_margin": real_won, "fake_past_margin": fake_won}))
+
+    def _over_ranks(self, values: dict) -> dict:
+        """Each diagnostic as the global batch's: the mean of the ranks' (equal shares). Every rank
+        then holds the same sums, so the selector decides the same on all of them and the sums in
+        rank 0's checkpoint are every rank's. One small all-reduce per step, no host sync."""
+        if self.share.world == 1:
+            return values
+        stacked = distributed.mean_over_ranks(torch.stack([values[k].detach().float() for k in DIAGNOSTICS]), self.share)
+        return dict(zip(DIAGNOSTICS, stacked.unbind()))
 
     @staticmethod
     def _clip(net, max_norm: float, max_value: float) -> torch.Tensor:
@@ -250,6 +277,7 @@ class Trainer:
         """A copy of the generator that evaluation and export use: the EMA one when EMA is on, with
         batch-norm statistics prepared as eval.bn_stats says."""
         g = copy.deepcopy(self.g_ema if self.g_ema is not None else self.g).float()
+        distributed.local_batchnorm(g)                 # rank 0 samples alone: no cross-rank statistics
         g.to(memory_format=torch.contiguous_format)
         return prepare_for_sampling(g, self.cfg, self.device)
 
