@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--new-period", action="store_true",
                    help="with --resume: accept a changed evaluation protocol as a new selection period "
                         "(best and patience start again) instead of refusing")
+    t.add_argument("--stop-at", type=int, metavar="STEP",
+                   help="end this call after global step STEP (last.pt saved); --resume continues it")
     t.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="one run on N processes of this machine (torchrun, DistributedDataParallel): one GPU "
                         "each, or CPU processes with gloo; train.batch_size is the global batch")
@@ -159,11 +161,14 @@ def cmd_train(args):
         raise config_mod.ConfigError(f"--nproc {args.nproc}: expected a number of processes >= 1")
     cfg = _train_config(args)          # checked here: a mistake is one line, not one per process
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from . import distributed
+        distributed.check_split(cfg.train.batch_size, args.nproc)
         return _launch_train(args)
     if args.resume:
-        res = train.train(cfg, run_dir=Path(args.resume), resume=True, quiet=args.quiet, new_period=args.new_period)
+        res = train.train(cfg, run_dir=Path(args.resume), resume=True, quiet=args.quiet, new_period=args.new_period,
+                          stop_at=args.stop_at)
     else:
-        res = train.train(cfg, quiet=args.quiet, experiment_file=args.experiment)
+        res = train.train(cfg, quiet=args.quiet, experiment_file=args.experiment, stop_at=args.stop_at)
     if int(os.environ.get("RANK", "0")):
         return 0                       # rank 0 reports for the run
     print(f"run folder: {res.run_dir}")

@@ -78,6 +78,12 @@ def join(device: torch.device) -> tuple[Share, torch.device]:
     return Share(dist.get_rank(), dist.get_world_size()), device
 
 
+def check_split(batch_size: int, world: int):
+    if batch_size % world:
+        raise ConfigError(f"train.batch_size {batch_size} does not split evenly over {world} processes: "
+                          f"use a multiple of {world}")
+
+
 def leave(share: Share):
     if share.world > 1 and dist.is_initialized():
         dist.destroy_process_group()

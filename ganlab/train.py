@@ -58,7 +58,7 @@ def train(
     cfg,                               # a validated config.Config
     run_dir: str | Path | None = None, # run folder; None = a new one under tracking.runs_dir
     resume: bool = False,              # continue the run in run_dir from its last good checkpoint
-    stop_at: int | None = None,        # end this call after this global step (tests, benchmarks); None = train.steps
+    stop_at: int | None = None,        # end this call after this global step (--stop-at, tests); None = train.steps
     quiet: bool = False,               # no progress bar, only event lines
     tracker=None,                      # a track.Tracker; None = built from cfg.tracking
     experiment_file: str = "",         # recorded as a tag

@@ -142,9 +142,7 @@ class Trainer:
     def __init__(self, cfg, train_images: torch.Tensor, device: torch.device, share: Share = SINGLE):
         self.cfg, self.device, self.share = cfg, device, share
         t = cfg.train
-        if t.batch_size % share.world:
-            raise config_mod.ConfigError(f"train.batch_size {t.batch_size} does not split evenly over {share.world} "
-                                         f"processes: use a multiple of {share.world}")
+        distributed.check_split(t.batch_size, share.world)
         self.g, self.d = models.build(cfg.model, cfg.data.image_size, seed=cfg.seed)   # the same on every rank
         if t.sync_bn and share.world > 1:
             distributed.sync_batchnorm(self.g)
