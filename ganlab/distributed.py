@@ -197,12 +197,18 @@ def local_batchnorm(net: nn.Module) -> nn.Module:
 
 # ----------------------------------------------------------------------------------------- launch
 
+def cpu_share(env: dict, processes: int) -> dict:
+    """`env` with OMP_NUM_THREADS = this machine's cores / processes, unless the user set it: N
+    processes of torch's default (all cores each) would fight over the same cores."""
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+    return env
+
+
 def launch(nproc: int, argv: list[str]) -> int:
     """`ganlab train --nproc N ARGS`: the same command under torchrun, N processes on this machine.
-    Each gets an equal share of the CPU threads unless OMP_NUM_THREADS is set (torchrun's default
-    of 1 thread would starve a CPU run)."""
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    Each gets an equal share of the CPU threads (torchrun's default of 1 thread would starve a CPU
+    run)."""
+    env = cpu_share(dict(os.environ), nproc)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "ganlab.cli", *argv]
     return subprocess.call(cmd, env=env)

@@ -328,9 +328,10 @@ def _spawn(spec: Spec, workers: int, devices: str, args: list):
     command = "sweep" if spec.variants else "tune"
     cmd = [sys.executable, "-m", "ganlab.cli", command, str(spec.path), "--worker", "--name", spec.name,
            "--storage", spec.storage, "--quiet", *args]
-    procs = []
-    for i in range(max(workers, len(devs))):
-        env = dict(os.environ, GANLAB_WORKER=str(i))
+    from . import distributed
+    procs, n = [], max(workers, len(devs))
+    for i in range(n):
+        env = distributed.cpu_share(dict(os.environ, GANLAB_WORKER=str(i)), n)
         if devs:
             env["CUDA_VISIBLE_DEVICES"] = devs[i % len(devs)]
         procs.append(subprocess.Popen(cmd, env=env))
