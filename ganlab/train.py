@@ -174,8 +174,9 @@ class Run:
             checkpoint.save(self.run_dir / "start.pt", self._state())
         if resume and self.saved_world != self.share.world:
             self.events.emit(self.step, "warning", f"saved by {self.saved_world} process(es), resumed on "
-                             f"{self.share.world}: same global batch and data order, but per-rank batch norm sees "
-                             f"other batches, so this is not an exact continuation")
+                             f"{self.share.world}: the global batch and data order are the same, but per-rank "
+                             f"batch-norm statistics (unless train.sync_bn) and float rounding are not, so this is "
+                             f"not an exact continuation")
         tr, ev = self.trainer, self.evaluator
         procs = f" x {self.share.world} processes{' (sync_bn)' if self.cfg.train.sync_bn else ''}" if self.share.world > 1 else ""
         self.events.emit(self.step, "resume" if resume else "start",
@@ -195,7 +196,7 @@ class Run:
 
     def _load_last(self, new_period: bool) -> str:
         """Restore last.pt. Returns how the evaluation signature changed ("" = it did not)."""
-        state, _ = checkpoint.load_latest_good(self.run_dir / "last.pt", 
+        state, _ = checkpoint.load_latest_good(self.run_dir / "last.pt",
                                                 warn=log.warning if self.share.main else (lambda msg: None))
         changed = distributed.broadcast(signature_change(state, self.evaluator) if self.share.main else None, self.share)
         if changed and not new_period:
