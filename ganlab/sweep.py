@@ -86,7 +86,7 @@ def run_sweep(path, extra_sets=(), quiet=False, only=(), workers: int = 1, devic
     if spec.variants:
         study, parent, _ = tune.execute(spec, workers, devices, extra_sets, quiet, worker_args=[a for o in only for a in ("--only", o)],
                                         parent_name=f"sweep-{Path(path).stem}", parent_tags={"ganlab.sweep": str(path)})
-        rows = [_row(t) for t in study.get_trials(deepcopy=False)]
+        rows = [_row(t) for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("spare")]
     client = track.open_client(track.tracking_uri(first)) if first.tracking.enabled else None
     if parent is None and client is not None:           # every variant broken: still one parent that says so
         exp_id = track.ensure_experiment(client, first.name, track.tracking_uri(first), first.tracking.runs_dir)

@@ -25,6 +25,7 @@ another machine joins the study. A dead worker's trial is marked failed by Optun
 """
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import subprocess
@@ -213,6 +214,11 @@ def objective(spec: Spec, parent: str | None, extra_sets=(), quiet=True):
     from . import train
 
     def run_trial(trial):
+        if spec.sampler == "grid" and not trial.user_attrs.get("queued"):
+            # another worker popped the last queued point between this worker's look and its ask:
+            # nothing is left, and a sampled point would repeat one (a spare, left out of summaries)
+            trial.set_user_attr("spare", True)
+            raise optuna.TrialPruned("spare: every grid point was taken by another worker")
         params = {"variant": trial.suggest_categorical("variant", spec.space["variant"])} if spec.variants \
             else suggest(trial, spec.space)
         cfg = spec.trial_config(params, trial.number, extra_sets)
@@ -249,15 +255,25 @@ def objective(spec: Spec, parent: str | None, extra_sets=(), quiet=True):
     return run_trial
 
 
+def _grid_points(spec: Spec) -> list[dict]:
+    """A grid study's points, each enqueued once: workers pop queued trials atomically, whereas two
+    workers asking Optuna's GridSampler at the same moment (with the same seed) get the same point."""
+    if spec.sampler != "grid":
+        return []
+    keys = list(spec.space)
+    return [dict(zip(keys, values)) for values in itertools.product(*(spec.space[k] for k in keys))][:spec.trials]
+
+
 def work(spec: Spec, extra_sets=(), quiet=True) -> int:
-    """One worker: take trials until the study has `trials` of them (any state). Returns trials run.
-    Two workers may both start the last one: a study can end a trial or two over, never under."""
+    """One worker: take trials until the study has `trials` of them (any state); in a grid study,
+    until no queued point is left. Returns trials run. TPE/random: two workers may both start the
+    last one, so a study can end a trial or two over, never under."""
     import optuna
     cfg0 = spec.trial_config(_first(spec), 0, extra_sets)
     study = open_study(spec, cfg0, create=False)
     run = objective(spec, study.user_attrs.get(PARENT), extra_sets, quiet)
     done = 0
-    while _taken(study) < spec.trials:
+    while _taken(study) < spec.trials and (spec.sampler != "grid" or _waiting(study)):
         # a failing trial is recorded as FAIL (with its error) and the study goes on
         study.optimize(run, n_trials=1, catch=(Exception,))
         done += 1
@@ -265,6 +281,11 @@ def work(spec: Spec, extra_sets=(), quiet=True) -> int:
         if last.state == optuna.trial.TrialState.FAIL:
             print(f"trial {last.number} failed: {last.system_attrs.get('fail_reason', '')[-300:]}", file=sys.stderr)
     return done
+
+
+def _waiting(study) -> bool:
+    import optuna
+    return any(t.state == optuna.trial.TrialState.WAITING for t in study.get_trials(deepcopy=False))
 
 
 def _taken(study) -> int:
@@ -286,9 +307,9 @@ def execute(spec: Spec, workers: int = 1, devices: str = "", extra_sets=(), quie
     import optuna
     cfg0 = spec.trial_config(_first(spec), 0, extra_sets)
     study = open_study(spec, cfg0, create=True)
-    if spec.start_with and not study.get_trials(deepcopy=False):
-        for point in spec.start_with:
-            study.enqueue_trial(point, skip_if_exists=True)
+    if not study.get_trials(deepcopy=False):
+        for point in spec.start_with + _grid_points(spec):
+            study.enqueue_trial(point, skip_if_exists=True, user_attrs={"queued": True})
     parent = _parent_run(study, spec, cfg0, parent_name or f"study-{spec.name}", parent_tags or {})
     if workers <= 1 and not devices:
         work(spec, extra_sets, quiet)
@@ -345,6 +366,8 @@ def _spawn(spec: Spec, workers: int, devices: str, args: list):
 def summarise(study) -> list[dict]:
     rows = []
     for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get("spare"):
+            continue
         rows.append({"trial": t.number, "state": t.state.name, "value": t.value, "params": t.params,
                      "pruned_at_step": t.user_attrs.get("pruned_at_step"),
                      "pruned_against": t.user_attrs.get("pruned_against"), "best_step": t.user_attrs.get("best_step"),

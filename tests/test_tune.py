@@ -106,6 +106,29 @@ def test_a_sweep_runs_its_variants_on_two_workers(tmp_path, script_extractor):
 
 # ------------------------------------------------------------------- the team setup, on PostgreSQL
 
+def test_a_grid_point_runs_once_and_a_late_worker_only_leaves_a_spare(tmp_path, script_extractor, monkeypatch):
+    """Grid points are queued, so two workers asking at once get different ones (with Optuna's
+    GridSampler and one seed they got the same point); a worker that arrives when every point is
+    taken runs nothing: its trial is a pruned spare, out of the summary, with no run."""
+    monkeypatch.chdir(tmp_path)
+    write_base(tmp_path, script_extractor, **{"train.steps": "4"})
+    study_file = write_study(tmp_path, name="grid", space={"train.lr_d": [1e-4, 2e-4]}, sampler="grid", pruner="none")
+    spec = tune.load_spec(study_file)
+    study, parent, _ = tune.execute(spec, quiet=True)
+    done = [t for t in study.get_trials() if t.state.name == "COMPLETE"]
+    assert sorted(t.params["train.lr_d"] for t in done) == [1e-4, 2e-4]
+    assert tune.work(spec) == 0                           # nothing queued: a late worker does not start
+    late = tune.objective(spec, parent)                  # a worker that asked just after the last pop
+    study.optimize(late, n_trials=1)
+    spare = study.get_trials()[-1]
+    assert spare.state.name == "PRUNED" and spare.user_attrs["spare"] and not spare.params
+    assert [r["trial"] for r in tune.summarise(study)] == [t.number for t in done]
+    client = mlflow.MlflowClient(tracking_uri(config.load(tmp_path / "base.yaml")))
+    children = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    assert len(children) == 2                            # the spare made no run
+
+
 @pytest.fixture(scope="session")
 def postgres():
     """A PostgreSQL server URL whose role may create databases ($GANLAB_TEST_POSTGRES; .ci/run starts the
