@@ -338,7 +338,7 @@ global batch; with a distributed.Share each rank takes its rows of it. Every bat
         self.batch_size, self.seed, self.alpha = batch_size, seed, alpha
         self.per_epoch = n // batch_size
         self._epoch, self._perm = None, None
-        self.share = share             # a distributed.Share: this rank's rows of each global batch (None = all)
+        self.share = share             # a distributed.Share: this rank's rows of each global batch (None = all rows)
 
     def __call__(self, i: int) -> torch.Tensor:
         epoch, j = divmod(i, self.per_epoch)

@@ -207,8 +207,12 @@ def cpu_share(env: dict, processes: int) -> dict:
 def launch(nproc: int, argv: list[str]) -> int:
     """`ganlab train --nproc N ARGS`: the same command under torchrun, N processes on this machine.
     Each gets an equal share of the CPU threads (torchrun's default of 1 thread would starve a CPU
-    run)."""
+    run). Everything stays on the loopback interface: `--standalone` would advertise the host name,
+    and gloo would bind to whatever address a lookup of it gives."""
     env = cpu_share(dict(os.environ), nproc)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
+           "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", "--local-addr=127.0.0.1",
            "-m", "ganlab.cli", *argv]
     return subprocess.call(cmd, env=env)

@@ -155,7 +155,7 @@ class Trainer:
         self.opt_g = torch.optim.Adam(self.g.parameters(), lr=t.lr_g, betas=(t.beta1, t.beta2), **fused)
         self.opt_d = torch.optim.Adam(self.d.parameters(), lr=t.lr_d, betas=(t.beta1, t.beta2), **fused)
         self.batches = data.Batches(train_images, t.batch_size, cfg.seed, cfg.data.alpha, device, cfg.data.placement,
-                                    share=share if share.world > 1 else None)
+                                    share=share)
         # latents, noise, augment: the same seed on every rank, drawn for the global batch (Share)
         self.rng = torch.Generator(device=device).manual_seed(cfg.seed + 1)
         self.lr_scale = 1.0

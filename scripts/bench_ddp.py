@@ -20,13 +20,14 @@ from pathlib import Path
 
 import torch
 
+from ganlab import config, features
 from ganlab.bench import machine_info
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENT = ROOT / "experiments" / "default.yaml"
 
 
-def img_per_s(out: Path, nproc: int, steps: int, k: int) -> float:
+def img_per_s(out: Path, nproc: int, steps: int) -> float:
     sets = ["eval.every=0", "tracking.enabled=false", "train.log_every=50", f"tracking.runs_dir={out / 'runs'}",
             f"data.cache_dir={out / 'cache'}"]
     cmd = [sys.executable, "-m", "ganlab.cli", "train", str(EXPERIMENT), "--quiet", "--stop-at", str(steps),
@@ -47,12 +48,11 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=Path("/tmp/bench_ddp"))
     a = p.parse_args(argv)
     # the run builds its evaluator (the domain encoder) before training: train it once, outside the clock
-    subprocess.run([sys.executable, "-m", "ganlab.cli", "features", str(EXPERIMENT), "--set",
-                    f"data.cache_dir={a.out / 'cache'}"], check=True, capture_output=True)
+    features.ensure(config.load(EXPERIMENT, [f"data.cache_dir={a.out / 'cache'}"]))
     speeds = {1: [], a.nproc: []}
-    for k in range(a.rounds):
+    for _ in range(a.rounds):
         for n in (1, a.nproc):
-            speeds[n].append(img_per_s(a.out, n, a.steps, k))
+            speeds[n].append(img_per_s(a.out, n, a.steps))
     one, many = statistics.median(speeds[1]), statistics.median(speeds[a.nproc])
     print(json.dumps({"machine": machine_info(torch.device("cpu")), "steps": a.steps, "rounds": speeds,
                       "img_per_s_1": round(one, 1), f"img_per_s_{a.nproc}": round(many, 1),
