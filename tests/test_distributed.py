@@ -107,8 +107,9 @@ def test_two_processes_train_as_one_with_the_same_global_batch(runs, case):
     a, b, start = weights(one), weights(two), weights(one, "start.pt")
     for net in ("g", "d"):
         assert apart(a[net], b[net]) < 1e-3 * apart(a[net], start[net])
-    if case == "bce-r1":                                              # EMA is kept (by rank 0) and saved
+    if case == "bce-r1":              # EMA is kept by rank 0, updated every step as one process does, and saved
         assert b["g_ema"] is not None and not torch.equal(b["g_ema"]["main.0.weight"], b["g"]["main.0.weight"])
+        assert apart(a["g_ema"], b["g_ema"]) < 1e-3 * apart(a["g_ema"], start["g_ema"])
 
 
 def test_batch_norm_is_per_rank_unless_sync_bn(runs):
@@ -135,6 +136,8 @@ def test_resume_on_two_processes_is_exact_and_the_checkpoints_load_in_one(runs, 
     cfg = config.load(single / "config.yaml")
     res = train.train(cfg, run_dir=single, resume=True, quiet=True)
     assert res.step == STEPS
+    assert [e["step"] for e in read_events(single) if e["kind"] == "resume"] == [3]    # continued, not restarted
+    assert worst_relative_gap(single, full) < RTOL
     warned = [e for e in read_events(single) if e["kind"] == "warning" and "2 process" in e["detail"]]
     assert warned, "resuming on another number of processes must say it is not an exact continuation"
     g, info = generator.load_generator(full / "generator.pt")
