@@ -88,9 +88,11 @@ def _generator_commands(sub):
                    help="where to generate and extract features (default auto: CUDA when present)")
     e.set_defaults(func=cmd_eval)
 
-    b = sub.add_parser("best", help="rank runs by their best metric",
-                       description="Ranks the runs of an experiment by best_<metric>, among runs that share one "
-                                   "evaluation signature (the newest run's, unless --signature).")
+    b = sub.add_parser("best", help="rank runs by the hand-over score of the generator each hands over",
+                       description="Ranks the finished runs of an experiment by handover_<metric> (the generator.pt "
+                                   "each run hands over, scored on fresh latents over several draws, with its "
+                                   "standard error), among runs that share one hand-over signature (the newest "
+                                   "run's, unless --signature); names the other signatures and their run counts.")
     b.add_argument("--experiment", help="experiment name (default: the most recently active)")
     b.add_argument("--metric", default=None, help="metric (default: the runs' selection.metric)")
     b.add_argument("--top", type=int, default=5)
@@ -138,6 +140,9 @@ def _run_commands(sub):
                                    "InceptionV3 weights; the recipe is eval.encoder_steps / eval.encoder_batch_size.")
     f.add_argument("experiment")
     f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    f.add_argument("--register", action="store_true",
+                   help="publish it to the tracking store (experiment ganlab-encoders) for other machines, even "
+                        "with tracking.enabled false (with tracking on, a newly trained encoder is published anyway)")
     f.set_defaults(func=cmd_features)
 
     n = sub.add_parser("bench", help="benchmark ganlab against the seed loop",
@@ -172,8 +177,13 @@ def cmd_train(args):
     if int(os.environ.get("RANK", "0")):
         return 0                       # rank 0 reports for the run
     print(f"run folder: {res.run_dir}")
-    print(f"stopped: {res.stopped} at step {res.step}; best {cfg.selection.metric} = "
+    m = cfg.selection.metric
+    score, se = res.score(m)
+    print(f"stopped: {res.stopped} at step {res.step}; selection best {m} = "
           f"{'n/a' if res.best is None else format(res.best, '.4g')} at step {res.best_step}; rollbacks {res.rollbacks}")
+    if score is not None:
+        print(f"handed over: step {res.handed_over_step}, hand-over {m} = {score:.4g} +/- {se:.2g} "
+              f"(signature {res.handover_signature})")
     return 0
 
 
@@ -219,17 +229,9 @@ def cmd_eval(args):
 
 def cmd_best(args):
     from . import sources
-    rows = sources.rank_runs(experiment=args.experiment, metric=args.metric, top=args.top,
-                             signature=args.signature, uri=args.uri)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return
-    if not rows:
-        print("no finished runs with that metric")
-        return
-    print(f"{'rank':<5}{'run id':<34}{'variant':<24}{'best':>10}{'step':>8}  checkpoint")
-    for i, r in enumerate(rows, 1):
-        print(f"{i:<5}{r['run_id']:<34}{r['variant'][:23]:<24}{r['best']:>10.4g}{r['step']:>8}  {r['checkpoint']}")
+    res = sources.rank_runs(experiment=args.experiment, metric=args.metric, top=args.top,
+                            signature=args.signature, uri=args.uri)
+    print(json.dumps(res, indent=2) if args.json else sources.format_ranking(res))
 
 
 def _worker_flags(p):
@@ -269,9 +271,16 @@ def cmd_report(args):
 def cmd_features(args):
     from . import features
     from .trainer import pick_device
+    from . import data
     cfg = config_mod.load(args.experiment, args.set)
-    path, card = features.ensure(cfg, device=pick_device(cfg.train.device))
+    images = data.load_images(cfg.data, cfg.seed)
+    path, card = features.ensure(cfg, device=pick_device(cfg.train.device), images=images)
     print(f"encoder: {path}  (trained in {card['train_seconds']} s on {card['device']}; card beside it)")
+    if args.register:
+        from . import track
+        team = features.publish(cfg, features.cache_key(images, features.recipe(cfg)), path)
+        print(f"published in {track.tracking_uri(cfg)} (experiment {features.ENCODERS})" if team is None else
+              f"another machine published this data and recipe first: the team's encoder is {team}")
 
 
 def cmd_bench(args):

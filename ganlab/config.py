@@ -118,6 +118,10 @@ class EvalConfig:
     kid_subset_size: int = _f(1000, "KID subset size (clamped to the sample counts)", lo=2)
     bn_stats: str = _f("standing", "batch-norm statistics when sampling", choices=["standing", "running", "batch"])
     seed: int = _f(1234, "seed of the fixed evaluation latents")
+    encoder_seed: int = _f(0, "domain encoder: its training seed (not the run's seed: runs of every seed share one encoder)")
+    handover_samples: int = _f(0, "hand-over score: generated images per draw (0 = 2 x num_samples)", lo=0)
+    handover_draws: int = _f(3, "hand-over score: latent draws averaged; their spread is its uncertainty", lo=2)
+    handover_seed: int = _f(1000003, "hand-over score: seed of its first draw (draws use this seed + 0, 1, ...; never a selection seed)")
 
 
 @dataclass
@@ -273,6 +277,7 @@ def from_dict(raw: dict, src: str = "<dict>") -> Config:
         raise ConfigError(f"{src}: an experiment must be a YAML mapping, got a {type(raw).__name__}")
     cfg = _build(Config, raw, src, prefix="")
     _check_selection_metric(cfg, src)
+    _check_handover_seeds(cfg, src)
     return cfg
 
 
@@ -285,6 +290,15 @@ def _check_selection_metric(cfg: Config, src: str):
         how = "eval.fid_alpha=true" if need == "fid_alpha" else f"'{need}' in eval.metrics"
         raise ConfigError(f"{src}: key 'selection.metric' is {m!r}, which eval does not compute "
                           f"(it computes {', '.join(have) or 'nothing'}); add {how} or pick one of those")
+
+
+def _check_handover_seeds(cfg: Config, src: str):
+    """The hand-over score must come from latents that selection never saw."""
+    from .select import selection_seeds
+    used = selection_seeds(cfg.eval.seed) & set(range(cfg.eval.handover_seed, cfg.eval.handover_seed + cfg.eval.handover_draws))
+    if used:
+        raise ConfigError(f"{src}: key 'eval.handover_seed' {cfg.eval.handover_seed} draws latent seeds {sorted(used)} "
+                          f"that selection uses (eval.seed {cfg.eval.seed}); pick another eval.handover_seed")
 
 
 # Keys of earlier versions that no longer mean anything: a saved run's config.yaml that has them still

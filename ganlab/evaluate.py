@@ -65,6 +65,10 @@ class TensorImages(torch.utils.data.Dataset):
 
 # ---------------------------------------------------------------------------------------- evaluator
 
+def _hash(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+
 class Evaluator:
     """Holds the fixed protocol of one run: latents, real images, extractor. `__call__(g)` -> metrics."""
 
@@ -93,7 +97,15 @@ class Evaluator:
         self.standard = standard(cfg, self.extractor)   # InceptionV3 for fid_standard, or None
         if self.standard is not None:
             self.signature["standard_weights"] = self.standard["weights_hash"]
-        self.signature_hash = hashlib.sha256(json.dumps(self.signature, sort_keys=True).encode()).hexdigest()[:12]
+        self.signature_hash = _hash(self.signature)
+        # The hand-over protocol: fresh latents of its own (eval.handover_seed, never a selection seed),
+        # its own sample count, several draws. It does not use the run's fixed latents, so their count
+        # and seed leave its signature: runs with other selection protocols are still comparable here.
+        n = e.handover_samples or 2 * e.num_samples
+        self.handover = {k: v for k, v in self.signature.items() if k not in ("num_samples", "seed", "metrics", "kid_subset_size")}
+        self.handover.update(handover_samples=n, handover_draws=e.handover_draws, handover_seed=e.handover_seed,
+                             kid_subset_size=self.kid_subset_size(n, len(holdout_u8)))
+        self.handover_hash = _hash(self.handover)
         self.seconds = 0.0             # total time spent evaluating (its own cost, logged)
         self.last_images = None        # straight uint8 RGBA of the last evaluation
 
@@ -107,6 +119,8 @@ class Evaluator:
     def describe(self) -> dict:
         """What a tracker records about the protocol, as tags."""
         tags = {"eval.signature": self.signature_hash, "eval.signature_json": json.dumps(self.signature, sort_keys=True),
+                "eval.handover_signature": self.handover_hash,
+                "eval.handover_signature_json": json.dumps(self.handover, sort_keys=True),
                 "eval.extractor": self.extractor["name"], "eval.random_features": str(self.extractor["random"]).lower()}
         if "recipe" in self.extractor:
             tags["eval.extractor_recipe"] = json.dumps(self.extractor["recipe"], sort_keys=True)
@@ -138,6 +152,12 @@ class Evaluator:
         metrics = self.metrics_for(self._generate(g, z))
         self.seconds += time.time() - t0
         return metrics
+
+    def handover_draws(self, g: nn.Module) -> list[dict]:
+        """Metrics of g on each draw of the hand-over protocol (select.handover_summary makes the score)."""
+        h = self.handover
+        return [self.with_fresh_latents(g, seed=h["handover_seed"] + k, num_samples=h["handover_samples"])
+                for k in range(h["handover_draws"])]
 
     def metrics_for(self, fake_u8: torch.Tensor) -> dict:
         """Metrics of straight-RGBA uint8 images against the held-out set (real side cached), named

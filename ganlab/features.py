@@ -118,7 +118,8 @@ def recipe(cfg) -> dict:
     evaluation signature."""
     e = cfg.eval
     return {"objective": OBJECTIVE, "steps": e.encoder_steps, "batch_size": e.encoder_batch_size, "lr": LR,
-            "tau": TAU, "dim": DIM, "size": cfg.data.image_size, "background": e.background, "seed": cfg.seed}
+            "tau": TAU, "dim": DIM, "size": cfg.data.image_size, "background": e.background,
+            "seed": e.encoder_seed}    # its own seed: runs of every training seed share one encoder
 
 
 def train_encoder(train_u8: torch.Tensor, labels: torch.Tensor | None, n_classes: int, rcp: dict,
@@ -177,13 +178,19 @@ def build(cfg, out_dir: Path | None = None, device="cpu", images: data.ImageSet 
     return export(enc, Path(out_dir or Path(cfg.data.cache_dir) / "encoders"), card)
 
 
-def ensure(cfg, device="cpu") -> tuple[Path, dict]:
-    """The domain encoder for cfg's data and recipe: from the cache when one was trained before (on any
-    machine sharing cache_dir), else trained now. Returns (path, card). The index is keyed by the data
-    hash, the split and the recipe; a lock keeps two workers from training the same one at once."""
-    images = data.load_images(cfg.data, cfg.seed)
-    key = hashlib.sha256(json.dumps([images.content_hash, images.holdout_hash, recipe(cfg)],
-                                    sort_keys=True).encode()).hexdigest()[:16]
+def cache_key(images: data.ImageSet, rcp: dict) -> str:
+    """What names an encoder everywhere (the local index, the team's tracking store): the data, its
+    split and the recipe."""
+    return hashlib.sha256(json.dumps([images.content_hash, images.holdout_hash, rcp], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def ensure(cfg, device="cpu", images: data.ImageSet | None = None) -> tuple[Path, dict]:
+    """The domain encoder for cfg's data and recipe, in this order: the local cache (cache_dir), the
+    team's tracking store (an encoder another machine published: floats differ between CPUs, so two
+    machines training "the same" encoder get two feature spaces), or trained now and published there.
+    Returns (path, card). A lock keeps two workers on one machine from training the same one at once."""
+    images = images or data.load_images(cfg.data, cfg.seed)
+    key = cache_key(images, recipe(cfg))
     root = Path(cfg.data.cache_dir) / "encoders"
     index = root / "index" / f"{key}.json"
     index.parent.mkdir(parents=True, exist_ok=True)
@@ -192,8 +199,73 @@ def ensure(cfg, device="cpu") -> tuple[Path, dict]:
             path = root / json.loads(index.read_text())["file"]
             if path.exists():
                 return path, json.loads(path.with_suffix(".json").read_text())
-        log.info("training the domain encoder for %s (first use; %d steps on %s; cached by data hash)",
-                 images.describe(), cfg.eval.encoder_steps, torch.device(device).type)
-        path = build(cfg, out_dir=root, device=device, images=images)
+        path = fetch_published(cfg, key, root) if cfg.tracking.enabled else None
+        if path is None:
+            log.info("training the domain encoder for %s (first use; %d steps on %s; cached by data hash)",
+                     images.describe(), cfg.eval.encoder_steps, torch.device(device).type)
+            path = build(cfg, out_dir=root, device=device, images=images)
+            if cfg.tracking.enabled:   # another machine may have published first: then its encoder is the team's
+                path = publish(cfg, key, path) or path
         atomic_write_bytes(index, json.dumps({"file": path.name}).encode())
     return path, json.loads(path.with_suffix(".json").read_text())
+
+
+# ---- the team's copy: an MLflow run per encoder in the experiment ENCODERS, tagged with its key
+
+ENCODERS = "ganlab-encoders"
+
+
+def _store(cfg):
+    from . import track
+    uri = track.tracking_uri(cfg)
+    client = track.open_client(uri)
+    return client, track.ensure_experiment(client, ENCODERS, uri, cfg.tracking.runs_dir)
+
+
+def _first_published(client, exp_id: str, key: str):
+    """The earliest published encoder under this key: when two machines publish at once, both adopt it."""
+    runs = client.search_runs([exp_id], filter_string=f"tags.`ganlab.encoder_key` = '{key}' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time ASC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def fetch_published(cfg, key: str, root: Path) -> Path | None:
+    """Download the team's encoder for `key` into root; None when nobody has published one. The file
+    is named by its content hash, which is checked."""
+    client, exp_id = _store(cfg)
+    run = _first_published(client, exp_id, key)
+    if run is None:
+        return None
+    name = run.data.tags["ganlab.encoder_file"]
+    path = root / name
+    if not path.exists():
+        import tempfile
+        with tempfile.TemporaryDirectory(dir=root) as tmp:
+            got = Path(client.download_artifacts(run.info.run_id, "encoder", tmp))
+            blob = (got / name).read_bytes()
+            if f"encoder-{hashlib.sha256(blob).hexdigest()[:16]}.pt" != name:
+                raise RuntimeError(f"the published encoder {name} (run {run.info.run_id}) does not match its content hash")
+            atomic_write_bytes(path.with_suffix(".json"), (got / name).with_suffix(".json").read_bytes())
+            atomic_write_bytes(path, blob)
+    log.info("domain encoder %s from the tracking store (run %s)", name, run.info.run_id)
+    return path
+
+
+def publish(cfg, key: str, path: Path) -> Path | None:
+    """Publish a trained encoder under `key` unless one is there already. Returns the path of the
+    team's encoder when it is another than `path` (someone published first), else None."""
+    client, exp_id = _store(cfg)
+    first = _first_published(client, exp_id, key)
+    if first is None:
+        card = json.loads(path.with_suffix(".json").read_text())
+        run = client.create_run(exp_id, run_name=f"encoder-{key}", tags={
+            "ganlab.encoder_key": key, "ganlab.encoder_file": path.name, "data.hash": card["data_hash"],
+            "ganlab.encoder_recipe": json.dumps(card["recipe"], sort_keys=True)})
+        for f in (path, path.with_suffix(".json")):
+            client.log_artifact(run.info.run_id, str(f), "encoder")
+        client.set_terminated(run.info.run_id, "FINISHED")
+        first = _first_published(client, exp_id, key)
+    if first.data.tags["ganlab.encoder_file"] == path.name:
+        log.info("domain encoder %s published to the tracking store (experiment %s)", path.name, ENCODERS)
+        return None
+    return fetch_published(cfg, key, path.parent)

@@ -34,13 +34,15 @@ def generate(g: nn.Module, latents: torch.Tensor, alpha: str, device, batch_size
     return torch.cat(out)
 
 
-def export_generator(path: Path, g: nn.Module, cfg, step: int, metrics: dict, signature: str, safetensors: bool = True):
+def export_generator(path: Path, g: nn.Module, cfg, step: int, metrics: dict, signature: str, safetensors: bool = True,
+                     handover_signature: str = ""):
     """The generator a run hands over: sampling-ready weights (EMA, batch-norm prepared), its step and
     metrics, and what is needed to rebuild it. Loads with weights_only. A safetensors copy of the
     weights (with the same facts as string metadata) is written beside it for other tools."""
     path = Path(path)
     weights = {k: v.detach().cpu().contiguous() for k, v in g.state_dict().items()}
     state = {"kind": "ganlab-generator", "step": step, "metrics": metrics, "signature": signature,
+             "handover_signature": handover_signature,     # set once the run's hand-over score is in metrics
              "config": config_mod.to_yaml(cfg), "state_dict": weights, "bn_train_mode": cfg.eval.bn_stats == "batch"}
     checkpoint.save(path, state)
     if safetensors:
@@ -50,6 +52,7 @@ def export_generator(path: Path, g: nn.Module, cfg, step: int, metrics: dict, si
 def _write_safetensors(path: Path, weights: dict, state: dict):
     from safetensors.torch import save as st_save
     meta = {"kind": state["kind"], "step": str(state["step"]), "signature": str(state["signature"]),
+            "handover_signature": state["handover_signature"],
             "metrics": json.dumps(state["metrics"]), "config": state["config"],
             "bn_train_mode": str(state["bn_train_mode"]).lower()}
     checkpoint.atomic_write_bytes(path, st_save(weights, metadata=meta))
@@ -67,7 +70,8 @@ def load_generator(path: str | Path, device="cpu") -> tuple[nn.Module, dict]:
     if state.get("kind") == "ganlab-generator":
         g.load_state_dict(state["state_dict"])
         g.to(device).train(bool(state.get("bn_train_mode")))
-        info = {"step": state["step"], "metrics": state["metrics"], "config": cfg, "signature": state.get("signature")}
+        info = {"step": state["step"], "metrics": state["metrics"], "config": cfg, "signature": state.get("signature"),
+                "handover_signature": state.get("handover_signature", "")}
         return g, info
     tr = state["trainer"]
     g.load_state_dict(tr["g_ema"] if tr.get("g_ema") is not None else tr["g"])
@@ -93,4 +97,4 @@ def _load_safetensors(path: Path, device) -> tuple[nn.Module, dict]:
     g.load_state_dict(weights)
     g.to(device).train(meta.get("bn_train_mode") == "true")
     return g, {"step": int(meta["step"]), "metrics": json.loads(meta["metrics"]), "config": cfg,
-               "signature": meta["signature"]}
+               "signature": meta["signature"], "handover_signature": meta.get("handover_signature", "")}

@@ -130,6 +130,21 @@ td,th{{border:1px solid #ccc;padding:.2em .5em}}</style></head><body>{body}</bod
 """
 
 
+def handed_over_step(events: list[dict]) -> int | None:
+    """The step of the generator the run handed over (its hand-over event), else its last best."""
+    ho = next((e for e in reversed(events) if e["kind"] == "handover"), None)
+    if ho is not None:
+        return int(ho["handed_over_step"])
+    return next((e["step"] for e in reversed(events) if e["kind"] == "improved"), None)
+
+
+def _handover_text(events: list[dict], metric: str) -> str:
+    ho = next((e for e in reversed(events) if e["kind"] == "handover"), None)
+    if ho is None or f"handover_{metric}" not in ho:
+        return "-"
+    return html.escape(f"{ho[f'handover_{metric}']:.4g} \u00b1 {ho[f'handover_{metric}_se']:.2g}")
+
+
 def _run_summary(events: list[dict]) -> str:
     fin = next((e for e in reversed(events) if e["kind"] == "finished"), None)
     return html.escape(fin["detail"] if fin else "(not finished)")
@@ -162,14 +177,16 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> Path:
         body += [f"<tr><td>{html.escape(k)}</td><td>{html.escape(a)}</td><td>{html.escape(b)}</td></tr>" for k, a, b in diff[1:]]
         body += ["</table>"]
     else:
-        body += ["<h2>Runs</h2><table><tr><th>run</th><th>outcome</th></tr>"]
-        body += [f"<tr><td>{html.escape(r.name)}</td><td>{_run_summary(ev)}</td></tr>" for r, (_, _, ev) in zip(run_dirs, runs)]
-        body += ["</table><h2>Best generator of each run</h2><div class='grids'>"]
+        body += [f"<h2>Runs</h2><table><tr><th>run</th><th>hand-over {html.escape(metric)} &plusmn; se</th>"
+                 f"<th>outcome</th></tr>"]
+        body += [f"<tr><td>{html.escape(r.name)}</td><td>{_handover_text(ev, metric)}</td><td>{_run_summary(ev)}</td></tr>"
+                 for r, (_, _, ev) in zip(run_dirs, runs)]
+        body += ["</table><h2>The generator each run hands over</h2><div class='grids'>"]
         for r, (_, _, ev) in zip(run_dirs, runs):
-            best = next((e["step"] for e in reversed(ev) if e["kind"] == "improved"), None)
-            grid = r / "samples" / f"step_{best:07d}.png" if best is not None else None
+            step = handed_over_step(ev)
+            grid = r / "samples" / f"step_{step:07d}.png" if step is not None else None
             if grid is not None and grid.exists():
-                body.append(_img_tag(grid, f"{r.name}: step {best}"))
+                body.append(_img_tag(grid, f"{r.name}: step {step}, hand-over {metric} {_handover_text(ev, metric)}"))
         body += ["</div>"]
     page = out / "report.html"
     page.write_text(PAGE.format(title="ganlab report", body="\n".join(body)))

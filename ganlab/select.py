@@ -31,6 +31,42 @@ from . import metrics as metrics_mod
 HISTORY = 20      # healthy diagnostic intervals that make up the "recent" median
 MIN_HISTORY = 5   # intervals needed before a z-score means anything
 
+# Latent seeds, as offsets from eval.seed: the fixed latents (0), the noise band's draws, the keep_top
+# re-evaluation. The hand-over score draws from eval.handover_seed, which must avoid all of these.
+NOISE_SEED_OFFSET, NOISE_SEEDS = 101, 8
+REEVAL_SEED_OFFSET = 7919
+WITHIN_NOISE_Z = 1.96     # two scores closer than this many standard errors of their difference are a tie
+
+
+def selection_seeds(eval_seed: int) -> set:
+    """Every latent seed that selection evaluates on (the hand-over score must use none of them)."""
+    noise = range(eval_seed + NOISE_SEED_OFFSET, eval_seed + NOISE_SEED_OFFSET + NOISE_SEEDS)
+    return {eval_seed, eval_seed + REEVAL_SEED_OFFSET, *noise}
+
+
+def rank_key(mode: str):
+    """Sort key that puts the best value first, for a metric of this mode ("min" or "max")."""
+    return (lambda v: v) if mode == "min" else (lambda v: -v)
+
+
+def within_noise(a: float, se_a: float, b: float, se_b: float) -> bool:
+    """Two scores with standard errors are a tie when their difference is inside WITHIN_NOISE_Z
+    standard errors of the difference (independent draws: the variances add)."""
+    return abs(a - b) <= WITHIN_NOISE_Z * math.sqrt(se_a ** 2 + se_b ** 2)
+
+
+def handover_summary(draws: list[dict]) -> dict:
+    """The hand-over score from several latent draws of one generator: per metric the mean
+    (`handover_<m>`), the SD of one draw (`_sd`, the latent noise) and the standard error of the
+    mean (`_se`, the score's uncertainty)."""
+    out = {}
+    for m in (k for k in draws[0] if not k.endswith("_std")):    # IS's and KID's own spreads are not scores
+        vals = [d[m] for d in draws]
+        sd = statistics.stdev(vals) if len(vals) > 1 else float("nan")
+        out.update({f"handover_{m}": statistics.fmean(vals), f"handover_{m}_sd": sd,
+                    f"handover_{m}_se": sd / math.sqrt(len(vals))})
+    return out
+
 
 @dataclass
 class Decision:
@@ -98,10 +134,12 @@ class Selector:
         return self.config.rollback_lr_scale ** self.state.rollbacks
 
     def summary(self) -> dict:
-        """The run's selection outcome as metrics (empty before the first best)."""
+        """The run's selection outcome as metrics (empty before the first best). The selection best is
+        the lowest of many noisy evaluations on the run's fixed latents (biased: the winner's curse),
+        so it is named as such; runs are compared by their hand-over score (`handover_summary`)."""
         if self.state.best is None:
             return {"rollbacks": self.state.rollbacks}
-        return {f"best_{self.config.metric}": self.state.best, "best_step": self.state.best_step,
+        return {f"selection_best_{self.config.metric}": self.state.best, "selection_best_step": self.state.best_step,
                 "rollbacks": self.state.rollbacks}
 
     @property
@@ -123,16 +161,13 @@ class Selector:
         d = self.min_delta
         return value < than - d if self.mode == "min" else value > than + d
 
-    def _rank_key(self, value: float) -> float:
-        return value if self.mode == "min" else -value
-
     def _update_top(self, value: float, step: int, dec: Decision):
         """Keep the keep_top best evaluations (raw values: the re-evaluation at the end, not
         min_delta, decides between close ones)."""
         k = self.config.keep_top
         if k <= 1:
             return
-        top = sorted(self.state.top + [[value, step]], key=lambda vs: self._rank_key(vs[0]))
+        top = sorted(self.state.top + [[value, step]], key=lambda vs: rank_key(self.mode)(vs[0]))
         self.state.top, gone = top[:k], top[k:]
         dec.keep = any(s == step for _, s in self.state.top)
         dec.drop = [s for _, s in gone if s != step]

@@ -35,9 +35,9 @@ def resolve(source: str, experiment: str | None = None, device="cpu"):
                 return load_generator(p / name, device)
         raise SourceError(f"{source}: run folder without generator.pt, best.pt or last.pt")
     if source == "best":
-        rows = rank_runs(experiment=experiment, top=1)
+        rows = rank_runs(experiment=experiment, top=1)["rows"]
         if not rows:
-            raise SourceError("best: no finished run with a best metric in the tracking store")
+            raise SourceError("best: no finished run with a hand-over score in the tracking store")
         return resolve(rows[0]["checkpoint"], device=device)
     if re.fullmatch(r"[0-9a-f]{32}", source):
         try:
@@ -97,8 +97,12 @@ def evaluate_source(source: str, overrides: list[str], device: str = "auto") -> 
 
 
 def rank_runs(*, experiment: str | None = None, metric: str | None = None, top: int = 5,
-              signature: str | None = None, uri: str | None = None) -> list[dict]:
-    """Runs ranked by best_<metric>, among runs sharing one evaluation signature."""
+              signature: str | None = None, uri: str | None = None) -> dict:
+    """Finished runs ranked by their hand-over score, within one hand-over signature (`signature`, else
+    the newest run's). Returns {"signature", "rows" (best first, each with its standard error and
+    whether it is within noise of the leader), "signatures" (every signature seen -> its run count,
+    so none is dropped silently), "unscored" (finished runs without a hand-over score)}."""
+    from .select import rank_key, within_noise
     c = client(uri)
     if experiment:
         exp = c.get_experiment_by_name(experiment)
@@ -106,28 +110,67 @@ def rank_runs(*, experiment: str | None = None, metric: str | None = None, top: 
             raise SourceError(f"--experiment {experiment!r}: no such experiment in the tracking store")
         exps = [exp]
     else:
-        exps = [e for e in c.search_experiments() if e.name != "Default"]
-        if not exps:
-            return []
-        exps = [max(exps, key=lambda e: e.last_update_time or 0)]
+        from .features import ENCODERS
+        exps = [e for e in c.search_experiments() if e.name not in ("Default", ENCODERS)]
+        exps = [max(exps, key=lambda e: e.last_update_time or 0)] if exps else []
     runs = c.search_runs([e.experiment_id for e in exps], filter_string="attributes.status = 'FINISHED'",
-                         max_results=5000)
-    rows = []
+                         max_results=5000) if exps else []
+    rows, unscored = [], 0
     for r in runs:
-        m = metric or r.data.params.get("selection.metric", "fid")
-        mode = metrics_mod.mode_of(m, r.data.params.get("selection.mode", "auto"))
-        v = r.data.metrics.get(f"best_{m}")
-        if v is None or not math.isfinite(v):
+        row = _scored_row(r, metric)
+        if row is None:
+            unscored += not r.data.tags.get("ganlab.study") and not r.data.tags.get("ganlab.sweep")   # parents score nothing
             continue
-        run_dir = r.data.tags.get("ganlab.run_dir", "")
-        ck = Path(run_dir) / "generator.pt"
-        rows.append({"run_id": r.info.run_id, "variant": r.data.tags.get("ganlab.variant", r.info.run_name),
-                     "metric": m, "mode": mode, "best": v, "step": int(r.data.metrics.get("best_step", -1)),
-                     "signature": r.data.tags.get("eval.signature", ""), "checkpoint": str(ck if ck.exists() else run_dir),
-                     "start_time": r.info.start_time, "random_features": r.data.tags.get("eval.random_features") == "true"})
-    if not rows:
-        return []
-    sig = signature or max(rows, key=lambda r: r["start_time"])["signature"]
-    rows = [r for r in rows if r["signature"] == sig]
-    rows.sort(key=lambda r: r["best"] if r["mode"] == "min" else -r["best"])
-    return rows[:top]
+        rows.append(row)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["signature"]] = counts.get(r["signature"], 0) + 1
+    sig = signature or (max(rows, key=lambda r: r["start_time"])["signature"] if rows else "")
+    rows = sorted((r for r in rows if r["signature"] == sig), key=lambda r: rank_key(r["mode"])(r["score"]))
+    for r in rows:                     # a tie with the leader is worth saying before anyone picks "the best"
+        r["within_noise_of_first"] = within_noise(r["score"], r["se"], rows[0]["score"], rows[0]["se"])
+    return {"signature": sig, "rows": rows[:top], "signatures": counts, "unscored": unscored}
+
+
+def _scored_row(run, metric: str | None) -> dict | None:
+    """One run's ranking row from its hand-over score, or None when it has none."""
+    d = run.data
+    m = metric or d.params.get("selection.metric", "fid")
+    v, se = d.metrics.get(f"handover_{m}"), d.metrics.get(f"handover_{m}_se")
+    if v is None or not math.isfinite(v):
+        return None
+    ck = Path(d.tags.get("ganlab.run_dir", "")) / "generator.pt"
+    return {"run_id": run.info.run_id, "variant": d.tags.get("ganlab.variant", run.info.run_name), "metric": m,
+            "mode": metrics_mod.mode_of(m, d.params.get("selection.mode", "auto")), "score": v,
+            "se": se if se is not None and math.isfinite(se) else 0.0,
+            "step": int(d.metrics.get("handed_over_step", -1)), "signature": d.tags.get("eval.handover_signature", ""),
+            "checkpoint": str(ck if ck.exists() else ck.parent), "start_time": run.info.start_time,
+            "random_features": d.tags.get("eval.random_features") == "true"}
+
+
+def format_ranking(res: dict) -> str:
+    """`ganlab best`'s table: each hand-over score with its standard error, ties with the leader
+    marked, and the other signatures named with their run counts."""
+    rows = res["rows"]
+    lines = []
+    if rows:
+        m = rows[0]["metric"]
+        lines.append(f"hand-over signature {res['signature']}: {res['signatures'][res['signature']]} run(s); "
+                     f"{m} on the hand-over protocol, +/- its standard error")
+        lines.append(f"{'rank':<5}{'run id':<34}{'variant':<24}{'hand-over ' + m:>22}{'step':>8}  checkpoint")
+        for i, r in enumerate(rows, 1):
+            tie = " ~" if i > 1 and r["within_noise_of_first"] else ""
+            score = f"{r['score']:.4g} +/- {r['se']:.2g}{tie}"
+            lines.append(f"{i:<5}{r['run_id']:<34}{r['variant'][:23]:<24}{score:>22}{r['step']:>8}  {r['checkpoint']}")
+        ties = sum(r["within_noise_of_first"] for r in rows[1:])
+        if ties:
+            lines.append(f"~ within noise of rank 1 (difference under 1.96 standard errors): {ties} run(s); "
+                         f"more hand-over draws (eval.handover_draws) or seeds would separate them")
+    else:
+        lines.append("no finished run with a hand-over score")
+    others = {s: n for s, n in res["signatures"].items() if s != res["signature"]}
+    for s, n in sorted(others.items(), key=lambda kv: -kv[1]):
+        lines.append(f"also: hand-over signature {s}: {n} run(s), not comparable with the above (--signature {s})")
+    if res["unscored"]:
+        lines.append(f"also: {res['unscored']} finished run(s) without a hand-over score (an older ganlab, or no generator)")
+    return "\n".join(lines)

@@ -101,7 +101,7 @@ def run_sweep(path, extra_sets=(), quiet=False, only=(), workers: int = 1, devic
             (Path(d) / "sweep_summary.md").write_text(table + "\n")
             client.log_artifact(parent, str(Path(d) / "sweep_summary.md"))
         # an MLflow table: the UI shows it as a grid, and mlflow.load_table reads it back
-        columns = ["variant", "status", "best", "step", "stopped", "run_id", "run_dir"]
+        columns = ["variant", "status", "score", "se", "step", "signature", "stopped", "run_id", "run_dir"]
         track.set_fluent_uri(track.tracking_uri(first))
         mlflow.log_table({c: [r[c] for r in rows] for c in columns}, "sweep_summary.json", run_id=parent)
         _log_comparison(client, parent, [Path(r["run_dir"]) for r in rows if r["run_dir"]])
@@ -111,17 +111,19 @@ def run_sweep(path, extra_sets=(), quiet=False, only=(), workers: int = 1, devic
 
 
 def _row(trial) -> dict:
-    """A sweep row from its Optuna trial."""
+    """A sweep row from its Optuna trial: the hand-over score of the generator its run handed over."""
     ok = trial.state.name == "COMPLETE"
     return {"variant": trial.params.get("variant", "?"), "status": "ok" if ok else "failed",
-            "best": trial.value if ok else None, "step": trial.user_attrs.get("best_step"),
-            "stopped": trial.user_attrs.get("stopped") or trial.system_attrs.get("fail_reason", trial.state.name)[-200:],
+            "score": trial.value if ok else None, "se": trial.user_attrs.get("handover_se") if ok else None,
+            "signature": trial.user_attrs.get("handover_signature", ""), "step": trial.user_attrs.get("handed_over_step"),
+            "stopped": trial.user_attrs.get("stopped") or trial.user_attrs.get("error", trial.state.name)[-200:],
             "run_id": trial.user_attrs.get("run_id"), "run_dir": trial.user_attrs.get("run_dir", "")}
 
 
 def _failed_variant(label: str, err: str, client, parent: str | None) -> dict:
     """A variant whose config does not load: a failed row, and a failed child run that says why."""
-    row = {"variant": label, "status": "failed", "best": None, "step": None, "stopped": err, "run_id": None, "run_dir": ""}
+    row = {"variant": label, "status": "failed", "score": None, "se": None, "signature": "", "step": None, "stopped": err,
+           "run_id": None, "run_dir": ""}
     if parent:
         exp_id = client.get_run(parent).info.experiment_id
         r = client.create_run(exp_id, run_name=label, tags={"mlflow.parentRunId": parent,
@@ -145,10 +147,24 @@ def _log_comparison(client, run_id: str, run_dirs: list[Path]):
 
 
 def format_table(rows, metric) -> str:
-    head = f"| variant | best {metric} | step | stopped | run id |\n|---|---|---|---|---|"
-    lines = [head]
+    """The sweep's table: each variant's hand-over score +/- its standard error and the step it handed
+    over; ~ marks a score within noise of the best one under the same hand-over signature."""
+    from .metrics import mode_of
+    from .select import rank_key, within_noise
+    scored = [r for r in rows if r["score"] is not None]
+    lead = {}
+    for r in sorted(scored, key=lambda r: rank_key(mode_of(metric, "auto"))(r["score"])):
+        lead.setdefault(r["signature"], r)
+    lines = [f"| variant | hand-over {metric} +/- se | handed-over step | stopped | hand-over signature | run id |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
-        best = "-" if r["best"] is None else f"{r['best']:.4g}"
-        lines.append(f"| {r['variant']} | {best} | {r['step'] if r['step'] is not None else '-'} | "
-                     f"{(r['stopped'] or '')[:80]} | {r['run_id'] or '-'} |")
+        score = "-"
+        if r["score"] is not None:
+            first = lead[r["signature"]]
+            tie = " ~" if first is not r and within_noise(r["score"], r["se"] or 0, first["score"], first["se"] or 0) else ""
+            score = f"{r['score']:.4g} +/- {r['se'] or 0:.2g}{tie}"
+        lines.append(f"| {r['variant']} | {score} | {r['step'] if r['step'] is not None else '-'} | "
+                     f"{(r['stopped'] or '')[:80]} | {r['signature'] or '-'} | {r['run_id'] or '-'} |")
+    if any(" ~ |" in ln for ln in lines):
+        lines.append("\n~ within noise of the best variant (difference under 1.96 standard errors)")
     return "\n".join(lines)

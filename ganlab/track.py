@@ -190,7 +190,7 @@ def header_comment(experiment_file: str) -> str:
     return "\n".join(head).strip()
 
 
-NOTE_EVENTS = ("improved", "rollback", "early_stop", "new_period", "finished")
+NOTE_EVENTS = ("improved", "rollback", "early_stop", "new_period", "reevaluated", "handover", "finished")
 
 
 def run_note(header: str, run_dir: Path) -> str:
@@ -421,18 +421,20 @@ def _system_monitor(run_id, every: float):
 # --------------------------------------------------------------------------------- model registry
 
 def register_generator(tracker, run_dir: Path):
-    """Log the best generator twice, at its best step: as an MLflow PyTorch model (pt2, for torch
+    """Log the handed-over generator twice, at its step: as an MLflow PyTorch model (pt2, for torch
     users) and as the `images` pyfunc (count + seed -> RGBA images, for `mlflow models serve`).
-    Register the pyfunc under the experiment's name, and move the `champion` alias only when it beats
-    the champion under the same evaluation signature."""
-    from . import serve
+    Register the pyfunc under the experiment's name, tagged with its hand-over score, and move the
+    `champion` alias only when that score beats the champion's under the same hand-over signature."""
+    from . import select, serve
     from .config import metric_mode, to_yaml
     from .generator import load_generator
     mlflow, client, cfg = tracker.mlflow, tracker.client, tracker.cfg
     g, info = load_generator(run_dir / "generator.pt")
     name, metric = cfg.name, cfg.selection.metric
-    value = info["metrics"].get(metric)
-    meta = {"ganlab_config": to_yaml(info["config"]), "step": info["step"], "signature": info["signature"], metric: value}
+    value, se = info["metrics"].get(f"handover_{metric}"), info["metrics"].get(f"handover_{metric}_se")
+    sig = info.get("handover_signature") or ""
+    meta = {"ganlab_config": to_yaml(info["config"]), "step": info["step"], "signature": info["signature"],
+            "handover_signature": sig, f"handover_{metric}": value, f"handover_{metric}_se": se}
     pins = serve.pinned_requirements()
     with _quiet_logs(), mlflow.start_run(run_id=tracker.run_id, nested=mlflow.active_run() is not None):
         mlflow.pytorch.log_model(g, name="generator", pip_requirements=pins, step=info["step"], metadata=meta,
@@ -446,19 +448,18 @@ def register_generator(tracker, run_dir: Path):
     except Exception:
         pass                            # it exists already
     mv = with_retry(client.create_model_version, name, model_info.model_uri, run_id=tracker.run_id,
-                                     tags={"eval.signature": str(info["signature"]), metric: str(value),
-                                           "step": str(info["step"])})
-    mode = metric_mode(cfg)
+                    tags={"eval.signature": str(info["signature"]), "eval.handover_signature": sig,
+                          f"handover_{metric}": str(value), f"handover_{metric}_se": str(se), "step": str(info["step"])})
     try:
         champ = with_retry(client.get_model_version_by_alias, name, "champion")
     except Exception:
         champ = None
     beats = champ is None
     if champ is not None and value is not None:
-        same = champ.tags.get("eval.signature") == str(info["signature"])
-        old = float(champ.tags.get(metric, "nan"))
-        # a champion measured under another protocol is not comparable: it keeps the alias
-        beats = same and (math.isnan(old) or (value < old if mode == "min" else value > old))
+        old = float(champ.tags.get(f"handover_{metric}", "nan"))
+        # a champion scored under another hand-over protocol is not comparable: it keeps the alias
+        same = champ.tags.get("eval.handover_signature") == sig
+        beats = same and (math.isnan(old) or select.rank_key(metric_mode(cfg))(value) < select.rank_key(metric_mode(cfg))(old))
     if beats and value is not None:
         with_retry(client.set_registered_model_alias, name, "champion", mv.version)
     return mv

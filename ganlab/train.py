@@ -15,6 +15,7 @@ the run folder (one machine), which is how a rollback reads the best checkpoint 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import signal
@@ -35,7 +36,6 @@ from .trainer import Trainer, global_rng_state, pick_device, set_global_rng_stat
 
 log = logging.getLogger("ganlab")
 
-NOISE_SEEDS = 8           # latent seeds that measure the metric's noise band (selection.min_delta: auto)
 # The band: two evaluations of equal generators differ by more than 1.96 x sqrt(2) x sd one time in 20,
 # and an SD estimated from 8 draws is itself uncertain, so its 95% upper bound is used:
 # sd x sqrt(7 / chi2_0.05(7)) = sd x sqrt(7 / 2.1673) = sd x 1.797. Together about 5 sd.
@@ -52,6 +52,12 @@ class RunResult:
     rollbacks: int
     run_id: str | None = None          # MLflow run id, when tracked
     handed_over_step: int = -1         # the step of generator.pt (the re-evaluation's winner with keep_top)
+    handover: dict = dataclasses.field(default_factory=dict)   # the hand-over score (select.handover_summary); {} if none
+    handover_signature: str = ""       # runs' hand-over scores are comparable when these match
+
+    def score(self, metric: str) -> tuple[float | None, float | None]:
+        """(hand-over score, its standard error) of `metric`; (None, None) when the run handed nothing over."""
+        return self.handover.get(f"handover_{metric}"), self.handover.get(f"handover_{metric}_se")
 
 
 def train(
@@ -65,7 +71,8 @@ def train(
     new_period: bool = False,          # on resume, accept a changed evaluation signature as a new selection period
     parent_run_id: str | None = None,  # MLflow parent run (a tune study's); None = the active fluent run, if any
     on_start=None,                     # on_start(run_id, run_dir) once the run exists (tune records its trial's run)
-    on_eval=None,                      # on_eval(step, metrics) after each evaluation; True stops the run as "pruned"
+    on_eval=None,                      # on_eval(step, metrics, last) after each evaluation; True stops the run as
+                                       # "pruned" (never asked to at the last step: a fully trained run completes)
 ) -> RunResult:
     # ---- set up: data, evaluation protocol (its weights checked before any training), networks
     run = Run(cfg, run_dir, quiet=quiet, tracker=tracker)
@@ -244,7 +251,9 @@ class Run:
         s = self.last_eval = self.step
         dec = self._follow_rank0(self._evaluate() if self.share.main else None)
         self.act(dec, stop_kind="early_stop")
-        asked = self.share.main and not self.stopped and self.on_eval is not None and self.on_eval(s, self.last_metrics)
+        last = s >= self.cfg.train.steps
+        asked = (self.share.main and not self.stopped and self.on_eval is not None
+                 and self.on_eval(s, self.last_metrics, last) and not last)
         if distributed.broadcast(asked, self.share):
             self.stopped = "pruned"
             if self.share.main:
@@ -295,7 +304,7 @@ class Run:
         return True
 
     def _measure_noise_band(self, g):
-        """min_delta: auto. The metric of one generator over NOISE_SEEDS fresh latent draws at the run's
+        """min_delta: auto. The metric of one generator over select.NOISE_SEEDS fresh latent draws at the run's
         protocol; the band is NOISE_BAND_PER_SD SDs. Measured once per signature (cached beside the
         real statistics), on the generator of the period's first evaluation."""
         metric, sig = self.cfg.selection.metric, self.evaluator.signature_hash
@@ -303,8 +312,8 @@ class Run:
         if cache.exists():
             values = json.loads(cache.read_text())["values"]
         else:
-            values = [self.evaluator.with_fresh_latents(g, seed=self.cfg.eval.seed + 101 + k)[metric]
-                      for k in range(NOISE_SEEDS)]
+            values = [self.evaluator.with_fresh_latents(g, seed=self.cfg.eval.seed + select.NOISE_SEED_OFFSET + k)[metric]
+                      for k in range(select.NOISE_SEEDS)]
             atomic_write_bytes(cache, json.dumps({"signature": sig, "metric": metric, "values": values}).encode())
         sd = statistics.stdev(values)
         band = NOISE_BAND_PER_SD * sd
@@ -387,18 +396,56 @@ class Run:
         self.save_last()
         sel, ev = self.selector, self.evaluator
         reason = self.stopped or ("finished" if self.step >= self.cfg.train.steps else "paused")
-        handed = sel.best_step
-        if reason != "paused" and self.share.main:
-            handed = self._reevaluate_top()
+        handed, score = sel.best_step, {}
+        done = reason not in ("paused", "pruned")      # a pruned trial is not worth a hand-over, report or model
+        if done and self.share.main:
+            handed = self._guarded("the keep_top re-evaluation", self._reevaluate_top, sel.best_step,
+                                   "generator.pt stays the selection best")
+            score = self._guarded("the hand-over score", self._score_handover, {}, "this run has no hand-over score")
             best = "none" if sel.best is None else format(sel.best, ".4g")
-            self.events.emit(self.step, "finished", f"{reason} at step {self.step}; best {self.cfg.selection.metric} "
-                             f"{best} at step {sel.best_step}; handed over step {handed}; rollbacks {sel.rollbacks}; "
-                             f"eval took {ev.seconds:.0f}s ({100 * ev.seconds / max(time.time() - self.t_start, 1e-9):.0f}% "
-                             f"of wall time); generator: {self.run_dir / 'generator.pt'}", stopped=reason)
+            self.events.emit(self.step, "finished", f"{reason} at step {self.step}; selection best {self.cfg.selection.metric} "
+                             f"{best} at step {sel.best_step}; handed over step {handed}{_score_text(score, self.cfg)}; "
+                             f"rollbacks {sel.rollbacks}; eval took {ev.seconds:.0f}s "
+                             f"({100 * ev.seconds / max(time.time() - self.t_start, 1e-9):.0f}% of wall time); "
+                             f"generator: {self.run_dir / 'generator.pt'}", stopped=reason)
             if self.tracker.run_id is not None:
                 self._log_report()
-        self.tracker.finish("FINISHED", sel.summary(), step=self.step, stopped=reason, final=reason != "paused")
-        return RunResult(self.run_dir, self.step, sel.best, sel.best_step, reason, sel.rollbacks, self.run_id, handed)
+        self.tracker.finish("FINISHED", {**sel.summary(), **score}, step=self.step, stopped=reason, final=done)
+        return RunResult(self.run_dir, self.step, sel.best, sel.best_step, reason, sel.rollbacks, self.run_id, handed,
+                         handover={k: v for k, v in score.items() if k.startswith("handover_")},
+                         handover_signature=ev.handover_hash if score and ev is not None else "")
+
+    def _guarded(self, what: str, fn, default, otherwise: str):
+        """A finishing step that must not cost the run its end: a failure is an error event, and the
+        run finishes with `default` (the files on disk are written atomically, so they stay as they were)."""
+        try:
+            return fn()
+        except Exception as e:
+            self.events.emit(self.step, "error", f"{what} failed ({e.__class__.__name__}: {e}); {otherwise}")
+            return default
+
+    def _score_handover(self) -> dict:
+        """The hand-over score: generator.pt (whatever picked it) on the hand-over protocol, fresh latents
+        of its own over several draws (evaluate.Evaluator.handover). The one number every ranking of
+        runs uses; written into generator.pt, logged with the hand-over signature. {} when there is no
+        generator to hand over."""
+        path, ev = self.run_dir / "generator.pt", self.evaluator
+        if not path.exists():
+            return {}
+        g, info = load_generator(path, self.device)
+        score = select.handover_summary(ev.handover_draws(g))
+        try:
+            export_generator(path, g, self.cfg, info["step"], {**info["metrics"], **score}, ev.signature_hash,
+                             handover_signature=ev.handover_hash)
+        except OSError as e:           # the score is still logged; the file keeps its weights, without the score
+            self.events.emit(self.step, "error", f"could not write the hand-over score into generator.pt ({e})")
+        h = ev.handover
+        self.events.emit(self.step, "handover", f"generator.pt (step {info['step']}) scored on the hand-over protocol "
+                         f"({h['handover_draws']} draws of {h['handover_samples']} fresh samples, signature "
+                         f"{ev.handover_hash}){_score_text(score, self.cfg)}", handed_over_step=info["step"],
+                         signature=ev.handover_hash, **score)
+        self.tracker.set_tags({"ganlab.handed_over_step": info["step"], "ganlab.handover_signature": ev.handover_hash})
+        return {**score, "handed_over_step": info["step"]}
 
     def _reevaluate_top(self) -> int:
         """The best of several noisy evaluations is biased low (the winner's curse): evaluate the kept
@@ -413,17 +460,16 @@ class Run:
         rows = []
         for value, step, path in kept:
             g, info = load_generator(path, self.device)
-            again = self.evaluator.with_fresh_latents(g, seed=cfg.eval.seed + 7919, num_samples=n)[metric]
+            again = self.evaluator.with_fresh_latents(g, seed=cfg.eval.seed + select.REEVAL_SEED_OFFSET, num_samples=n)[metric]
             rows.append((again, step, value, g, info))
             self.tracker.log_metrics({f"reeval_{metric}": again}, step)
-        win = min(rows, key=lambda r: r[0] if sel.mode == "min" else -r[0])
+        win = min(rows, key=lambda r: select.rank_key(sel.mode)(r[0]))
         again, step, _, g, info = win
         export_generator(self.run_dir / "generator.pt", g, cfg, step, {**info["metrics"], f"reeval_{metric}": again},
                          self.evaluator.signature_hash)
         table = "; ".join(f"step {s}: {v:.4g} -> {a:.4g}" for a, s, v, _, _ in rows)
         self.events.emit(self.step, "reevaluated", f"top {len(rows)} by {metric} again on fresh latents with {n} "
                          f"samples ({table}): hand over step {step}", winner_step=step, reeval=again)
-        self.tracker.log_metrics({"handed_over_step": step}, self.step)
         return step
 
     def _log_report(self):
@@ -433,6 +479,13 @@ class Run:
             self.tracker.log_artifacts(page.parent, "report")
         except Exception as e:          # the run's results are safe; say what failed
             log.warning("could not write or log the run report (%s)", e)
+
+
+def _score_text(score: dict, cfg) -> str:
+    m = cfg.selection.metric
+    if f"handover_{m}" not in score:
+        return ""
+    return f": hand-over {m} {score[f'handover_{m}']:.4g} +/- {score[f'handover_{m}_se']:.2g} (standard error)"
 
 
 def signature_change(state: dict, evaluator) -> str:

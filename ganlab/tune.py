@@ -43,6 +43,10 @@ ALLOWED = {"base", "name", "set", "space", "sampler", "pruner", "trials", "seed"
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")
 PARENT = "mlflow_parent_run_id"          # study user attribute: the parent MLflow run
+READY = "ready"                          # study user attribute: the creator has queued its points and made the parent
+PINNED = "handover_signature"            # study user attributes: the hand-over protocol every trial is scored on
+PINNED_FIELDS = "handover_signature_fields"
+RETRIES = 1                              # a point lost with a dead worker is queued again this many times
 
 
 @dataclass
@@ -178,21 +182,38 @@ def open_study(spec: Spec, cfg, create: bool):
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)   # heartbeats: stable since 2.9
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=RETRIES)
+
+    def stale(study, trial):           # a dead worker's trial: its MLflow run says so, and its point is queued again
+        _mark_failed(cfg, trial)
+        retry(study, trial)
     storage = optuna.storages.RDBStorage(storage_url(spec, cfg), heartbeat_interval=spec.heartbeat,
-                                         grace_period=3 * spec.heartbeat,
-                                         failed_trial_callback=lambda study, trial: _mark_failed(cfg, trial))
-    sampler = {"tpe": lambda: optuna.samplers.TPESampler(seed=spec.seed),
-               "random": lambda: optuna.samplers.RandomSampler(seed=spec.seed),
+                                         grace_period=3 * spec.heartbeat, heartbeat_stale_trial_callback=stale)
+    seed = worker_seed(spec.seed)
+    sampler = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+               "random": lambda: optuna.samplers.RandomSampler(seed=seed),
                "grid": lambda: optuna.samplers.GridSampler(spec.space, seed=spec.seed)}[spec.sampler]()
     pruner = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
               "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=max(1, cfg.eval.every),
                                                                  max_resource=cfg.train.steps),
               "none": lambda: optuna.pruners.NopPruner()}[spec.pruner]()
     direction = "minimize" if metrics_mod.mode_of(cfg.selection.metric, cfg.selection.mode) == "min" else "maximize"
-    if create:
-        return optuna.create_study(storage=storage, sampler=sampler, pruner=pruner, study_name=spec.name,
-                                   direction=direction, load_if_exists=True)
-    return optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler, pruner=pruner)
+    if create:                         # exactly one launcher creates the study (the storage's unique name decides)
+        try:
+            return optuna.create_study(storage=storage, sampler=sampler, pruner=pruner, study_name=spec.name,
+                                       direction=direction), True
+        except optuna.exceptions.DuplicatedStudyError:
+            pass
+    return optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler, pruner=pruner), False
+
+
+def worker_seed(study_seed: int) -> int:
+    """The sampler seed of this worker: the study's seed mixed with the worker's host and process, so
+    that two workers asking at the same moment with the same history do not propose the same point
+    (random and TPE samplers are deterministic given their seed). Recorded on every trial."""
+    import hashlib
+    who = f"{study_seed}:{socket.gethostname()}:{os.getpid()}:{os.environ.get('GANLAB_WORKER', '')}"
+    return int(hashlib.sha256(who.encode()).hexdigest()[:8], 16)
 
 
 def _mark_failed(cfg, trial):
@@ -209,7 +230,8 @@ def _mark_failed(cfg, trial):
 # ------------------------------------------------------------------------------------------ a trial
 
 def objective(spec: Spec, parent: str | None, extra_sets=(), quiet=True):
-    """Optuna's objective: one ganlab run; its best selection metric is the trial's value."""
+    """Optuna's objective: one ganlab run; the hand-over score of the generator it hands over is the
+    trial's value (the selection best, a minimum of noisy evaluations, would reward luck)."""
     import optuna
     from . import train
 
@@ -223,6 +245,7 @@ def objective(spec: Spec, parent: str | None, extra_sets=(), quiet=True):
             else suggest(trial, spec.space)
         cfg = spec.trial_config(params, trial.number, extra_sets)
         metric = cfg.selection.metric
+        trial.set_user_attr("sampler_seed", worker_seed(spec.seed))
 
         def started(run_id, run_dir):
             trial.set_user_attr("run_id", run_id or "")
@@ -233,14 +256,15 @@ def objective(spec: Spec, parent: str | None, extra_sets=(), quiet=True):
                 from . import track
                 track.open_client(track.tracking_uri(cfg)).set_tag(run_id, "ganlab.worker", worker)
 
-        def evaluated(step, m):
+        def evaluated(step, m, last):
             trial.report(m[metric], step)
-            if not trial.should_prune():
+            if last or not trial.should_prune():         # a fully trained trial completes
                 return False
-            others = [t.number for t in trial.study.get_trials(deepcopy=False)
-                      if t.number != trial.number and step in t.intermediate_values]
+            # the median pruner compares with COMPLETE trials' values at this step
+            others = [t.number for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                      if step in t.intermediate_values]
             trial.set_user_attr("pruned_at_step", step)
-            trial.set_user_attr("pruned_against", others)       # the trials its value was compared with
+            trial.set_user_attr("pruned_against", others)
             return True
 
         res = train.train(cfg, quiet=quiet, experiment_file=str(spec.path), parent_run_id=parent,
@@ -249,10 +273,28 @@ def objective(spec: Spec, parent: str | None, extra_sets=(), quiet=True):
         trial.set_user_attr("stopped", res.stopped)
         if res.stopped == "pruned":
             raise optuna.TrialPruned(f"pruned at step {trial.user_attrs['pruned_at_step']}")
-        if res.best is None:
-            raise RuntimeError(f"trial {trial.number}: no evaluation scored ({res.stopped})")
-        return res.best
-    return run_trial
+        score, se = res.score(metric)
+        if score is None:
+            raise RuntimeError(f"trial {trial.number}: no generator to hand over ({res.stopped})")
+        pinned = trial.study.user_attrs.get(PINNED)
+        if pinned and not spec.variants and res.handover_signature != pinned:
+            raise RuntimeError(f"trial {trial.number}: scored under hand-over signature {res.handover_signature}, "
+                               f"not the study's {pinned}: its value is not comparable")
+        trial.set_user_attr("handover_se", se)
+        trial.set_user_attr("handover_signature", res.handover_signature)
+        trial.set_user_attr("handed_over_step", res.handed_over_step)
+        trial.set_user_attr("selection_best", res.best)
+        return score
+
+    def recorded(trial):               # the reason a trial failed, where summaries and the worker read it
+        try:
+            return run_trial(trial)
+        except optuna.TrialPruned:
+            raise
+        except Exception as e:
+            trial.set_user_attr("error", f"{e.__class__.__name__}: {e}"[-1000:])
+            raise
+    return recorded
 
 
 def _grid_points(spec: Spec) -> list[dict]:
@@ -267,20 +309,44 @@ def _grid_points(spec: Spec) -> list[dict]:
 def work(spec: Spec, extra_sets=(), quiet=True) -> int:
     """One worker: take trials until the study has `trials` of them (any state); in a grid study,
     until no queued point is left. Returns trials run. TPE/random: two workers may both start the
-    last one, so a study can end a trial or two over, never under."""
+    last one, so a study can end a trial or two over, never under. A worker whose hand-over protocol
+    differs from the one the study pinned refuses to start (ConfigError, one line)."""
     import optuna
     cfg0 = spec.trial_config(_first(spec), 0, extra_sets)
-    study = open_study(spec, cfg0, create=False)
+    study, _ = open_study(spec, cfg0, create=False)
+    if not spec.variants:              # a sweep compares what its variants are; a study needs one feature space
+        pin_signature(study, cfg0, spec)
     run = objective(spec, study.user_attrs.get(PARENT), extra_sets, quiet)
     done = 0
     while _taken(study) < spec.trials and (spec.sampler != "grid" or _waiting(study)):
+        mine = []                      # this worker's trial (get_trials()[-1] may be another worker's)
         # a failing trial is recorded as FAIL (with its error) and the study goes on
-        study.optimize(run, n_trials=1, catch=(Exception,))
+        study.optimize(run, n_trials=1, catch=(Exception,), callbacks=[lambda st, t: mine.append(t)])
         done += 1
-        last = study.get_trials(deepcopy=False)[-1]
-        if last.state == optuna.trial.TrialState.FAIL:
-            print(f"trial {last.number} failed: {last.system_attrs.get('fail_reason', '')[-300:]}", file=sys.stderr)
+        if mine and mine[0].state == optuna.trial.TrialState.FAIL:
+            print(f"trial {mine[0].number} failed: {mine[0].user_attrs.get('error', '(no reason recorded)')[-300:]}",
+                  file=sys.stderr)
     return done
+
+
+def pin_signature(study, cfg, spec: Spec):
+    """The study's hand-over signature: pinned by its first worker, checked by every later one, so
+    TPE and the pruner only ever compare numbers from one feature space."""
+    import json
+    from . import data, evaluate
+    from .trainer import pick_device
+    ev = evaluate.Evaluator(cfg, data.load_images(cfg.data, cfg.seed).holdout, pick_device(cfg.train.device))
+    pinned = study.user_attrs.get(PINNED)
+    if pinned is None:
+        study.set_user_attr(PINNED, ev.handover_hash)
+        study.set_user_attr(PINNED_FIELDS, json.dumps(ev.handover, sort_keys=True))
+        return
+    if pinned != ev.handover_hash:
+        old = json.loads(study.user_attrs.get(PINNED_FIELDS, "{}"))
+        diff = "; ".join(f"{k} {old.get(k)!r} here {ev.handover.get(k)!r}" for k in sorted(set(old) | set(ev.handover))
+                         if old.get(k) != ev.handover.get(k)) or f"{pinned} here {ev.handover_hash}"
+        raise ConfigError(f"{spec.path}: this worker's evaluation differs from study {spec.name!r}'s pinned hand-over "
+                          f"protocol {pinned} (study {diff}); its scores would not be comparable, so it does not join")
 
 
 def _waiting(study) -> bool:
@@ -289,9 +355,11 @@ def _waiting(study) -> bool:
 
 
 def _taken(study) -> int:
-    """Trials started or done (enqueued ones still waiting do not count)."""
+    """Trials started or done (enqueued ones still waiting do not count, nor a failed one queued again)."""
     import optuna
-    return sum(t.state != optuna.trial.TrialState.WAITING for t in study.get_trials(deepcopy=False))
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    return sum(t.state != optuna.trial.TrialState.WAITING and t.number not in retried for t in trials)
 
 
 def _first(spec: Spec) -> dict:
@@ -306,11 +374,15 @@ def execute(spec: Spec, workers: int = 1, devices: str = "", extra_sets=(), quie
     Returns (study, parent run id or None, the config of the first trial)."""
     import optuna
     cfg0 = spec.trial_config(_first(spec), 0, extra_sets)
-    study = open_study(spec, cfg0, create=True)
-    if not study.get_trials(deepcopy=False):
+    study, created = open_study(spec, cfg0, create=True)
+    if created:                        # this launcher alone queues the points and makes the parent run
         for point in spec.start_with + _grid_points(spec):
             study.enqueue_trial(point, skip_if_exists=True, user_attrs={"queued": True})
-    parent = _parent_run(study, spec, cfg0, parent_name or f"study-{spec.name}", parent_tags or {})
+        _parent_run(study, spec, cfg0, parent_name or f"study-{spec.name}", parent_tags or {})
+        study.set_user_attr(READY, True)
+    else:
+        _wait_ready(study, spec)
+    parent = study.user_attrs.get(PARENT)
     if workers <= 1 and not devices:
         work(spec, extra_sets, quiet)
     else:
@@ -327,12 +399,22 @@ def run_study(spec: Spec, workers: int = 1, devices: str = "", extra_sets=(), qu
     return rows
 
 
+def _wait_ready(study, spec: Spec, timeout: float = 120.0):
+    """A launcher that did not create the study waits until its creator has queued the points and made
+    the parent run (seconds), instead of doing either a second time."""
+    t0 = time.time()
+    while not study.user_attrs.get(READY):
+        if time.time() - t0 > timeout:
+            raise ConfigError(f"study {spec.name!r} exists but its creator never finished setting it up "
+                              f"(no {READY!r} attribute after {timeout:.0f} s); delete the study or use another name")
+        time.sleep(0.5)                # user_attrs reads the storage each time
+
+
 def _parent_run(study, spec: Spec, cfg, run_name: str, tags: dict) -> str | None:
-    """The study's parent MLflow run: made by the first launcher, found in the study by the others."""
+    """The study's parent MLflow run, made once by the launcher that created the study; the others
+    find its id in the study."""
     if not cfg.tracking.enabled:
         return None
-    if study.user_attrs.get(PARENT):
-        return study.user_attrs[PARENT]
     from . import track
     uri = track.tracking_uri(cfg)
     client = track.open_client(uri)
@@ -371,15 +453,18 @@ def summarise(study) -> list[dict]:
         rows.append({"trial": t.number, "state": t.state.name, "value": t.value, "params": t.params,
                      "pruned_at_step": t.user_attrs.get("pruned_at_step"),
                      "pruned_against": t.user_attrs.get("pruned_against"), "best_step": t.user_attrs.get("best_step"),
+                     "se": t.user_attrs.get("handover_se"), "handed_over_step": t.user_attrs.get("handed_over_step"),
                      "run_id": t.user_attrs.get("run_id"), "run_dir": t.user_attrs.get("run_dir", ""),
-                     "error": t.system_attrs.get("fail_reason", "")})
+                     "error": t.user_attrs.get("error", ""),
+                     "retry_of": t.system_attrs.get("failed_trial")})
     return rows
 
 
 def format_rows(rows: list[dict], metric: str) -> str:
-    lines = [f"| trial | state | {metric} | params | pruned at step (against trials) | run id |", "|---|---|---|---|---|---|"]
+    lines = [f"| trial | state | hand-over {metric} +/- se | params | pruned at step (against trials) | run id |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
-        val = "-" if r["value"] is None else f"{r['value']:.4g}"
+        val = "-" if r["value"] is None else f"{r['value']:.4g} +/- {r['se'] or 0:.2g}"
         pruned = "-" if r["pruned_at_step"] is None else f"{r['pruned_at_step']} ({r['pruned_against']})"
         params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())
         lines.append(f"| {r['trial']} | {r['state']} | {val} | {params} | {pruned} | {r['run_id'] or '-'} |")
@@ -404,6 +489,6 @@ def _log_summary(cfg, parent: str | None, rows: list[dict], study):
     if "RUNNING" not in states:          # workers elsewhere may still be at it
         best = [r for r in rows if r["state"] == "COMPLETE"]
         if best:
-            client.log_metric(parent, f"best_{cfg.selection.metric}", study.best_value)
+            client.log_metric(parent, f"handover_{cfg.selection.metric}", study.best_value)
             client.set_tag(parent, "ganlab.best_trial", str(study.best_trial.number))
         client.set_terminated(parent, "FINISHED")

@@ -65,3 +65,12 @@ def tiny_cfg(tmp_path, script_extractor):
     def make(*extra):
         return config.load(None, tiny_overrides(tmp_path, script_extractor) + list(extra))
     return make
+
+
+def script_evaluations(monkeypatch, values, handover=(1.0, 1.2, 1.4)):
+    """The run's evaluations return these FIDs in order (one too many or too few fails the test); the
+    hand-over score's draws return `handover`. Generation, selection and checkpoints are real."""
+    from ganlab import evaluate
+    it = iter(values)
+    monkeypatch.setattr(evaluate.Evaluator, "metrics_for", lambda self, fake: {"fid": next(it)})
+    monkeypatch.setattr(evaluate.Evaluator, "handover_draws", lambda self, g: [{"fid": v} for v in handover])

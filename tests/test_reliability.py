@@ -17,7 +17,7 @@ from ganlab import checkpoint, cli, config, train, trainer
 from ganlab.checkpoint import CheckpointError
 from ganlab.track import read_events, tracking_uri
 
-from conftest import tiny_overrides
+from conftest import script_evaluations, tiny_overrides
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -97,8 +97,7 @@ def test_non_finite_weights_never_reach_best(tiny_cfg, monkeypatch):
     """The weights guard at evaluation: diagnostics are read only every 100 steps here, so a NaN loss
     cannot stop the run first; the evaluation at step 16 must see the NaN weights itself."""
     from ganlab import evaluate
-    calls = iter([5.0, 1.0, 1.0])
-    monkeypatch.setattr(evaluate.Evaluator, "metrics_for", lambda self, fake: {"fid": next(calls)})
+    script_evaluations(monkeypatch, [5.0, 1.0, 1.0])
     orig = trainer.Trainer.step
     def poisoned(self, step):
         orig(self, step)
@@ -203,7 +202,7 @@ def test_kill_9_then_resume_keeps_best_and_one_mlflow_run(tmp_path, script_extra
     # each resume started where the killed process's last.pt was, not from step 0
     assert [e["step"] for e in read_events(run_dir) if e["kind"] == "resume"] == killed_at
     best = checkpoint.load(run_dir / "best.pt")
-    assert runs[0].data.metrics["best_fid"] == best["best"]["value"]
+    assert runs[0].data.metrics["selection_best_fid"] == best["best"]["value"]
     # the best at each kill survived the resumed processes: the final best is it, or a better one later
     for step, value in bests:
         assert best["best"]["value"] <= value and (best["step"] >= step)

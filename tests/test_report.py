@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import script_evaluations
 from ganlab import cli, evaluate, train
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -32,8 +33,7 @@ def open_in_browser(page_path: Path) -> dict:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_report_of_a_run_with_a_rollback_loads_in_a_real_browser(tiny_cfg, monkeypatch, tmp_path, capsys):
-    it = iter([5.0, 3.0, 20.0, 25.0, 30.0, 30.0])
-    monkeypatch.setattr(evaluate.Evaluator, "metrics_for", lambda self, fake: {"fid": next(it)})
+    script_evaluations(monkeypatch, [5.0, 3.0, 20.0, 25.0, 30.0, 30.0])
     res = train.train(tiny_cfg("train.steps=48", "selection.collapse_evals=2", "selection.max_rollbacks=1"), quiet=True)
     assert cli.main(["report", str(res.run_dir)]) == 0
     page = res.run_dir / "report" / "report.html"

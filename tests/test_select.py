@@ -7,6 +7,7 @@ import signal
 import pytest
 import torch
 
+from conftest import script_evaluations
 from ganlab import checkpoint, config, evaluate, generator, losses, train, trainer
 from ganlab.select import Selector
 from ganlab.track import read_events
@@ -143,10 +144,7 @@ def test_non_finite_loss_rolls_back_even_without_a_best():
 
 # ----------------------------------------------------------------------------- in the real loop
 
-def scripted(monkeypatch, values):
-    """Evaluation returns these FIDs in order; generation, selection and checkpoints are real."""
-    it = iter(values)
-    monkeypatch.setattr(evaluate.Evaluator, "metrics_for", lambda self, fake: {"fid": next(it)})
+scripted = script_evaluations
 
 
 def diagnostics_at(monkeypatch, bad_steps: set, **values):
@@ -341,9 +339,10 @@ def test_eval_command_reports_the_run_protocol(tiny_cfg, capsys):
 
 def test_keep_top_hands_over_the_winner_of_the_re_evaluation(tiny_cfg, monkeypatch):
     """Evaluations at 8, 16, 24 score 2.0, 1.0, 1.5: step 16 is the best by the run's own latents.
-    Re-evaluated on fresh latents with twice the samples, step 24 wins: it is what is handed over."""
+    Re-evaluated on fresh latents with twice the samples, step 24 wins: it is what is handed over,
+    and it alone is then scored on the hand-over protocol (three more draws of its own latents)."""
     calls, images = [], []
-    values = iter([2.0, 1.0, 1.5] + [1.3, 0.9, 1.1])     # then the re-evaluation, best first: 16, 24, 8
+    values = iter([2.0, 1.0, 1.5] + [1.3, 0.9, 1.1] + [1.15, 1.25, 1.2])   # evals, re-evaluation (16, 24, 8), hand-over
     def scripted(self, fake):
         calls.append(len(fake))
         images.append(fake.clone())
@@ -351,10 +350,14 @@ def test_keep_top_hands_over_the_winner_of_the_re_evaluation(tiny_cfg, monkeypat
     monkeypatch.setattr(evaluate.Evaluator, "metrics_for", scripted)
     res = train.train(tiny_cfg("selection.keep_top=3", "selection.on_collapse=ignore"), quiet=True)
     assert res.best_step == 16 and res.handed_over_step == 24
-    assert calls == [32, 32, 32, 64, 64, 64]                # twice the samples ...
+    assert calls == [32, 32, 32, 64, 64, 64, 64, 64, 64]    # twice the samples ...
     assert not torch.equal(images[4][:32], images[2])       # ... on fresh latents (step 24's own images differ)
+    handover = images[6:]                                   # step 24's generator on the hand-over latents: other
+    assert not any(torch.equal(h, images[4]) for h in handover) and not torch.equal(handover[0], handover[1])
     gen = checkpoint.load(res.run_dir / "generator.pt")
     assert gen["step"] == 24 and gen["metrics"]["reeval_fid"] == 0.9
+    assert gen["metrics"]["handover_fid"] == pytest.approx(1.2) == res.handover["handover_fid"]
+    assert res.handover["handover_fid_se"] == pytest.approx(0.05 / 3 ** 0.5) and gen["handover_signature"] == res.handover_signature
     kept = checkpoint.load(res.run_dir / "top" / "step_0000024.pt")["state_dict"]
     assert all(torch.equal(gen["state_dict"][k], kept[k]) for k in kept)
     ev = [e for e in read_events(res.run_dir) if e["kind"] == "reevaluated"]
@@ -362,9 +365,38 @@ def test_keep_top_hands_over_the_winner_of_the_re_evaluation(tiny_cfg, monkeypat
     assert checkpoint.load(res.run_dir / "best.pt")["step"] == 16   # rollback still targets the best by the run's metric
 
 
+def test_a_run_without_keep_top_is_scored_on_the_handover_protocol_too(tiny_cfg, monkeypatch):
+    """keep_top 1: no re-evaluation, but generator.pt (the selection best) still gets an unbiased score
+    from latents of its own, which selection never saw."""
+    calls = []
+    values = iter([2.0, 1.0, 1.5] + [1.3, 1.5, 1.4])
+    monkeypatch.setattr(evaluate.Evaluator, "metrics_for", lambda self, fake: calls.append(len(fake)) or {"fid": next(values)})
+    res = train.train(tiny_cfg("selection.keep_top=1", "eval.handover_samples=48"), quiet=True)
+    assert res.handed_over_step == 16 and calls == [32, 32, 32, 48, 48, 48]
+    assert res.handover["handover_fid"] == pytest.approx(1.4) and res.handover["handover_fid_sd"] == pytest.approx(0.1)
+    ho = [e for e in read_events(res.run_dir) if e["kind"] == "handover"]
+    assert len(ho) == 1 and ho[0]["handed_over_step"] == 16
+
+
+def test_the_handover_protocol_is_its_own_signature():
+    """Runs are comparable on their hand-over scores when the hand-over protocol matches, whatever
+    latents their selection used; a hand-over seed that selection uses is refused at load."""
+    from ganlab import data
+    def ev(*over):
+        cfg = config.load(None, ["data.root=builtin:sprites", "data.image_size=32", "data.sprites=64", "data.min_holdout=16",
+                                 "eval.feature_extractor=inception-v3-random", "model.nz=16", *over])
+        return evaluate.Evaluator(cfg, data.load_images(cfg.data, cfg.seed).holdout, "cpu")
+    base = ev("eval.num_samples=32")
+    other_latents = ev("eval.num_samples=32", "eval.seed=7")
+    assert other_latents.handover_hash == base.handover_hash and other_latents.signature_hash != base.signature_hash
+    assert ev("eval.num_samples=32", "eval.handover_draws=4").handover_hash != base.handover_hash
+    assert ev("eval.num_samples=16", "eval.handover_samples=64").handover_hash == base.handover_hash
+    with pytest.raises(config.ConfigError, match="eval.handover_seed"):
+        config.load(None, ["eval.seed=5", "eval.handover_seed=4", "eval.handover_draws=3"])
+
+
 def test_keep_top_drops_checkpoints_that_leave_the_top(tiny_cfg, monkeypatch):
-    values = iter([3.0, 2.0, 1.0, 2.5, 0.5] + [1.0, 1.0])
-    monkeypatch.setattr(evaluate.Evaluator, "metrics_for", lambda self, fake: {"fid": next(values)})
+    script_evaluations(monkeypatch, [3.0, 2.0, 1.0, 2.5, 0.5] + [1.0, 1.0])
     res = train.train(tiny_cfg("selection.keep_top=2", "train.steps=40", "selection.on_collapse=ignore"), quiet=True)
     assert sorted(p.name for p in (res.run_dir / "top").glob("*.pt")) == ["step_0000024.pt", "step_0000040.pt"]
 

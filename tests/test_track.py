@@ -10,6 +10,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from conftest import script_evaluations
 from ganlab import cli, evaluate, sweep, train
 from ganlab.track import tracking_uri
 
@@ -24,9 +25,7 @@ def tracked(tiny_cfg, tmp_path):
     return make
 
 
-def scripted(monkeypatch, values):
-    it = iter(values)
-    monkeypatch.setattr(evaluate.Evaluator, "metrics_for", lambda self, fake: {"fid": next(it)})
+scripted = script_evaluations
 
 
 def test_run_records_params_tags_metrics_images_artifacts(tracked, tmp_path):
@@ -78,20 +77,23 @@ def test_resume_continues_the_same_run_without_duplicates(tracked, tmp_path):
 
 
 def test_best_json_and_champion_alias(tracked, monkeypatch, capsys, tmp_path):
-    scripted(monkeypatch, [5.0, 4.0, 4.5])
+    scripted(monkeypatch, [5.0, 4.0, 4.5], handover=(4.3, 4.4, 4.5))
     a = train.train(tracked("tracking.register_model=true", "variant=worse"), quiet=True)
-    scripted(monkeypatch, [3.0, 2.0, 2.5])
+    scripted(monkeypatch, [3.0, 2.0, 2.5], handover=(2.1, 2.2, 2.3))
     b = train.train(tracked("tracking.register_model=true", "variant=better"), quiet=True)
     uri = tracking_uri(tracked())
     assert cli.main(["best", "--experiment", "exp", "--json", "--uri", uri]) == 0
-    rows = json.loads(capsys.readouterr().out)
-    assert [r["run_id"] for r in rows] == [b.run_id, a.run_id]
-    assert rows[0]["best"] == 2.0 and rows[0]["step"] == 16 and rows[0]["checkpoint"].endswith("generator.pt")
+    res = json.loads(capsys.readouterr().out)
+    rows = res["rows"]
+    assert [r["run_id"] for r in rows] == [b.run_id, a.run_id] and res["signatures"] == {b.handover_signature: 2}
+    assert rows[0]["score"] == pytest.approx(2.2) and rows[0]["se"] == pytest.approx(0.1 / 3 ** 0.5)
+    assert rows[0]["step"] == 16 and rows[0]["checkpoint"].endswith("generator.pt")
+    assert not rows[1]["within_noise_of_first"]        # 4.4 vs 2.2, standard errors of 0.06
     c = mlflow.MlflowClient(uri)
     champ = c.get_model_version_by_alias("exp", "champion")
-    assert champ.run_id == b.run_id
-    # a worse run later does not take the alias
-    scripted(monkeypatch, [9.0, 8.0, 8.5])
+    assert champ.run_id == b.run_id and float(champ.tags["handover_fid"]) == pytest.approx(2.2)
+    # a later run whose selection best is lower but whose hand-over score is worse does not take the alias
+    scripted(monkeypatch, [9.0, 1.0, 8.5], handover=(8.1, 8.2, 8.3))
     train.train(tracked("tracking.register_model=true", "variant=later"), quiet=True)
     assert c.get_model_version_by_alias("exp", "champion").run_id == b.run_id
     # and every way of naming a generator samples
@@ -103,7 +105,7 @@ def test_best_json_and_champion_alias(tracked, monkeypatch, capsys, tmp_path):
 
 
 def test_two_variant_sweep(tmp_path, script_extractor, capsys):
-    from conftest import tiny_overrides
+    from conftest import script_evaluations, tiny_overrides
     base = tmp_path / "base.yaml"
     sets = dict(o.split("=", 1) for o in tiny_overrides(tmp_path, script_extractor))
     sets.update({"tracking.enabled": "true", "tracking.system_metrics": "false", "tracking.register_model": "false",

@@ -2,6 +2,7 @@
 ordinary runs under one parent run, the pruner stops a hopeless trial and the study records where,
 sweeps run on the same machinery with several workers, and a worker killed with -9 leaves a failed
 trial while the study finishes."""
+import json
 import os
 import signal
 import socket
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import mlflow
 import optuna
@@ -70,6 +72,37 @@ def test_trials_are_child_runs_and_the_median_pruner_stops_the_hopeless_one(tmp_
     assert '"kind": "pruned"' in events
     assert study.best_trial.params["train.lr_g"] == GOOD
     assert {a.path for a in client.list_artifacts(parent[0].info.run_id)} >= {"study_summary.md", "study_trials.json"}
+
+
+def test_every_ranking_shows_the_handover_score_of_the_generator_handed_over(tmp_path, script_extractor, monkeypatch, capsys):
+    """One trial of a study, tracked and registered, in which re-evaluation changes the winner: its
+    evaluations at 4, 8, 12, 16 score 2.0, 1.0, 1.5, 3.0 (selection best: step 8, 1.0); re-evaluated,
+    step 12 wins (0.9); scored on the hand-over protocol it is 1.2 +/- 0.029. That 1.2 is the number
+    in the MLflow summary, `ganlab best`, the registry's version tag, the report and Optuna's value."""
+    from ganlab import evaluate, report
+    monkeypatch.chdir(tmp_path)
+    write_base(tmp_path, script_extractor, **{"tracking.register_model": "true", "selection.keep_top": "3",
+                                              "selection.on_collapse": "ignore"})
+    values = iter([2.0, 1.0, 1.5, 3.0] + [1.3, 0.9, 1.1] + [1.15, 1.25, 1.2])
+    monkeypatch.setattr(evaluate.Evaluator, "metrics_for", lambda self, fake: {"fid": next(values)})
+    study_file = write_study(tmp_path, name="one", space={"train.lr_d": [2e-4]}, sampler="random", pruner="none", trials=1)
+    assert cli.main(["tune", str(study_file), "--quiet"]) == 0
+    trial = optuna.load_study(study_name="one", storage=f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}").trials[0]
+    assert trial.value == pytest.approx(1.2) and trial.user_attrs["handed_over_step"] == 12     # Optuna's objective
+    uri = tracking_uri(config.load(tmp_path / "base.yaml"))
+    run = mlflow.MlflowClient(uri).get_run(trial.user_attrs["run_id"])
+    assert run.data.metrics["handover_fid"] == pytest.approx(1.2) and run.data.metrics["selection_best_fid"] == 1.0
+    assert run.data.metrics["handed_over_step"] == 12 and run.data.tags["ganlab.handed_over_step"] == "12"
+    assert "best_fid" not in run.data.metrics                 # no unnamed "best" left to be mistaken for the score
+    capsys.readouterr()
+    assert cli.main(["best", "--experiment", "tunes", "--json", "--uri", uri]) == 0
+    row = json.loads(capsys.readouterr().out)["rows"][0]
+    assert row["score"] == pytest.approx(1.2) and row["step"] == 12
+    version = mlflow.MlflowClient(uri).get_model_version_by_alias("tunes", "champion")
+    assert float(version.tags["handover_fid"]) == pytest.approx(1.2) and version.tags["step"] == "12"
+    page = report.write_report([Path(trial.user_attrs["run_dir"]), Path(trial.user_attrs["run_dir"])], tmp_path / "cmp")
+    assert "1.2 \u00b1 0.029" in page.read_text() and "step 12" in page.read_text()
+    assert "hand-over fid 1.2 +/- 0.029" in run.data.tags["mlflow.note.content"]
 
 
 @pytest.mark.parametrize("keys,message", [
