@@ -387,7 +387,9 @@ def execute(spec: Spec, workers: int = 1, devices: str = "", extra_sets=(), quie
         work(spec, extra_sets, quiet)
     else:
         _spawn(spec, workers, devices, list(worker_args) + [a for s in extra_sets for a in ("--set", s)])
-    optuna.storages.fail_stale_trials(study)
+    optuna.storages.fail_stale_trials(study)           # a dead worker's trial: FAIL, and its point queued again
+    if _waiting(study):                                # ... which nobody is left to run: run it here
+        work(spec, extra_sets, quiet)
     return study, parent, cfg0
 
 

@@ -47,11 +47,13 @@ def test_run_records_params_tags_metrics_images_artifacts(tracked, tmp_path):
     note = t["mlflow.note.content"]
     assert note.startswith("Tiny sprites, to check the tracking.\nSecond line") and "improved" in note and "finished" in note
     for k in ("loss_d", "loss_g", "d_real", "d_fake", "grad_norm_g", "grad_norm_d", "lr_g", "img_per_s",
-              "fid", "fid_alpha", "isc", "kid", "eval_seconds", "best_fid", "best_step", "rollbacks", "stopped_early"):
+              "fid", "fid_alpha", "isc", "kid", "eval_seconds", "selection_best_fid", "selection_best_step", "handover_fid", "handover_fid_se",
+              "handover_fid_sd", "handed_over_step", "rollbacks", "stopped_early"):
         assert k in m, k
     steps = [x.step for x in c.get_metric_history(res.run_id, "loss_d")]
     assert steps == list(range(4, 41, 4))
-    assert m["best_fid"] == res.best
+    assert m["selection_best_fid"] == res.best and m["handover_fid"] == res.handover["handover_fid"]
+    assert t["ganlab.handover_signature"] == t["eval.handover_signature"] == res.handover_signature
     arts = {a.path for a in c.list_artifacts(res.run_id)}
     assert {"config.yaml", "events.jsonl", "model"} <= arts
     assert any(a.path.startswith("images/samples") for a in c.list_artifacts(res.run_id, "images"))
@@ -171,7 +173,7 @@ def test_real_mlflow_server_over_http(tracked, tmp_path, capfd):
         c = mlflow.MlflowClient(uri)
         run = c.get_run(res.run_id)
         assert run.data.params["train.steps"] == "24"
-        assert run.data.metrics["best_fid"] == res.best and "fid" in run.data.metrics
+        assert run.data.metrics["selection_best_fid"] == res.best and "fid" in run.data.metrics
         imgs = c.list_artifacts(res.run_id, "images")
         assert imgs
         local = c.download_artifacts(res.run_id, imgs[0].path, str(tmp_path / "dl"))

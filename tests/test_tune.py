@@ -105,6 +105,73 @@ def test_every_ranking_shows_the_handover_score_of_the_generator_handed_over(tmp
     assert "hand-over fid 1.2 +/- 0.029" in run.data.tags["mlflow.note.content"]
 
 
+def test_two_random_sampler_workers_propose_different_points(tmp_path, script_extractor, monkeypatch):
+    """Two workers of one study ask at the same moment with the same history: with one sampler seed
+    they proposed the same point; each worker's seed now mixes in who it is."""
+    monkeypatch.chdir(tmp_path)
+    write_base(tmp_path, script_extractor)
+    for sampler in ("random", "tpe"):
+        spec = tune.load_spec(write_study(tmp_path, name=f"two-{sampler}", sampler=sampler,
+                                          space={"train.lr_d": {"low": 1e-4, "high": 1e-3, "log": True}}))
+        cfg = config.load(tmp_path / "base.yaml")
+        points = []
+        for worker in ("0", "1"):
+            monkeypatch.setenv("GANLAB_WORKER", worker)
+            study, _ = tune.open_study(spec, cfg, create=True)
+            points.append(study.ask().params["train.lr_d"])
+        assert points[0] != points[1], (sampler, points)
+
+
+def test_a_fully_trained_trial_completes_and_a_pruned_one_hands_over_nothing(tmp_path, script_extractor, monkeypatch):
+    """Trials 0 and 1 score 1.0 at every evaluation. Trial 2 is worse only at its last evaluation
+    (step 16): it trained fully, so it completes (the median pruner said prune). Trial 3 is worse at
+    its first: pruned at step 4, with no hand-over score, report or registered model."""
+    from ganlab import evaluate
+    monkeypatch.chdir(tmp_path)
+    write_base(tmp_path, script_extractor, **{"tracking.register_model": "true"})
+    ones = [1.0] * 4 + [1.0] * 3                          # four evaluations, then three hand-over draws
+    values = iter(ones + ones + [1.0, 1.0, 1.0, 9.0] + [1.0] * 3 + [9.0])
+    monkeypatch.setattr(evaluate.Evaluator, "metrics_for", lambda self, fake: {"fid": next(values)})
+    lrs = [1e-4, 2e-4, 3e-4, 4e-4]
+    study_file = write_study(tmp_path, name="last", space={"train.lr_d": lrs}, sampler="random", pruner="median",
+                             trials=4, start_with=[{"train.lr_d": v} for v in lrs])
+    assert cli.main(["tune", str(study_file), "--quiet"]) == 0
+    trials = optuna.load_study(study_name="last", storage=f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}").trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "COMPLETE", "PRUNED"]
+    assert trials[2].value == pytest.approx(1.0) and "pruned_at_step" not in trials[2].user_attrs
+    assert trials[3].user_attrs["pruned_at_step"] == 4 and trials[3].user_attrs["pruned_against"] == [0, 1, 2]
+    client = mlflow.MlflowClient(tracking_uri(config.load(tmp_path / "base.yaml")))
+    pruned = client.get_run(trials[3].user_attrs["run_id"])
+    assert pruned.data.tags["ganlab.stopped"] == "pruned" and "handover_fid" not in pruned.data.metrics
+    assert not client.search_model_versions(f"run_id = '{pruned.info.run_id}'")
+    assert not (Path(trials[3].user_attrs["run_dir"]) / "report").exists()
+    assert client.search_model_versions(f"run_id = '{trials[2].user_attrs['run_id']}'")
+
+
+def test_a_worker_with_another_evaluation_does_not_join_the_study(tmp_path, script_extractor, capsys, monkeypatch):
+    """The first worker pins the study's hand-over protocol; a worker whose extractor differs refuses in
+    one line naming what differs, and a second launcher makes no second parent run."""
+    monkeypatch.chdir(tmp_path)
+    write_base(tmp_path, script_extractor, **{"train.steps": "4"})
+    study_file = write_study(tmp_path, name="pinned", space={"train.lr_d": [1e-4, 2e-4]}, sampler="random", trials=1)
+    assert cli.main(["tune", str(study_file), "--quiet"]) == 0
+    study = optuna.load_study(study_name="pinned", storage=f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}")
+    assert study.trials[0].user_attrs["handover_signature"] == study.user_attrs["handover_signature"]
+    other = tmp_path / "other.pt"
+    import torch
+    from conftest import TinyFeatures
+    net = TinyFeatures()
+    net.conv1.weight.data.mul_(2)                          # another feature space
+    torch.jit.script(net).save(str(other))
+    capsys.readouterr()
+    assert cli.main(["tune", str(study_file), "--quiet", "--set", f"eval.feature_extractor={other}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not join" in err[0] and "extractor" in err[0], err
+    client = mlflow.MlflowClient(tracking_uri(config.load(tmp_path / "base.yaml")))
+    runs = client.search_runs([client.get_experiment_by_name("tunes").experiment_id])
+    assert sum(r.data.tags.get("ganlab.study") == "pinned" for r in runs) == 1
+
+
 @pytest.mark.parametrize("keys,message", [
     ({"space": {"train.lr_d": [1e-4]}, "sampler": "bayes"}, "sampler 'bayes' is not one of"),
     ({"space": {"train.lr_d": {"low": 1e-4, "high": 1e-3}}, "sampler": "grid"}, "grid sampler takes lists"),
@@ -243,7 +310,9 @@ def test_workers_share_a_postgres_study_and_a_team_server_and_survive_a_kill(tmp
     assert states[victim.number] == "FAIL", states
     others = [t for t in trials if t.number != victim.number]
     assert others and all(t.state.name == "COMPLETE" for t in others), states
-    assert len(trials) == 5                                 # the grid, once: the study finished
+    assert len(trials) == 6                                 # the grid, once, and the killed point again
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retry) == 1 and retry[0].params == victim.params, states
     client = mlflow.MlflowClient(team_server)
     killed = client.get_run(victim.user_attrs["run_id"])
     assert killed.info.status == "FAILED" and "died" in killed.data.tags["ganlab.failed"]
@@ -258,3 +327,36 @@ def test_the_shipped_study_loads():
     from pathlib import Path
     spec = tune.load_spec(Path(__file__).resolve().parent.parent / "experiments" / "tunes" / "recommended_lr.yaml")
     assert spec.sampler == "tpe" and spec.pruner == "median" and set(spec.start_with[0]) <= set(spec.space)
+
+
+@pytest.mark.slow
+def test_two_machines_share_one_encoder_and_one_study(tmp_path, script_extractor, postgres, team_server, monkeypatch, capsys):
+    """Machine A (its own cache folder) trains the domain encoder on first use and publishes it to the
+    team's tracking server; machine B (another cache folder) joins the PostgreSQL study, downloads
+    that encoder instead of training one, and scores its trial under the study's pinned hand-over
+    signature. A third worker forced onto another extractor refuses to join."""
+    from ganlab import features
+    monkeypatch.chdir(tmp_path)
+    write_base(tmp_path, script_extractor, **{"tracking.uri": team_server, "eval.feature_extractor": "domain",
+                                              "eval.encoder_steps": "4", "eval.encoder_batch_size": "16",
+                                              "data.cache_dir": str(tmp_path / "machine-a"), "train.steps": "8"})
+    storage = fresh_database(postgres)
+    common = dict(name="team-enc", space={"train.lr_d": {"low": 1e-4, "high": 1e-3}}, sampler="random",
+                  pruner="none", storage=storage)
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump({"base": "base.yaml", **common, "trials": 1}))
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump({"base": "base.yaml", **common, "trials": 2}))
+    assert cli.main(["tune", "a.yaml", "--quiet"]) == 0
+    def no_training(*args, **kwargs):
+        raise AssertionError("machine B trained its own encoder")
+    monkeypatch.setattr(features, "train_encoder", no_training)
+    assert cli.main(["tune", "b.yaml", "--quiet", "--set", f"data.cache_dir={tmp_path / 'machine-b'}"]) == 0
+    enc_a = sorted(p.name for p in (tmp_path / "machine-a" / "encoders").glob("encoder-*.pt"))
+    enc_b = sorted(p.name for p in (tmp_path / "machine-b" / "encoders").glob("encoder-*.pt"))
+    assert enc_a == enc_b and len(enc_a) == 1
+    study = optuna.load_study(study_name="team-enc", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    assert {t.user_attrs["handover_signature"] for t in study.trials} == {study.user_attrs["handover_signature"]}
+    capsys.readouterr()
+    assert cli.main(["tune", "b.yaml", "--quiet", "--set", f"eval.feature_extractor={script_extractor}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not join" in err[0], err
