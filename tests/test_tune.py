@@ -118,7 +118,7 @@ def test_two_random_sampler_workers_propose_different_points(tmp_path, script_ex
         for worker in ("0", "1"):
             monkeypatch.setenv("GANLAB_WORKER", worker)
             study, _ = tune.open_study(spec, cfg, create=True)
-            points.append(study.ask().params["train.lr_d"])
+            points.append(tune.suggest(study.ask(), spec.space)["train.lr_d"])
         assert points[0] != points[1], (sampler, points)
 
 
