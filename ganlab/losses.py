@@ -5,6 +5,8 @@ bce is the seed's loss (BCE on sigmoid with 1/0 targets; G's loss is the non-sat
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -64,7 +66,20 @@ def sigmoid_probs(logits: torch.Tensor) -> torch.Tensor:
 MARGINS = {"bce": (2.944, -2.944), "hinge": (1.0, -1.0), "lsgan": (0.9, 0.1), "wgan-gp": (0.0, 0.0)}
 
 
-def past_margin(kind: str, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Share of real outputs above, and of fake outputs below, the loss's margin (tensors, no sync)."""
+def margins(kind: str, label_smoothing: float = 0.0) -> tuple[float, float]:
+    """MARGINS, with the real side moved to the smoothed target 1 - s where the loss uses it: a bce D
+    is optimal at logit ln((1 - s) / s) (ln 9 = 2.197 for s = 0.1), below the unsmoothed 2.944, so a
+    fixed margin could never be passed. Won = within the same distance of the target as without."""
     hi, lo = MARGINS[kind]
+    if label_smoothing and kind == "bce":
+        p = 1.0 - label_smoothing - 0.05
+        hi = math.log(p / (1.0 - p))
+    elif label_smoothing and kind == "lsgan":
+        hi = 1.0 - label_smoothing - 0.1
+    return hi, lo
+
+
+def past_margin(kind: str, real: torch.Tensor, fake: torch.Tensor, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Share of real outputs above, and of fake outputs below, the loss's margin (tensors, no sync)."""
+    hi, lo = margins(kind, label_smoothing)
     return (real.float() > hi).float().mean(), (fake.float() < lo).float().mean()

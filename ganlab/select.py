@@ -269,13 +269,14 @@ class Selector:
         return dec
 
     def rolled_back(self):
-        """The loop restored a known-good state: count it, and start the signals and the patience
-        afresh (the restored weights are the best, so nothing has failed to improve on them yet)."""
+        """The loop restored a known-good state: count it, and start the streaks and the patience
+        afresh (the restored weights are the best, so nothing has failed to improve on them yet).
+        The histories of healthy intervals stay: they are the baseline a re-collapse right after the
+        rollback is measured against (cleared, the next intervals would become the baseline whatever
+        they held, and the signals would be blind for MIN_HISTORY intervals)."""
         s = self.state
         s.rollbacks += 1
         s.dominance_streak = s.bad_streak = s.since_best = 0
-        s.loss_g_worst.clear()
-        s.critic_gap.clear()
 
     def new_period(self):
         """The evaluation signature changed: numbers from the old feature space cannot be compared with

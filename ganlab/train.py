@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import shutil
 import signal
 import statistics
 import sys
@@ -194,12 +196,25 @@ class Run:
                          n_train=len(self.images.train), n_holdout=len(self.images.holdout),
                          experiment_file=str(Path(experiment_file).resolve()) if experiment_file else "")
         if changed:
-            self.events.emit(self.step, "new_period", f"evaluation signature changed ({changed}): selection period "
-                             f"{self.selector.state.period} starts; best and patience start again",
+            archive = self._archive_period(self.selector.state.period - 1)
+            self.events.emit(self.step, "new_period", f"evaluation or selection changed ({changed}): selection period "
+                             f"{self.selector.state.period} starts; best and patience start again; the previous "
+                             f"period's best and kept generators are in {archive}",
                              signature=ev.signature_hash, period=self.selector.state.period)
             self.tracker.set_tags({"ganlab.selection_period": self.selector.state.period,
                                    f"ganlab.period{self.selector.state.period}.start_step": self.step})
         log.info("run folder: %s", self.run_dir)
+
+    def _archive_period(self, period: int) -> Path:
+        """The ending period's best.pt, generator.pt/.safetensors and top/ move to period<N>/: the new
+        period would overwrite them at its first evaluation, and its re-evaluation must not score
+        generators from another protocol."""
+        dest = self.run_dir / f"period{period}"
+        dest.mkdir(exist_ok=True)
+        for name in ("best.pt", "generator.pt", "generator.safetensors", "top"):
+            if (self.run_dir / name).exists():
+                os.replace(self.run_dir / name, dest / name)
+        return dest
 
     def _load_last(self, new_period: bool) -> str:
         """Restore last.pt. Returns how the evaluation signature changed ("" = it did not)."""
@@ -211,6 +226,12 @@ class Run:
                 f"--resume {self.run_dir}: the evaluation signature changed ({changed}), so its best, patience "
                 f"and collapse thresholds would compare numbers from two feature spaces; resume with the old "
                 f"protocol (--set eval.KEY=VALUE), or pass --new-period to start a new selection period")
+        rule = selection_change(state, self.cfg)
+        if rule and not new_period:
+            raise config_mod.ConfigError(
+                f"--resume {self.run_dir}: the selection rule changed ({rule}), so the stored best would be compared "
+                f"under another rule; resume with the old one (--set selection.KEY=VALUE), or pass --new-period")
+        changed = "; ".join(c for c in (changed, rule) if c)
         self.trainer.load_state_dict(state["trainer"])
         self.selector.load_state_dict(state["selection"])
         set_global_rng_state(state["global_rng"])
@@ -291,15 +312,23 @@ class Run:
         return dec
 
     def _save_best(self, g, metrics: dict) -> bool:
+        """best.pt, generator.pt and generator.safetensors, all or none: each is written in full to a
+        staging folder first, then all are renamed into place (renames do not run out of space)."""
         st = self._state()
         st["best"] = {"metric": self.cfg.selection.metric, "value": self.selector.best, "step": self.step,
                       "metrics": metrics}
+        stage = self.run_dir / ".staging"
         try:
-            checkpoint.save(self.run_dir / "best.pt", st)
-            export_generator(self.run_dir / "generator.pt", g, self.cfg, self.step, metrics, self.evaluator.signature_hash)
+            shutil.rmtree(stage, ignore_errors=True)
+            checkpoint.save(stage / "best.pt", st)
+            export_generator(stage / "generator.pt", g, self.cfg, self.step, metrics, self.evaluator.signature_hash)
         except OSError as e:
-            self.events.emit(self.step, "error", f"could not write best.pt ({e}); the previous best is kept")
+            shutil.rmtree(stage, ignore_errors=True)
+            self.events.emit(self.step, "error", f"could not write best.pt and generator.pt ({e}); the previous best is kept")
             return False
+        for name in ("best.pt", "generator.pt", "generator.safetensors"):
+            os.replace(stage / name, self.run_dir / name)
+        stage.rmdir()
         self.tracker.log_metrics(self.selector.summary(), self.step)
         return True
 
@@ -366,7 +395,8 @@ class Run:
     def _state(self) -> dict:
         ev = self.evaluator
         return {"step": self.step, "last_eval": self.last_eval, "trainer": self.trainer.state_dict(),
-                "selection": self.selector.state_dict(), "global_rng": global_rng_state(),
+                "selection": self.selector.state_dict(), "selection_rule": selection_rule(self.cfg),
+                "global_rng": global_rng_state(),
                 "config": config_mod.to_yaml(self.cfg), "mlflow_run_id": self.run_id, "world_size": self.share.world,
                 "signature": ev.signature_hash, "signature_fields": dict(ev.signature)}
 
@@ -486,6 +516,21 @@ def _score_text(score: dict, cfg) -> str:
     if f"handover_{m}" not in score:
         return ""
     return f": hand-over {m} {score[f'handover_{m}']:.4g} +/- {score[f'handover_{m}_se']:.2g} (standard error)"
+
+
+SELECTION_RULE = ("metric", "mode", "min_delta")     # what the stored best means
+
+
+def selection_rule(cfg) -> dict:
+    return {k: getattr(cfg.selection, k) for k in SELECTION_RULE}
+
+
+def selection_change(state: dict, cfg) -> str:
+    """How the selection rule differs from the checkpoint's ("" = the same, or an older checkpoint)."""
+    old, new = state.get("selection_rule"), selection_rule(cfg)
+    if not old:
+        return ""
+    return "; ".join(f"selection.{k} {old.get(k)!r} -> {new[k]!r}" for k in SELECTION_RULE if old.get(k) != new[k])
 
 
 def signature_change(state: dict, evaluator) -> str:

@@ -229,7 +229,7 @@ class Trainer:
         self.opt_g.step()
         if self.g_ema is not None:
             self._update_ema()
-        real_won, fake_won = losses.past_margin(t.loss, d_real, d_fake)
+        real_won, fake_won = losses.past_margin(t.loss, d_real, d_fake, t.label_smoothing)
         self.diagnostics.add(self._over_ranks({
             "loss_d": loss_d, "loss_g": loss_g, "grad_norm_g": gn_g, "grad_norm_d": gn_d,
             "d_real": losses.sigmoid_probs(d_real).mean(), "d_fake": losses.sigmoid_probs(d_fake).mean(),

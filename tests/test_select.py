@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import script_evaluations
-from ganlab import checkpoint, config, evaluate, generator, losses, train, trainer
+from ganlab import checkpoint, cli, config, evaluate, generator, losses, train, trainer
 from ganlab.select import Selector
 from ganlab.track import read_events
 
@@ -103,6 +103,41 @@ def test_dominance_fires_for_every_loss_and_never_on_healthy_intervals(loss):
     fired = [s.on_diagnostics(200 + i, won(loss, g)) for i in range(3)]
     assert [bool(d.rollback) for d in fired] == [False, True, False]        # window 2, once an episode
     assert fired[1].events[0][2]["signal"] == "d_dominance"
+
+
+def test_dominance_needs_the_margin_shares_not_only_a_loss_spike():
+    """A G-loss spike alone (D's outputs still inside the margins) is not a won D."""
+    g = torch.Generator().manual_seed(0)
+    s = selector("train.loss=bce")
+    s.on_eval(0, {"fid": 5})
+    for i in range(30):
+        s.on_diagnostics(i, healthy("bce", g))
+    spike = dict(healthy("bce", g), loss_g=40.0, loss_g_max=40.0)
+    assert spike["real_past_margin"] < 0.9
+    assert not any(s.on_diagnostics(30 + i, spike).rollback for i in range(4))
+
+
+def test_a_re_collapse_right_after_a_rollback_is_seen():
+    """The healthy history survives the rollback: a D that wins again in the next intervals is
+    signalled at once (with the history cleared, these intervals became the new baseline)."""
+    g = torch.Generator().manual_seed(0)
+    s = selector("train.loss=bce")
+    s.on_eval(0, {"fid": 5})
+    for i in range(30):
+        s.on_diagnostics(i, healthy("bce", g))
+    assert [bool(s.on_diagnostics(30 + i, won("bce", g)).rollback) for i in range(2)] == [False, True]
+    s.rolled_back()
+    assert [bool(s.on_diagnostics(40 + i, won("bce", g)).rollback) for i in range(2)] == [False, True]
+
+
+def test_a_bce_d_at_its_label_smoothed_optimum_has_won():
+    """With label_smoothing s the real logit that bce rewards is ln((1 - s) / s): ln 9 = 2.197 for 0.1,
+    below the unsmoothed margin 2.944, so a fixed margin could never be passed."""
+    real, fake = torch.full((64,), 2.19), torch.full((64,), -5.0)
+    assert float(losses.past_margin("bce", real, fake)[0]) == 0.0
+    assert float(losses.past_margin("bce", real, fake, 0.1)[0]) == 1.0
+    assert float(losses.past_margin("bce", torch.full((64,), 1.0), fake, 0.1)[0]) == 0.0   # not near the target
+    assert float(losses.past_margin("lsgan", torch.full((64,), 0.85), torch.zeros(64), 0.1)[0]) == 1.0
 
 
 def test_a_won_hinge_d_is_invisible_to_sigmoid_thresholds():
@@ -245,6 +280,25 @@ def test_a_failed_best_write_leaves_the_selector_on_the_best_on_disk(tiny_cfg, m
     assert checkpoint.load(res.run_dir / "best.pt")["best"]["value"] == 3.0
 
 
+def test_a_best_write_that_fails_late_changes_no_file(tiny_cfg, monkeypatch):
+    """The last of the three files (generator.safetensors) fails at step 16: best.pt, generator.pt and
+    generator.safetensors all still hold step 8, as the selector and the event say."""
+    scripted(monkeypatch, [3.0, 1.0])
+    orig = generator._write_safetensors
+    def full_at_16(path, weights, state):
+        if state["step"] == 16:
+            raise OSError(28, "No space left on device")
+        return orig(path, weights, state)
+    monkeypatch.setattr(generator, "_write_safetensors", full_at_16)
+    res = train.train(tiny_cfg("train.steps=16", "selection.on_collapse=ignore"), quiet=True)
+    assert res.best == 3.0 and res.best_step == 8
+    assert checkpoint.load(res.run_dir / "best.pt")["step"] == 8 == checkpoint.load(res.run_dir / "generator.pt")["step"]
+    assert generator.load_generator(res.run_dir / "generator.safetensors")[1]["step"] == 8
+    err = [e for e in read_events(res.run_dir) if e["kind"] == "error"]
+    assert len(err) == 1 and err[0]["step"] == 16 and "previous best is kept" in err[0]["detail"]
+    assert not (res.run_dir / ".staging").exists()
+
+
 # ------------------------------------------------------------------------------ resume protocol
 
 def test_resume_refuses_a_changed_signature_or_starts_a_new_period(tiny_cfg, tmp_path, monkeypatch):
@@ -259,6 +313,28 @@ def test_resume_refuses_a_changed_signature_or_starts_a_new_period(tiny_cfg, tmp
     res = train.train(changed, run_dir=tmp_path / "r", resume=True, quiet=True, new_period=True)
     assert kinds(res.run_dir, "new_period") == [(16, "new_period")]
     assert res.best == 4.0 and res.best_step == 32           # 5.0 at 24 starts the period; the old 1.0 is not compared
+
+
+def test_resume_refuses_a_changed_selection_rule_and_a_new_period_keeps_the_old_best_apart(tiny_cfg, tmp_path, monkeypatch):
+    """--set selection.metric=kid on resume would compare a KID with the stored FID best: refused in one
+    line. With --new-period the old period's best and kept generators move to period0/, and the final
+    re-evaluation scores only the new period's."""
+    values = iter([2.0, 1.0] + [5.0, 4.0] + [4.5, 3.9])      # period 0: 8, 16; period 1: 24, 32; re-evaluation of 32, 24
+    monkeypatch.setattr(evaluate.Evaluator, "metrics_for", lambda self, fake: {"fid": next(values), "kid": 0.1})
+    monkeypatch.setattr(evaluate.Evaluator, "handover_draws", lambda self, g: [{"fid": 1.0, "kid": 0.1}] * 3)
+    cfg = tiny_cfg("train.steps=32", "selection.keep_top=2", "eval.metrics=fid,kid", "selection.on_collapse=ignore")
+    train.train(cfg, run_dir=tmp_path / "r", quiet=True, stop_at=16)
+    flat = [f"{k}={v}" for k, v in config.flatten(cfg).items() if k != "variant"]
+    other = config.load(None, flat + ["selection.metric=kid"])
+    with pytest.raises(config.ConfigError, match=r"selection rule changed \(selection.metric 'fid' -> 'kid'\)"):
+        train.train(other, run_dir=tmp_path / "r", resume=True, quiet=True)
+    assert cli.main(["train", "--resume", str(tmp_path / "r"), "--set", "selection.min_delta=0.5", "--quiet"]) == 2
+    res = train.train(config.load(None, flat + ["selection.min_delta=0.01"]), run_dir=tmp_path / "r", resume=True,
+                      quiet=True, new_period=True)
+    assert checkpoint.load(res.run_dir / "period0" / "best.pt")["step"] == 16
+    assert sorted(p.name for p in (res.run_dir / "period0" / "top").glob("*.pt")) == ["step_0000008.pt", "step_0000016.pt"]
+    assert sorted(p.name for p in (res.run_dir / "top").glob("*.pt")) == ["step_0000024.pt", "step_0000032.pt"]
+    assert res.handed_over_step == 24 and checkpoint.load(res.run_dir / "best.pt")["step"] == 32   # re-evaluated: 24 wins
 
 
 # --------------------------------------------------------------------------------------- Ctrl-C
