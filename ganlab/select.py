@@ -34,6 +34,12 @@ MIN_HISTORY = 5   # intervals needed before a z-score means anything
 # Latent seeds, as offsets from eval.seed: the fixed latents (0), the noise band's draws, the keep_top
 # re-evaluation. The hand-over score draws from eval.handover_seed, which must avoid all of these.
 NOISE_SEED_OFFSET, NOISE_SEEDS = 101, 8
+# min_delta: auto. A checkpoint counts as better when it beats the best by more than two evaluations of
+# one generator on independent latents differ one time in 20 in that direction: 1.645 x sqrt(2) x SD,
+# the SD measured over NOISE_SEEDS fresh draws of the current best. Selection compares evaluations on
+# the same fixed latents, whose errors are positively correlated, so this errs on the safe side.
+NOISE_BAND_PER_SD = 1.645 * 2 ** 0.5
+NOISE_BAND_MOVE = 0.5     # FID's noise grows with its value: measure again once the best has moved by half
 REEVAL_SEED_OFFSET = 7919
 WITHIN_NOISE_Z = 1.96     # two scores closer than this many standard errors of their difference are a tie
 
@@ -90,7 +96,8 @@ class SelectorState:
     critic_gap: list = field(default_factory=list)     # critic gap of recent healthy intervals
     rollbacks: int = 0
     period: int = 0                    # selection periods: a new one starts when the signature changes
-    noise_band: float | None = None    # min_delta: auto, once measured for this period's signature
+    noise_band: float | None = None    # min_delta: auto, measured on the best (see NOISE_BAND_PER_SD)
+    noise_band_at: float | None = None # the best's value when the band was measured
     top: list = field(default_factory=list)      # [value, step] of the keep_top best evaluations, best first
 
 
@@ -149,10 +156,20 @@ class Selector:
         return (self.state.noise_band or 0.0) if d == "auto" else d
 
     def needs_noise_band(self) -> bool:
-        return self.config.min_delta == "auto" and self.state.noise_band is None
+        """min_delta auto, and no band yet or the best has moved far from where it was measured."""
+        s = self.state
+        if self.config.min_delta != "auto" or s.best is None:
+            return False
+        return s.noise_band is None or abs(s.best - s.noise_band_at) > NOISE_BAND_MOVE * abs(s.noise_band_at)
 
-    def set_noise_band(self, band: float):
-        self.state.noise_band = float(band)
+    def set_noise_band(self, values: list[float]) -> float | None:
+        """The band from the best's metric over fresh latent draws; None (and the band unchanged) when a
+        draw is not finite: a broken generator must not set the band."""
+        if len(values) < 2 or not all(math.isfinite(v) for v in values):
+            return None
+        self.state.noise_band = NOISE_BAND_PER_SD * statistics.stdev(values)
+        self.state.noise_band_at = self.state.best
+        return self.state.noise_band
 
     # ---- evaluations
     def better(self, value: float, than: float | None) -> bool:

@@ -32,17 +32,10 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, config as config_mod, data, distributed, evaluate, models, report, select, track
-from .checkpoint import atomic_write_bytes
 from .generator import export_generator, load_generator
 from .trainer import Trainer, global_rng_state, pick_device, set_global_rng_state
 
 log = logging.getLogger("ganlab")
-
-# The band: two evaluations of equal generators differ by more than 1.96 x sqrt(2) x sd one time in 20,
-# and an SD estimated from 8 draws is itself uncertain, so its 95% upper bound is used:
-# sd x sqrt(7 / chi2_0.05(7)) = sd x sqrt(7 / 2.1673) = sd x 1.797. Together about 5 sd.
-NOISE_BAND_PER_SD = 1.96 * 2 ** 0.5 * (7 / 2.1673) ** 0.5
-
 
 @dataclass
 class RunResult:
@@ -294,8 +287,6 @@ class Run:
         """Rank 0: evaluate, log, decide, and save what the decision keeps (best.pt, the top K)."""
         s = self.step
         g = self.trainer.sampling_generator()
-        if self.selector.needs_noise_band():
-            self._measure_noise_band(g)
         m = self.evaluator(g)
         m["eval_share"] = self.evaluator.seconds / max(time.time() - self.t_start, 1e-9)
         self.last_metrics = m
@@ -308,6 +299,8 @@ class Run:
         if dec.improved and not self._save_best(g, m):
             self.selector.load_state_dict(before)      # the best on disk is still the old one
             dec = select.Decision()
+        if dec.improved and self.selector.needs_noise_band():
+            self._measure_noise_band(g)
         self._keep_top(g, m, dec)
         return dec
 
@@ -333,23 +326,22 @@ class Run:
         return True
 
     def _measure_noise_band(self, g):
-        """min_delta: auto. The metric of one generator over select.NOISE_SEEDS fresh latent draws at the run's
-        protocol; the band is NOISE_BAND_PER_SD SDs. Measured once per signature (cached beside the
-        real statistics), on the generator of the period's first evaluation."""
-        metric, sig = self.cfg.selection.metric, self.evaluator.signature_hash
-        cache = Path(self.cfg.data.cache_dir) / f"noise-band-{sig}-{metric}.json"
-        if cache.exists():
-            values = json.loads(cache.read_text())["values"]
-        else:
-            values = [self.evaluator.with_fresh_latents(g, seed=self.cfg.eval.seed + select.NOISE_SEED_OFFSET + k)[metric]
-                      for k in range(select.NOISE_SEEDS)]
-            atomic_write_bytes(cache, json.dumps({"signature": sig, "metric": metric, "values": values}).encode())
-        sd = statistics.stdev(values)
-        band = NOISE_BAND_PER_SD * sd
-        self.selector.set_noise_band(band)
-        self.events.emit(self.step, "noise_band", f"{metric} over {len(values)} latent seeds: mean "
-                         f"{statistics.mean(values):.4g}, sd {sd:.3g}; min_delta auto = {NOISE_BAND_PER_SD:.2f} sd "
-                         f"= {band:.3g}", band=band, sd=sd, values=json.dumps(values))
+        """min_delta: auto. The metric of the new best over select.NOISE_SEEDS fresh latent draws at the
+        run's protocol; the band is select.NOISE_BAND_PER_SD SDs. Measured per run, on the best (FID's
+        noise grows with its value, so a band from an early, far-off generator would be too wide for a
+        late one), again whenever the best has moved far."""
+        metric = self.cfg.selection.metric
+        values = [self.evaluator.with_fresh_latents(g, seed=self.cfg.eval.seed + select.NOISE_SEED_OFFSET + k)[metric]
+                  for k in range(select.NOISE_SEEDS)]
+        band = self.selector.set_noise_band(values)
+        if band is None:
+            self.events.emit(self.step, "warning", f"noise band not measured: a draw of {metric} is not finite "
+                             f"({values}); min_delta stays {self.selector.min_delta:.3g}")
+            return
+        self.events.emit(self.step, "noise_band", f"{metric} of the best over {len(values)} latent seeds: mean "
+                         f"{statistics.mean(values):.4g}, sd {statistics.stdev(values):.3g}; min_delta auto = "
+                         f"{select.NOISE_BAND_PER_SD:.2f} sd = {band:.3g}", band=band, sd=statistics.stdev(values),
+                         values=json.dumps(values))
         self.tracker.log_metrics({f"noise_band_{metric}": band}, self.step)
 
     def _keep_top(self, g, metrics: dict, dec: select.Decision):
