@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -103,6 +104,11 @@ def train(
     # ---- finish
     try:
         return run.finish()
+    except KeyboardInterrupt:          # Ctrl-C during the re-evaluation or the hand-over: the run still ends
+        run.events.emit(run.step, "error", f"interrupted while finishing at step {run.step}; generator.pt is the "
+                        f"last one written")
+        run.tracker.finish("KILLED", run.selector.summary(), step=run.step, final=False)
+        raise
     finally:
         distributed.leave(run.share)
 
@@ -474,17 +480,28 @@ class Run:
         top checkpoints again, on fresh latents with twice the samples, and hand over the winner.
         Returns the step of the generator handed over."""
         cfg, sel = self.cfg, self.selector
-        kept = [(v, s, self.run_dir / "top" / f"step_{s:07d}.pt") for v, s in sel.state.top]
-        kept = [k for k in kept if k[2].exists()]
-        if len(kept) < 2:
-            return sel.best_step
         metric, n = cfg.selection.metric, 2 * cfg.eval.num_samples
-        rows = []
-        for value, step, path in kept:
-            g, info = load_generator(path, self.device)
+        rows, unreadable = [], []
+        for value, step in sel.state.top:
+            path = self.run_dir / "top" / f"step_{step:07d}.pt"
+            try:
+                g, info = load_generator(path, self.device)
+            except Exception as e:     # missing, truncated, corrupt: left out, and said
+                unreadable.append(f"step {step} ({str(e).splitlines()[0][:120]})")
+                continue
             again = self.evaluator.with_fresh_latents(g, seed=cfg.eval.seed + select.REEVAL_SEED_OFFSET, num_samples=n)[metric]
-            rows.append((again, step, value, g, info))
-            self.tracker.log_metrics({f"reeval_{metric}": again}, step)
+            if math.isfinite(again):
+                rows.append((again, step, value, g, info))
+                self.tracker.log_metrics({f"reeval_{metric}": again}, step)
+            else:
+                unreadable.append(f"step {step} (re-evaluated {metric} {again})")
+        if unreadable:
+            self.events.emit(self.step, "warning", f"kept generator(s) left out of the re-evaluation: {'; '.join(unreadable)}")
+        if len(rows) < 2:
+            if cfg.selection.keep_top > 1 and sel.state.top:
+                self.events.emit(self.step, "warning", f"fewer than 2 kept generators to re-evaluate: generator.pt "
+                                 f"stays the selection best (step {sel.best_step})")
+            return sel.best_step
         win = min(rows, key=lambda r: select.rank_key(sel.mode)(r[0]))
         again, step, _, g, info = win
         export_generator(self.run_dir / "generator.pt", g, cfg, step, {**info["metrics"], f"reeval_{metric}": again},

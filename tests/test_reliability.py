@@ -93,6 +93,35 @@ def test_disk_full_keeps_previous_checkpoint_and_says_so(tiny_cfg, monkeypatch, 
     assert not list(res.run_dir.glob(".*.tmp"))                              # no half-written leftovers
 
 
+def test_a_corrupt_kept_generator_and_a_failed_handover_still_end_the_run(tiny_cfg, monkeypatch):
+    """keep_top 3: step 16's kept file is corrupted before the end, and the hand-over score runs out of
+    memory. The re-evaluation leaves step 16 out and says so, the hand-over failure is an error event,
+    and the run still finishes: `finished` event, MLflow run FINISHED, a model registered."""
+    from ganlab import evaluate
+    values = iter([3.0, 1.0, 2.0] + [2.5, 1.5])              # evaluations 8, 16, 24; re-evaluation of 24, 8
+    monkeypatch.setattr(evaluate.Evaluator, "metrics_for", lambda self, fake: {"fid": next(values)})
+    def oom(self, g):
+        raise RuntimeError("CUDA out of memory (simulated)")
+    monkeypatch.setattr(evaluate.Evaluator, "handover_draws", oom)
+    orig = train.Run._reevaluate_top
+    def corrupt_then_reevaluate(self):
+        (self.run_dir / "top" / "step_0000016.pt").write_bytes(b"not a checkpoint")
+        return orig(self)
+    monkeypatch.setattr(train.Run, "_reevaluate_top", corrupt_then_reevaluate)
+    cfg = tiny_cfg("selection.keep_top=3", "selection.on_collapse=ignore", "tracking.enabled=true",
+                   "tracking.system_metrics=false", "tracking.register_model=true")
+    res = train.train(cfg, quiet=True)
+    events = read_events(res.run_dir)
+    left_out = [e for e in events if e["kind"] == "warning" and "left out of the re-evaluation" in e["detail"]]
+    assert len(left_out) == 1 and "step 16" in left_out[0]["detail"]
+    assert res.handed_over_step == 8 and res.handover == {}
+    assert any(e["kind"] == "error" and "hand-over score failed" in e["detail"] for e in events)
+    assert events[-1]["kind"] == "finished"
+    c = mlflow.MlflowClient(tracking_uri(cfg))
+    assert c.get_run(res.run_id).info.status == "FINISHED"
+    assert c.search_model_versions(f"run_id = '{res.run_id}'")
+
+
 def test_non_finite_weights_never_reach_best(tiny_cfg, monkeypatch):
     """The weights guard at evaluation: diagnostics are read only every 100 steps here, so a NaN loss
     cannot stop the run first; the evaluation at step 16 must see the NaN weights itself."""
