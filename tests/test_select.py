@@ -2,6 +2,7 @@
 
 The loop tests script only the metric values (Evaluator.metrics_for) or one diagnostic interval;
 generation, checkpoints, rollback and the selector are the real ones."""
+import copy
 import json
 import signal
 
@@ -207,8 +208,21 @@ def test_scripted_collapse_rolls_back_to_best_exactly(tiny_cfg, monkeypatch):
         restored.append({k: v.clone() for k, v in self.g.state_dict().items()} |
                         {"d." + k: v.clone() for k, v in self.d.state_dict().items()})
     monkeypatch.setattr(trainer.Trainer, "load_state_dict", spy)
+    used = {}                                  # the learning rates the optimisers actually stepped with
+    orig_step = trainer.Trainer.step
+    def step_spy(self, step):
+        orig_step(self, step)
+        used[step] = (self.opt_g.param_groups[0]["lr"], self.opt_d.param_groups[0]["lr"])
+    monkeypatch.setattr(trainer.Trainer, "step", step_spy)
+    restored_opt = []
+    orig_load = trainer.Trainer.load_state_dict
+    def opt_spy(self, s, rng=True):
+        spy(self, s, rng)
+        restored_opt.append((copy.deepcopy(self.opt_g.state_dict()), {k: v.clone() for k, v in self.g_ema.state_dict().items()}
+                             if self.g_ema is not None else None))
+    monkeypatch.setattr(trainer.Trainer, "load_state_dict", opt_spy)
     cfg = tiny_cfg("train.steps=48", "selection.collapse_evals=2", "selection.collapse_factor=2",
-                   "selection.max_rollbacks=1", "selection.rollback_lr_scale=0.5")
+                   "selection.max_rollbacks=1", "selection.rollback_lr_scale=0.5", "train.ema_halflife=64")
     res = train.train(cfg, quiet=True)
     rb = [e for e in read_events(res.run_dir) if e["kind"] == "rollback"]
     assert len(rb) == 1 and rb[0]["step"] == 32 and rb[0]["restored_step"] == 16
@@ -220,6 +234,11 @@ def test_scripted_collapse_rolls_back_to_best_exactly(tiny_cfg, monkeypatch):
         assert torch.equal(restored[0][k], want[k]), k
     assert checkpoint.load(res.run_dir / "last.pt")["trainer"]["lr_scale"] == 0.5
     assert res.rollbacks == 1 and res.stopped == "early_stop"     # the second collapse exceeds max_rollbacks
+    assert used[32][0] == pytest.approx(0.5 * used[31][0]) and used[32][1] == pytest.approx(0.5 * used[31][1])
+    opt_g, ema = restored_opt[0]                                  # Adam's moments and the EMA came back too
+    want_opt = best["trainer"]["opt_g"]["state"]
+    assert all(torch.equal(opt_g["state"][i]["exp_avg"], want_opt[i]["exp_avg"]) for i in want_opt)
+    assert all(torch.equal(ema[k], best["trainer"]["g_ema"][k]) for k in ema)
 
 
 def test_repeated_rollbacks_compound_the_learning_rate_cut(tiny_cfg, monkeypatch):
@@ -362,6 +381,23 @@ def test_ctrl_c_stops_at_a_step_boundary_and_resumes_exactly(tiny_cfg, tmp_path,
     assert torch.equal(a["opt_d"]["state"][0]["exp_avg"], b["opt_d"]["state"][0]["exp_avg"])
 
 
+def test_a_resumed_run_makes_the_same_selection_as_a_straight_one(tiny_cfg, tmp_path):
+    """keep_top 3, min_delta auto and a hair-trigger collapse rule (any worse evaluation rolls back):
+    stopped at step 16 and resumed, the run ends with the same best, top, noise band, rollbacks,
+    decisions and hand-over as the same run straight through."""
+    cfg = tiny_cfg("train.steps=40", "selection.keep_top=3", "selection.min_delta=auto", "selection.collapse_factor=1.0",
+                   "selection.collapse_evals=1", "selection.max_rollbacks=5", "train.lr_g=0.02", "train.lr_d=0.02")
+    straight = train.train(cfg, run_dir=tmp_path / "a", quiet=True)
+    train.train(cfg, run_dir=tmp_path / "b", quiet=True, stop_at=16)
+    resumed = train.train(cfg, run_dir=tmp_path / "b", resume=True, quiet=True)
+    a, b = (checkpoint.load(r.run_dir / "last.pt")["selection"] for r in (straight, resumed))
+    assert a == b and a["noise_band"] is not None and a["top"]
+    decisions = lambda r: [(e["step"], e["kind"]) for e in read_events(r.run_dir)                # noqa: E731
+                           if e["kind"] in ("improved", "eval", "rollback", "noise_band", "reevaluated", "handover")]
+    assert decisions(straight) == decisions(resumed) and any(k == "rollback" for _, k in decisions(straight))
+    assert straight.handover == resumed.handover and straight.handed_over_step == resumed.handed_over_step
+
+
 # ------------------------------------------------------------------------------- hand-over
 
 def test_exported_generator_is_best_not_last(tiny_cfg, monkeypatch):
@@ -386,13 +422,20 @@ def test_the_ema_generator_is_what_is_evaluated_and_handed_over(tiny_cfg, monkey
         seen.append({k: v.clone() for k, v in g.state_dict().items()})
         return orig(self, g)
     monkeypatch.setattr(evaluate.Evaluator, "__call__", spy)
-    res = train.train(tiny_cfg("train.ema_halflife=64", "train.steps=8"), quiet=True)
+    script_evaluations(monkeypatch, [3.0, 1.0, 2.0], handover=(1.0, 1.1, 1.2))
+    monkeypatch.setattr(evaluate.Evaluator, "with_fresh_latents", lambda self, g, seed, num_samples=None: {"fid": 1.0})
+    res = train.train(tiny_cfg("train.ema_halflife=64", "train.steps=24", "selection.keep_top=3"), quiet=True)
     best = checkpoint.load(res.run_dir / "best.pt")["trainer"]
+    start = checkpoint.load(res.run_dir / "start.pt")["trainer"]
     gen = checkpoint.load(res.run_dir / "generator.pt")["state_dict"]
     weights = [k for k in best["g"] if "running" not in k and "num_batches" not in k]
     for k in weights:
-        assert torch.equal(seen[-1][k], best["g_ema"][k]) and torch.equal(gen[k], best["g_ema"][k]), k
-    assert not all(torch.equal(gen[k], best["g"][k]) for k in weights)
+        assert torch.equal(seen[1][k], best["g_ema"][k]) and torch.equal(gen[k], best["g_ema"][k]), k
+    assert not all(torch.equal(gen[k], best["g"][k]) for k in weights)          # not the raw G ...
+    assert not all(torch.equal(gen[k], start["g_ema"][k]) for k in weights)     # ... and an EMA that moved
+    for i, step in enumerate((8, 16, 24)):                                       # keep_top keeps the EMA too
+        kept = checkpoint.load(res.run_dir / "top" / f"step_{step:07d}.pt")["state_dict"]
+        assert all(torch.equal(kept[k], seen[i][k]) for k in weights), step
 
 
 def test_early_stop_ends_the_run(tiny_cfg, monkeypatch):
