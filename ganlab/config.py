@@ -132,7 +132,7 @@ class SelectionConfig:
     keep_top: int = _f(3, "keep the K best checkpoints; at the end re-evaluate them (fresh latents, 2x samples) and hand over the winner (1 = off)", lo=1)
     patience: int = _f(0, "evaluations without improvement before stopping (0 = never)", lo=0)
     on_collapse: str = _f("rollback", "what a collapse signal does", choices=["rollback", "stop", "ignore"])
-    collapse_factor: float = _f(2.0, "an evaluation this many times worse than the best is a bad one", lo=1.0)
+    collapse_factor: float = _f(1.5, "an evaluation this many times worse than the best is a bad one (docs/selection.md: the replay)", lo=1.0)
     collapse_evals: int = _f(2, "bad evaluations in a row that signal collapse", lo=1)
     dominance_share: float = _f(0.9, "D dominates when this share of real and of fake samples is past the loss's margin ...", lo=0.0, hi=1.0)
     dominance_z: float = _f(6.0, "... and loss_g's worst step (wgan-gp: and the critic gap) is this many robust SDs above its recent median", lo=0.0, lo_open=True)
