@@ -1,4 +1,4 @@
-"""`ganlab train | sample | eval | best | sweep | report | bench`: parse, call, print.
+"""`ganlab train | sample | eval | best | sweep | tune | report | features | bench`: parse, call, print.
 
 User mistakes (bad config, unusable data, missing weights, damaged checkpoints) end with one line
 on stderr and exit status 2, never a traceback.
@@ -103,7 +103,7 @@ def _generator_commands(sub):
 
 
 def _run_commands(sub):
-    """sweep, report, bench: what runs or reads several runs."""
+    """sweep, tune, report, features, bench: what runs or reads several runs, and the domain encoder."""
     w = sub.add_parser("sweep", help="run a base experiment with a list or grid of overrides",
                        description="SWEEP.yaml: {base: EXPERIMENT.yaml, name?: str, variants: {label: {key: value}}} "
                                    "or grid: {key: [values]}. One parent MLflow run, a child per variant.")

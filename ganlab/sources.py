@@ -49,7 +49,7 @@ def resolve(source: str, experiment: str | None = None, device="cpu"):
 
 
 def _registered(uri: str, device):
-    """A registered `images` pyfunc (see ganlab.serve): its generator.pt is loaded as a torch module."""
+    """A registered `rgba_images` pyfunc (see ganlab.serve): its generator.pt is loaded as a torch module."""
     import mlflow
     from .generator import load_generator
     from .track import set_fluent_uri, tracking_uri

@@ -422,7 +422,7 @@ def _system_monitor(run_id, every: float):
 
 def register_generator(tracker, run_dir: Path):
     """Log the handed-over generator twice, at its step: as an MLflow PyTorch model (pt2, for torch
-    users) and as the `images` pyfunc (count + seed -> RGBA images, for `mlflow models serve`).
+    users) and as the `rgba_images` pyfunc (count + seed -> RGBA images, for `mlflow models serve`).
     Register the pyfunc under the experiment's name, tagged with its hand-over score, and move the
     `champion` alias only when that score beats the champion's under the same hand-over signature."""
     from . import select, serve
@@ -440,7 +440,7 @@ def register_generator(tracker, run_dir: Path):
         mlflow.pytorch.log_model(g, name="generator", pip_requirements=pins, step=info["step"], metadata=meta,
                                  input_example=torch.randn(2, info["config"].model.nz).numpy(), serialization_format="pt2")
         model_info = mlflow.pyfunc.log_model(
-            name="images", python_model=serve.GeneratorImages(), artifacts={"generator": str(run_dir / "generator.pt")},
+            name="rgba_images", python_model=serve.GeneratorImages(), artifacts={"generator": str(run_dir / "generator.pt")},
             code_paths=[str(Path(__file__).resolve().parent)], pip_requirements=pins, signature=serve.signature(),
             metadata=meta, step=info["step"])
     try:

@@ -1,4 +1,4 @@
-"""Rewrite the README's schema table from ganlab/config.py (between the schema markers).
+"""Rewrite docs/config.md's schema table from ganlab/config.py (between the schema markers).
 
     python scripts/schema_table.py          # tests/test_config.py checks the table is current
 """
@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ganlab import config
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parent.parent / "docs" / "config.md"
 START, END = "<!-- schema:start -->", "<!-- schema:end -->"
 
 

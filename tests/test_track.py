@@ -200,8 +200,8 @@ def test_registered_generator_serves_rgba_images(tracked, tmp_path):
     mlflow.set_tracking_uri(uri)
     models = {m.name: m for m in mlflow.search_logged_models(
         experiment_ids=[c.get_run(res.run_id).info.experiment_id], output_format="list")}
-    assert {"images", "generator"} <= set(models) and models["images"].source_run_id == res.run_id
-    linked = {(m.key, m.step) for m in models["images"].metrics}          # logged at the best step
+    assert {"rgba_images", "generator"} <= set(models) and models["rgba_images"].source_run_id == res.run_id
+    linked = {(m.key, m.step) for m in models["rgba_images"].metrics}     # logged at the handed-over step
     assert ("fid", res.best_step) in linked and {s for _, s in linked} == {res.best_step}
     reqs = Path(mlflow.artifacts.download_artifacts("models:/exp@champion/requirements.txt", tracking_uri=uri)).read_text()
     from importlib.metadata import version
