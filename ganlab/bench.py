@@ -265,13 +265,13 @@ def tracking_cost(tracker, rounds: int) -> dict:
 def eval_cost(tmp: Path, device) -> dict:
     """Evaluation at experiments/default.yaml's protocol: generation + extractor images/s, and the
     seconds of one evaluation with the real-statistics cache cold and warm."""
-    from . import evaluate
+    from .eval import protocol
     cfg = config_mod.load(EXPERIMENTS / "default.yaml", [f"data.cache_dir={tmp / 'evalcache'}"])
     images = data.load_images(cfg.data)
     g, _ = models.build(cfg.model, cfg.data.image_size, seed=0, with_d=False)
     g = prepare_for_sampling(g.to(device), cfg, device)
     t0 = time.perf_counter()
-    ev = evaluate.Evaluator(cfg, images.holdout, device)
+    ev = protocol.Evaluator(cfg, images.holdout, device)
     setup = time.perf_counter() - t0
     t0 = time.perf_counter()
     ev(g)
@@ -280,7 +280,7 @@ def eval_cost(tmp: Path, device) -> dict:
     ev(g)
     warm = time.perf_counter() - t0
     passes = cfg.eval.num_samples * (2 if cfg.eval.fid_alpha else 1)
-    return {"protocol": "experiments/default.yaml", "extractor": ev.extractor["name"], "num_samples": cfg.eval.num_samples,
+    return {"protocol": "experiments/default.yaml", "extractor": ev.extractor.name, "num_samples": cfg.eval.num_samples,
             "n_holdout": len(images.holdout), "setup_s": setup, "cold_cache_s": cold, "warm_cache_s": warm,
             "generated_images_per_s": passes / warm}
 

@@ -269,17 +269,17 @@ def cmd_report(args):
 
 
 def cmd_features(args):
-    from . import features
+    from .eval import encoder
     from .trainer import pick_device
     from . import data
     cfg = config_mod.load(args.experiment, args.set)
     images = data.load_images(cfg.data, cfg.seed)
-    path, card = features.ensure(cfg, device=pick_device(cfg.train.device), images=images)
+    path, card = encoder.ensure(cfg, device=pick_device(cfg.train.device), images=images)
     print(f"encoder: {path}  (trained in {card['train_seconds']} s on {card['device']}; card beside it)")
     if args.register:
         from . import track
-        team = features.publish(cfg, features.cache_key(images, features.recipe(cfg)), path)
-        print(f"published in {track.tracking_uri(cfg)} (experiment {features.ENCODERS})" if team is None else
+        team = encoder.publish(cfg, encoder.cache_key(images, encoder.recipe(cfg)), path)
+        print(f"published in {track.tracking_uri(cfg)} (experiment {encoder.ENCODERS})" if team is None else
               f"another machine published this data and recipe first: the team's encoder is {team}")
 
 

@@ -197,6 +197,7 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] | tuple = (
     cfg = from_dict(raw, src)
     if check_paths:
         check_data_root(cfg, src)
+        check_extractor(cfg, src)
     return cfg
 
 
@@ -388,6 +389,24 @@ def check_data_root(cfg: Config, src: str = "<config>"):
         raise ConfigError(f"{src}: key 'data.root' names an unknown built-in set {root!r}; allowed: builtin:sprites")
     if not Path(root).expanduser().is_dir():
         raise ConfigError(f"{src}: key 'data.root' is {root!r}, which is not a folder of images")
+
+
+NAMED_EXTRACTORS = ("auto", "domain", "inception-v3-compat", "inception-v3-random")   # and dinov2-*, clip-*
+
+
+def check_extractor(cfg: Config, src: str = "<config>"):
+    """eval.feature_extractor: a name ganlab knows, a torch-fidelity DINOv2 / CLIP name, or a TorchScript
+    file that exists. A typo fails here, before a sweep or a study starts, not when its Evaluator is
+    built (ganlab/eval/extractors.py checks the weights and loads the file)."""
+    v = cfg.eval.feature_extractor
+    if v in NAMED_EXTRACTORS or v.startswith(("dinov2-vit-", "clip-")):
+        return
+    if Path(v).expanduser().is_file():
+        return
+    near = difflib.get_close_matches(v, NAMED_EXTRACTORS, n=1)
+    hint = f" (did you mean {near[0]}?)" if near else ""
+    raise ConfigError(f"{src}: key 'eval.feature_extractor' is {v!r}{hint}: expected one of {', '.join(NAMED_EXTRACTORS)}, "
+                      f"dinov2-vit-s-14/b-14/l-14, clip-*, or a TorchScript file that exists")
 
 
 # ------------------------------------------------------------------------------------ write / flatten

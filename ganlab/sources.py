@@ -63,7 +63,7 @@ def _registered(uri: str, device):
 
 def write_samples(source: str, n: int, out: Path, seed: int = 0, experiment=None) -> Path:
     from PIL import Image
-    from . import evaluate
+    from .eval import protocol
     from .generator import generate
     if n < 1:
         raise SourceError(f"-n must be at least 1, got {n}")
@@ -74,14 +74,15 @@ def write_samples(source: str, n: int, out: Path, seed: int = 0, experiment=None
     out.mkdir(parents=True, exist_ok=True)
     for i, im in enumerate(imgs):
         Image.fromarray(im.permute(1, 2, 0).numpy(), "RGBA").save(out / f"sample_{i:05d}.png")
-    evaluate.save_grid(imgs, out / "grid.png")
+    protocol.save_grid(imgs, out / "grid.png")
     return out
 
 
 def evaluate_source(source: str, overrides: list[str], device: str = "auto") -> dict:
     """SOURCE's generator, evaluated with its run's protocol (or the overrides) on `device` (auto =
     CUDA when there is one, as training picks it)."""
-    from . import data, evaluate
+    from . import data
+    from .eval import protocol
     from .trainer import pick_device
     dev = pick_device(device)
     g, info = resolve(source, device=dev)
@@ -90,10 +91,10 @@ def evaluate_source(source: str, overrides: list[str], device: str = "auto") -> 
         cfg = config_mod.from_dict(config_mod.apply_overrides(config_mod.to_dict(cfg), overrides), "--set")
     config_mod.check_data_root(cfg, source)
     images = data.load_images(cfg.data, cfg.seed)
-    ev = evaluate.Evaluator(cfg, images.holdout, dev)
+    ev = protocol.Evaluator(cfg, images.holdout, dev)
     metrics = ev(g)
-    return {"source": source, "step": info["step"], "metrics": metrics, "extractor": ev.extractor["name"],
-            "random_features": ev.extractor["random"], "signature": ev.signature_hash}
+    return {"source": source, "step": info["step"], "metrics": metrics, "extractor": ev.extractor.name,
+            "random_features": ev.extractor.random, "signature": ev.signature_hash}
 
 
 def rank_runs(*, experiment: str | None = None, metric: str | None = None, top: int = 5,
@@ -110,7 +111,7 @@ def rank_runs(*, experiment: str | None = None, metric: str | None = None, top: 
             raise SourceError(f"--experiment {experiment!r}: no such experiment in the tracking store")
         exps = [exp]
     else:
-        from .features import ENCODERS
+        from .eval.encoder import ENCODERS
         exps = [e for e in c.search_experiments() if e.name not in ("Default", ENCODERS)]
         exps = [max(exps, key=lambda e: e.last_update_time or 0)] if exps else []
     runs = c.search_runs([e.experiment_id for e in exps], filter_string="attributes.status = 'FINISHED'",

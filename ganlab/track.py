@@ -262,7 +262,7 @@ class Tracker(NullTracker):
         self._tags(images, evaluator, device, experiment_file)
         if images is not None:
             self._log_input(images)
-        for path in (evaluator.extractor.get("files", []) if evaluator is not None else []):
+        for path in (evaluator.extractor.files if evaluator is not None else []):
             self._call(self.client.log_artifact, run_id, path, "evaluation")   # the domain encoder and its card
         if cfg.tracking.system_metrics:
             self.monitor = _system_monitor(run_id, cfg.tracking.system_metrics_every)

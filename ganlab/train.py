@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, config as config_mod, data, distributed, evaluate, models, report, select, track
+from . import checkpoint, config as config_mod, data, distributed, models, report, select, track
+from .eval import protocol
 from .generator import export_generator, load_generator
 from .trainer import Trainer, global_rng_state, pick_device, set_global_rng_state
 
@@ -150,7 +151,7 @@ class Run:
         with distributed.main_first(self.share):       # rank 0 decodes into the cache, the others read it
             self.images = data.load_images(cfg.data, cfg.seed)
         # rank 0's alone: evaluation (real statistics, perhaps the domain encoder), tracking, files
-        self.evaluator = evaluate.Evaluator(cfg, self.images.holdout, self.device) if main else None
+        self.evaluator = protocol.Evaluator(cfg, self.images.holdout, self.device, images=self.images) if main else None
         self.run_dir = Path(distributed.broadcast(str(run_dir or track.new_run_dir(cfg)) if main else None, self.share))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.trainer = Trainer(cfg, self.images.train, self.device, self.share)
@@ -190,7 +191,7 @@ class Run:
         self.events.emit(self.step, "resume" if resume else "start",
                          f"{self.images.describe()}; device {self.device}{procs}{' bf16' if tr.use_bf16 else ''}; "
                          f"G {models.count_params(tr.g):,} / D {models.count_params(tr.d):,} params; eval "
-                         f"{ev.extractor['name']} signature {ev.signature_hash}; run folder {self.run_dir}",
+                         f"{ev.extractor.name} signature {ev.signature_hash}; run folder {self.run_dir}",
                          device=str(self.device), world_size=self.share.world,
                          n_train=len(self.images.train), n_holdout=len(self.images.holdout),
                          experiment_file=str(Path(experiment_file).resolve()) if experiment_file else "")
@@ -296,7 +297,7 @@ class Run:
         m = self.evaluator(g)
         m["eval_share"] = self.evaluator.seconds / max(time.time() - self.t_start, 1e-9)
         self.last_metrics = m
-        grid = evaluate.save_grid(self.evaluator.last_images[:64], self.run_dir / "samples" / f"step_{s:07d}.png")
+        grid = protocol.save_grid(self.evaluator.last_images[:64], self.run_dir / "samples" / f"step_{s:07d}.png")
         self.tracker.log_samples(grid, s)              # before the metrics: a resume keys on them
         self.tracker.log_metrics(m, s)
         self.curves.write({"step": s, **m})
@@ -454,7 +455,7 @@ class Run:
 
     def _score_handover(self) -> dict:
         """The hand-over score: generator.pt (whatever picked it) on the hand-over protocol, fresh latents
-        of its own over several draws (evaluate.Evaluator.handover). The one number every ranking of
+        of its own over several draws (protocol.Evaluator.handover). The one number every ranking of
         runs uses; written into generator.pt, logged with the hand-over signature. {} when there is no
         generator to hand over."""
         path, ev = self.run_dir / "generator.pt", self.evaluator

@@ -333,9 +333,10 @@ def pin_signature(study, cfg, spec: Spec):
     """The study's hand-over signature: pinned by its first worker, checked by every later one, so
     TPE and the pruner only ever compare numbers from one feature space."""
     import json
-    from . import data, evaluate
+    from . import data
+    from .eval import protocol
     from .trainer import pick_device
-    ev = evaluate.Evaluator(cfg, data.load_images(cfg.data, cfg.seed).holdout, pick_device(cfg.train.device))
+    ev = protocol.Evaluator(cfg, data.load_images(cfg.data, cfg.seed).holdout, pick_device(cfg.train.device))
     pinned = study.user_attrs.get(PINNED)
     if pinned is None:
         study.set_user_attr(PINNED, ev.handover_hash)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from ganlab import config, features
+from ganlab import config
+from ganlab.eval import encoder
 from ganlab.bench import machine_info
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,7 +49,7 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=Path("/tmp/bench_ddp"))
     a = p.parse_args(argv)
     # the run builds its evaluator (the domain encoder) before training: train it once, outside the clock
-    features.ensure(config.load(EXPERIMENT, [f"data.cache_dir={a.out / 'cache'}"]))
+    encoder.ensure(config.load(EXPERIMENT, [f"data.cache_dir={a.out / 'cache'}"]))
     speeds = {1: [], a.nproc: []}
     for _ in range(a.rounds):
         for n in (1, a.nproc):

@@ -20,12 +20,13 @@ import time
 
 import torch
 
-from ganlab import config, data, evaluate, features
+from ganlab import config, data
+from ganlab.eval import protocol, encoder
 from ganlab.bench import machine_info
 
 
 def throughput(cfg, images: data.ImageSet, n: int, rounds: int) -> float:
-    ev = evaluate.Evaluator(cfg, images.holdout, "cpu")
+    ev = protocol.Evaluator(cfg, images.holdout, "cpu")
     fake = images.train[torch.randperm(len(images.train), generator=torch.Generator().manual_seed(0))[:n]]
     ev.metrics_for(fake[:8])                                  # the real side's statistics, once
     times = []
@@ -50,7 +51,7 @@ def main(argv=None):
         cfg = config.load(None, sets + ["eval.feature_extractor=domain"])
         images = data.load_images(cfg.data, cfg.seed)
         t0 = time.time()
-        path, card = features.ensure(cfg)
+        path, card = encoder.ensure(cfg)
         out = {"machine": machine_info(torch.device("cpu")), "train_split": len(images.train),
                "encoder_train_s": round(time.time() - t0, 1), "recipe": card["recipe"],
                "domain_images_per_s": round(throughput(cfg, images, a.images, a.rounds), 1)}

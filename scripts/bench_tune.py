@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from ganlab import config, features
+from ganlab import config
+from ganlab.eval import encoder
 from ganlab.bench import machine_info
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,7 +87,7 @@ def main(argv=None):
     os.environ.setdefault("GANLAB_OFFLINE", "1")
     out = {"machine": machine_info(torch.device("cpu")), "reporting": reporting_cost(a.out / "cost", a.history)}
     # the domain encoder is trained on first use and cached: train it now, so that neither study pays it
-    features.ensure(config.load(ROOT / "experiments" / "default.yaml", [f"data.cache_dir={a.out / 'cache'}"]))
+    encoder.ensure(config.load(ROOT / "experiments" / "default.yaml", [f"data.cache_dir={a.out / 'cache'}"]))
     out["one_worker"] = trials_per_hour(a.out / "w1", 1, a.trials, a.steps)
     out["two_workers"] = trials_per_hour(a.out / "w2", 2, a.trials, a.steps)
     out["speedup"] = round(out["two_workers"]["trials_per_hour"] / out["one_worker"]["trials_per_hour"], 2)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ganlab import checkpoint, data, evaluate, track
+from ganlab import checkpoint, data, track
+from ganlab.eval import protocol
 from ganlab.generator import generate, load_generator
 from ganlab.trainer import pick_device
 
@@ -48,13 +49,13 @@ def study(run_dir: Path, n: int, out: Path, device: str = "auto") -> dict:
     g, info = load_generator(run_dir / "generator.pt", dev)
     cfg = info["config"]
     images = data.load_images(cfg.data, cfg.seed)
-    ev = evaluate.Evaluator(cfg, images.holdout, dev)
+    ev = protocol.Evaluator(cfg, images.holdout, dev)
     handed = ev(g)                                  # the handed-over generator, re-measured
     z = torch.randn(n, cfg.model.nz, generator=torch.Generator().manual_seed(99))
     fake = generate(g, z, cfg.data.alpha, dev)
-    cov = coverage(evaluate.composite(fake, "checker"), evaluate.composite(images.holdout, "checker"))
+    cov = coverage(protocol.composite(fake, "checker"), protocol.composite(images.holdout, "checker"))
     name = run_dir.name.rsplit("-", 3)[0]
-    evaluate.save_grid(fake[:64], out / f"{name}_best.png")
+    protocol.save_grid(fake[:64], out / f"{name}_best.png")
     evals = [(e["step"], e.get(cfg.selection.metric)) for e in events if e["kind"] in ("eval", "improved")]
     signals = [e for e in events if e["kind"] in ("collapse_signal", "rollback", "early_stop")]
     return {"run": name, "run_dir": str(run_dir), "signature": ev.signature_hash, "best_step": best["step"],

@@ -88,14 +88,14 @@ def eval_10k(out: Path, device: str, run_dir: str, quick: bool) -> dict:
     images = data.load_images(cfg.data, cfg.seed)
     if device == "cuda":
         torch.cuda.synchronize()
-    ev = evaluate.Evaluator(cfg, images.holdout, device)
+    ev = protocol.Evaluator(cfg, images.holdout, device)
     t0 = time.time()
     m1 = ev(g)
     cold = time.time() - t0
     t0 = time.time()
     m2 = ev(g)
     warm = time.time() - t0
-    return {"num_samples": n, "extractor": ev.extractor["name"], "cold_s": cold, "warm_s": warm,
+    return {"num_samples": n, "extractor": ev.extractor.name, "cold_s": cold, "warm_s": warm,
             "fid": m2.get("fid"), "same_fid_twice": m1.get("fid") == m2.get("fid")}
 
 

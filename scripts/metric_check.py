@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 
-from ganlab import config, data, evaluate
-from ganlab.validity import blur, erode_alpha, feather_alpha, gaussian_noise, mode_drop, monotone, spearman
+from ganlab import config, data
+from ganlab.eval import protocol
+from ganlab.eval.validity import blur, erode_alpha, feather_alpha, gaussian_noise, mode_drop, monotone, spearman
 from ganlab.generator import generate, load_generator
 
 
@@ -57,11 +58,11 @@ def check(extractor: str, args) -> dict:
                              f"data.cache_dir={args.cache}", f"data.image_size={args.size}"])
     images = data.load_images(cfg.data, cfg.seed)
     t0 = time.time()
-    ev = evaluate.Evaluator(cfg, images.holdout, "cpu")           # the domain encoder trains here on first use
+    ev = protocol.Evaluator(cfg, images.holdout, "cpu")           # the domain encoder trains here on first use
     setup = time.time() - t0
     fid = lambda u8: ev.metrics_for(u8)["fid"]                      # noqa: E731
     base = draw(images.train, args.samples, 0)
-    out = {"extractor": ev.extractor["name"], "asked": extractor, "setup_seconds": setup, "floor": fid(base)}
+    out = {"extractor": ev.extractor.name, "asked": extractor, "setup_seconds": setup, "floor": fid(base)}
     t1 = time.time()
     fid(base)
     out["images_per_second"] = args.samples / (time.time() - t1)   # real side cached: the fake side only

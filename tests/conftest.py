@@ -15,7 +15,8 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("GANLAB_INCEPTION_WEIGHTS", None)
 os.environ["TORCH_HOME"] = tempfile.mkdtemp(prefix="ganlab-torch-home-")   # no InceptionV3 from a hub cache
 
-from ganlab import config, extractors  # noqa: E402
+from ganlab import config  # noqa: E402
+from ganlab.eval import extractors  # noqa: E402
 
 
 class TinyFeatures(torch.nn.Module):
@@ -70,7 +71,7 @@ def tiny_cfg(tmp_path, script_extractor):
 def script_evaluations(monkeypatch, values, handover=(1.0, 1.2, 1.4)):
     """The run's evaluations return these FIDs in order (one too many or too few fails the test); the
     hand-over score's draws return `handover`. Generation, selection and checkpoints are real."""
-    from ganlab import evaluate
+    from ganlab.eval import protocol
     it = iter(values)
-    monkeypatch.setattr(evaluate.Evaluator, "metrics_for", lambda self, fake: {"fid": next(it)})
-    monkeypatch.setattr(evaluate.Evaluator, "handover_draws", lambda self, g: [{"fid": v} for v in handover])
+    monkeypatch.setattr(protocol.Evaluator, "metrics_for", lambda self, fake: {"fid": next(it)})
+    monkeypatch.setattr(protocol.Evaluator, "handover_draws", lambda self, g: [{"fid": v} for v in handover])

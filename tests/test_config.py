@@ -55,6 +55,9 @@ def test_extends_and_set(tmp_path):
     ("train: {lr_g: .nan}\n", [], "must be a finite number"),
     ("extends: nowhere.yaml\n", [], "no such experiment file"),
     ("a: [\n", [], "is not valid YAML"),
+    ("eval: {feature_extractor: domian}\n", [], "key 'eval.feature_extractor' is 'domian' (did you mean domain?)"),
+    ("eval: {feature_extractor: /no/such/net.pt}\n", [], "or a TorchScript file that exists"),
+    ("eval: {seed: 5, handover_seed: 4}\n", [], "key 'eval.handover_seed' 4 draws latent seeds [5]"),
 ])
 def test_bad_configs_name_file_key_and_allowed(tmp_path, text, overrides, needle):
     p = write(tmp_path / "exp.yaml", text)

@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ganlab import config, data, evaluate, extractors
+from ganlab import config, data
+from ganlab.eval import protocol, extractors
 
 
 def make_cfg(tmp_path, weights, *extra):
@@ -23,8 +24,8 @@ def sprites():
 def test_fid_real_vs_real_is_zero_and_grows_with_noise(tmp_path, inception_weights, sprites):
     cfg = make_cfg(tmp_path, inception_weights, "eval.metrics=[fid]", "eval.fid_alpha=false")
     real = sprites[:24]
-    ev = evaluate.Evaluator(cfg, real, "cpu")
-    assert ev.extractor["name"] == "inception-v3-compat" and not ev.extractor["random"]
+    ev = protocol.Evaluator(cfg, real, "cpu")
+    assert ev.extractor.name == "inception-v3-compat" and not ev.extractor.random
     fids = []
     g = torch.Generator().manual_seed(0)
     for sigma in (0, 20, 60, 120):
@@ -37,11 +38,11 @@ def test_fid_real_vs_real_is_zero_and_grows_with_noise(tmp_path, inception_weigh
 def test_in_memory_equals_folder(tmp_path, inception_weights, sprites):
     import torch_fidelity
     cfg = make_cfg(tmp_path, inception_weights)
-    ev = evaluate.Evaluator(cfg, sprites[:24], "cpu")
+    ev = protocol.Evaluator(cfg, sprites[:24], "cpu")
     fake = sprites[24:48]
-    comp = evaluate.composite(fake, cfg.eval.background)
+    comp = protocol.composite(fake, cfg.eval.background)
     mem = torch_fidelity.calculate_metrics(
-        input1=evaluate.TensorImages(comp), input2=evaluate.TensorImages(ev.real), fid=True, cuda=False,
+        input1=protocol.TensorImages(comp), input2=protocol.TensorImages(ev.real), fid=True, cuda=False,
         feature_extractor="inception-v3-compat", feature_extractor_weights_path=inception_weights,
         batch_size=12, verbose=False, cache=False, save_cpu_ram=True)
     folder = tmp_path / "pngs"
@@ -49,7 +50,7 @@ def test_in_memory_equals_folder(tmp_path, inception_weights, sprites):
     for i, im in enumerate(comp):
         Image.fromarray(im.permute(1, 2, 0).numpy()).save(folder / f"{i:03d}.png")
     disk = torch_fidelity.calculate_metrics(
-        input1=str(folder), input2=evaluate.TensorImages(ev.real), fid=True, cuda=False,
+        input1=str(folder), input2=protocol.TensorImages(ev.real), fid=True, cuda=False,
         feature_extractor="inception-v3-compat", feature_extractor_weights_path=inception_weights,
         batch_size=12, verbose=False, cache=False, save_cpu_ram=True, samples_shuffle=False)
     assert mem["frechet_inception_distance"] == pytest.approx(disk["frechet_inception_distance"], rel=1e-4)
@@ -70,11 +71,11 @@ def spy_real_reads(ev) -> list:
 
 def test_real_statistics_cache_hits_on_second_run(tmp_path, inception_weights, sprites):
     cfg = make_cfg(tmp_path, inception_weights)
-    ev1 = evaluate.Evaluator(cfg, sprites[:24], "cpu")
+    ev1 = protocol.Evaluator(cfg, sprites[:24], "cpu")
     first = spy_real_reads(ev1)
     m1 = ev1.metrics_for(sprites[24:48])
     assert first[0] > 0                               # computed the first time
-    ev2 = evaluate.Evaluator(cfg, sprites[:24], "cpu")  # a new run on the same data
+    ev2 = protocol.Evaluator(cfg, sprites[:24], "cpu")  # a new run on the same data
     second = spy_real_reads(ev2)
     m2 = ev2.metrics_for(sprites[24:48])
     assert second == [0, 0]                           # rgb and alpha both from the cache
@@ -82,7 +83,7 @@ def test_real_statistics_cache_hits_on_second_run(tmp_path, inception_weights, s
     assert set(m1) >= {"fid", "isc", "kid", "fid_alpha"}
     # anything that changes the real features gives another cache entry
     cfg_b = make_cfg(tmp_path, inception_weights, "eval.background=white")
-    assert evaluate.Evaluator(cfg_b, sprites[:24], "cpu").real_cache_name("rgb") != ev2.real_cache_name("rgb")
+    assert protocol.Evaluator(cfg_b, sprites[:24], "cpu").real_cache_name("rgb") != ev2.real_cache_name("rgb")
 
 
 def test_random_extractor_keeps_activations_alive(tmp_path):
@@ -91,8 +92,8 @@ def test_random_extractor_keeps_activations_alive(tmp_path):
     cfg = config.load(None, [f"data.cache_dir={tmp_path / 'cache'}", "eval.feature_extractor=inception-v3-random",
                              "eval.metrics=[fid]", "eval.fid_alpha=false", "eval.batch_size=20", "data.image_size=32"])
     a = data.make_sprites(60, 32, seed=1)
-    ev = evaluate.Evaluator(cfg, a[:30], "cpu")
-    assert ev.extractor["random"] and ev.extractor["name"] == "inception-v3-random"
+    ev = protocol.Evaluator(cfg, a[:30], "cpu")
+    assert ev.extractor.random and ev.extractor.name == "inception-v3-random"
     same = ev.metrics_for(a[30:60])["fid"]
     rng = np.random.RandomState(0)
     other = torch.from_numpy(rng.randint(0, 256, (30, 4, 32, 32)).astype(np.uint8))   # not sprites at all
@@ -106,7 +107,7 @@ def test_random_extractor_keeps_activations_alive(tmp_path):
 def test_kid_subset_is_clamped(tmp_path, script_extractor, sprites):
     cfg = config.load(None, [f"data.cache_dir={tmp_path / 'cache'}", f"eval.feature_extractor={script_extractor}",
                              "eval.num_samples=10", "eval.kid_subset_size=1000", "eval.batch_size=5"])
-    ev = evaluate.Evaluator(cfg, sprites[:7], "cpu")
+    ev = protocol.Evaluator(cfg, sprites[:7], "cpu")
     assert ev.kid_subset_size(10, 7) == 3        # by the images passed; never the whole set (no resampling)
     assert ev.kid_subset_size(3, 50) == 1 + 1    # at least 2
     assert ev.kid_subset_size(5000, 5000) == 1000
@@ -116,8 +117,8 @@ def test_kid_subset_is_clamped(tmp_path, script_extractor, sprites):
 
 def test_torchscript_extractor_hash_joins_the_signature(tmp_path, script_extractor, sprites):
     cfg = config.load(None, [f"data.cache_dir={tmp_path / 'cache'}", f"eval.feature_extractor={script_extractor}"])
-    ev = evaluate.Evaluator(cfg, sprites[:8], "cpu")
-    assert ev.extractor["name"].startswith("torchscript-") and ev.signature["weights"] == extractors.file_hash(script_extractor)
+    ev = protocol.Evaluator(cfg, sprites[:8], "cpu")
+    assert ev.extractor.name.startswith("torchscript-") and ev.signature["weights"] == extractors.file_hash(script_extractor)
 
 
 def test_missing_weights_fail_before_training(tmp_path):
@@ -131,17 +132,17 @@ def test_missing_weights_fail_before_training(tmp_path):
 
 def test_composite_same_for_real_and_fake():
     u8 = torch.tensor([[[[255]], [[0]], [[0]], [[128]]]], dtype=torch.uint8)
-    white = evaluate.composite(u8, "white")[0, :, 0, 0].tolist()
-    black = evaluate.composite(u8, "black")[0, :, 0, 0].tolist()
+    white = protocol.composite(u8, "white")[0, :, 0, 0].tolist()
+    black = protocol.composite(u8, "black")[0, :, 0, 0].tolist()
     assert white == [255, 127, 127] and black == [128, 0, 0]
-    assert evaluate.alpha_as_rgb(u8)[0, :, 0, 0].tolist() == [128, 128, 128]
+    assert protocol.alpha_as_rgb(u8)[0, :, 0, 0].tolist() == [128, 128, 128]
 
 
 def test_the_evaluation_device_joins_the_signature(tmp_path, script_extractor, sprites):
     """Standing statistics and batch-mode BN are computed on the evaluation device, so the same run
     evaluated elsewhere is another protocol (meta stands in for a GPU: only the signature is built)."""
     cfg = config.load(None, [f"data.cache_dir={tmp_path / 'cache'}", f"eval.feature_extractor={script_extractor}"])
-    cpu = evaluate.Evaluator(cfg, sprites[:8], "cpu")
-    other = evaluate.Evaluator(cfg, sprites[:8], "meta")
+    cpu = protocol.Evaluator(cfg, sprites[:8], "cpu")
+    other = protocol.Evaluator(cfg, sprites[:8], "meta")
     assert cpu.signature["device"] == "cpu" and other.signature["device"] == "meta"
     assert cpu.signature_hash != other.signature_hash

@@ -97,12 +97,12 @@ def test_a_corrupt_kept_generator_and_a_failed_handover_still_end_the_run(tiny_c
     """keep_top 3: step 16's kept file is corrupted before the end, and the hand-over score runs out of
     memory. The re-evaluation leaves step 16 out and says so, the hand-over failure is an error event,
     and the run still finishes: `finished` event, MLflow run FINISHED, a model registered."""
-    from ganlab import evaluate
+    from ganlab.eval import protocol
     values = iter([3.0, 1.0, 2.0] + [2.5, 1.5])              # evaluations 8, 16, 24; re-evaluation of 24, 8
-    monkeypatch.setattr(evaluate.Evaluator, "metrics_for", lambda self, fake: {"fid": next(values)})
+    monkeypatch.setattr(protocol.Evaluator, "metrics_for", lambda self, fake: {"fid": next(values)})
     def oom(self, g):
         raise RuntimeError("CUDA out of memory (simulated)")
-    monkeypatch.setattr(evaluate.Evaluator, "handover_draws", oom)
+    monkeypatch.setattr(protocol.Evaluator, "handover_draws", oom)
     orig = train.Run._reevaluate_top
     def corrupt_then_reevaluate(self):
         (self.run_dir / "top" / "step_0000016.pt").write_bytes(b"not a checkpoint")
@@ -125,7 +125,7 @@ def test_a_corrupt_kept_generator_and_a_failed_handover_still_end_the_run(tiny_c
 def test_non_finite_weights_never_reach_best(tiny_cfg, monkeypatch):
     """The weights guard at evaluation: diagnostics are read only every 100 steps here, so a NaN loss
     cannot stop the run first; the evaluation at step 16 must see the NaN weights itself."""
-    from ganlab import evaluate
+    from ganlab.eval import protocol
     script_evaluations(monkeypatch, [5.0, 1.0, 1.0])
     orig = trainer.Trainer.step
     def poisoned(self, step):

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from conftest import script_evaluations
-from ganlab import cli, evaluate, train
+from ganlab import cli, train
+from ganlab.eval import protocol
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

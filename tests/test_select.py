@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import script_evaluations
-from ganlab import checkpoint, cli, config, evaluate, generator, losses, train, trainer
+from ganlab import checkpoint, cli, config, generator, losses, train, trainer
+from ganlab.eval import protocol
 from ganlab.select import Selector
 from ganlab.track import read_events
 
@@ -340,8 +341,8 @@ def test_resume_refuses_a_changed_selection_rule_and_a_new_period_keeps_the_old_
     line. With --new-period the old period's best and kept generators move to period0/, and the final
     re-evaluation scores only the new period's."""
     values = iter([2.0, 1.0] + [5.0, 4.0] + [4.5, 3.9])      # period 0: 8, 16; period 1: 24, 32; re-evaluation of 32, 24
-    monkeypatch.setattr(evaluate.Evaluator, "metrics_for", lambda self, fake: {"fid": next(values), "kid": 0.1})
-    monkeypatch.setattr(evaluate.Evaluator, "handover_draws", lambda self, g: [{"fid": 1.0, "kid": 0.1}] * 3)
+    monkeypatch.setattr(protocol.Evaluator, "metrics_for", lambda self, fake: {"fid": next(values), "kid": 0.1})
+    monkeypatch.setattr(protocol.Evaluator, "handover_draws", lambda self, g: [{"fid": 1.0, "kid": 0.1}] * 3)
     cfg = tiny_cfg("train.steps=32", "selection.keep_top=2", "eval.metrics=fid,kid", "selection.on_collapse=ignore")
     train.train(cfg, run_dir=tmp_path / "r", quiet=True, stop_at=16)
     flat = [f"{k}={v}" for k, v in config.flatten(cfg).items() if k != "variant"]
@@ -417,13 +418,13 @@ def test_exported_generator_is_best_not_last(tiny_cfg, monkeypatch):
 
 def test_the_ema_generator_is_what_is_evaluated_and_handed_over(tiny_cfg, monkeypatch):
     seen = []
-    orig = evaluate.Evaluator.__call__
+    orig = protocol.Evaluator.__call__
     def spy(self, g):
         seen.append({k: v.clone() for k, v in g.state_dict().items()})
         return orig(self, g)
-    monkeypatch.setattr(evaluate.Evaluator, "__call__", spy)
+    monkeypatch.setattr(protocol.Evaluator, "__call__", spy)
     script_evaluations(monkeypatch, [3.0, 1.0, 2.0], handover=(1.0, 1.1, 1.2))
-    monkeypatch.setattr(evaluate.Evaluator, "with_fresh_latents", lambda self, g, seed, num_samples=None: {"fid": 1.0})
+    monkeypatch.setattr(protocol.Evaluator, "with_fresh_latents", lambda self, g, seed, num_samples=None: {"fid": 1.0})
     res = train.train(tiny_cfg("train.ema_halflife=64", "train.steps=24", "selection.keep_top=3"), quiet=True)
     best = checkpoint.load(res.run_dir / "best.pt")["trainer"]
     start = checkpoint.load(res.run_dir / "start.pt")["trainer"]
@@ -467,7 +468,7 @@ def test_keep_top_hands_over_the_winner_of_the_re_evaluation(tiny_cfg, monkeypat
         calls.append(len(fake))
         images.append(fake.clone())
         return {"fid": next(values)}
-    monkeypatch.setattr(evaluate.Evaluator, "metrics_for", scripted)
+    monkeypatch.setattr(protocol.Evaluator, "metrics_for", scripted)
     res = train.train(tiny_cfg("selection.keep_top=3", "selection.on_collapse=ignore"), quiet=True)
     assert res.best_step == 16 and res.handed_over_step == 24
     assert calls == [32, 32, 32, 64, 64, 64, 64, 64, 64]    # twice the samples ...
@@ -490,7 +491,7 @@ def test_a_run_without_keep_top_is_scored_on_the_handover_protocol_too(tiny_cfg,
     from latents of its own, which selection never saw."""
     calls = []
     values = iter([2.0, 1.0, 1.5] + [1.3, 1.5, 1.4])
-    monkeypatch.setattr(evaluate.Evaluator, "metrics_for", lambda self, fake: calls.append(len(fake)) or {"fid": next(values)})
+    monkeypatch.setattr(protocol.Evaluator, "metrics_for", lambda self, fake: calls.append(len(fake)) or {"fid": next(values)})
     res = train.train(tiny_cfg("selection.keep_top=1", "eval.handover_samples=48"), quiet=True)
     assert res.handed_over_step == 16 and calls == [32, 32, 32, 48, 48, 48]
     assert res.handover["handover_fid"] == pytest.approx(1.4) and res.handover["handover_fid_sd"] == pytest.approx(0.1)
@@ -505,7 +506,7 @@ def test_the_handover_protocol_is_its_own_signature():
     def ev(*over):
         cfg = config.load(None, ["data.root=builtin:sprites", "data.image_size=32", "data.sprites=64", "data.min_holdout=16",
                                  "eval.feature_extractor=inception-v3-random", "model.nz=16", *over])
-        return evaluate.Evaluator(cfg, data.load_images(cfg.data, cfg.seed).holdout, "cpu")
+        return protocol.Evaluator(cfg, data.load_images(cfg.data, cfg.seed).holdout, "cpu")
     base = ev("eval.num_samples=32")
     other_latents = ev("eval.num_samples=32", "eval.seed=7")
     assert other_latents.handover_hash == base.handover_hash and other_latents.signature_hash != base.signature_hash
@@ -532,7 +533,7 @@ def test_min_delta_auto_is_measured_on_the_best_and_is_about_2_sd_of_its_noise(t
     assert len(band_ev) == 1 and band_ev[0]["step"] == 8 == res.best_step
     cfg = config.load(res.run_dir / "config.yaml")
     g, _ = generator.load_generator(res.run_dir / "generator.pt")
-    ev = evaluate.Evaluator(cfg, data.load_images(cfg.data, cfg.seed).holdout, "cpu")
+    ev = protocol.Evaluator(cfg, data.load_images(cfg.data, cfg.seed).holdout, "cpu")
     indep = [ev.with_fresh_latents(g, seed=5000 + k)["fid"] for k in range(10)]
     sd = statistics.stdev(indep)
     assert 1 * sd < band_ev[0]["band"] < 5 * sd, (band_ev[0]["band"], sd)
@@ -569,8 +570,8 @@ def test_a_steady_improvement_late_in_a_run_still_counts(tiny_cfg, monkeypatch):
     def evaluation(self, fake):
         last["v"] = next(fixed)
         return {"fid": last["v"]}
-    monkeypatch.setattr(evaluate.Evaluator, "metrics_for", evaluation)
-    monkeypatch.setattr(evaluate.Evaluator, "with_fresh_latents",
+    monkeypatch.setattr(protocol.Evaluator, "metrics_for", evaluation)
+    monkeypatch.setattr(protocol.Evaluator, "with_fresh_latents",
                         lambda self, g, seed, num_samples=None: {"fid": last["v"] * (1 + 0.02 * rng.gauss(0, 1))})
     res = train.train(tiny_cfg("selection.min_delta=auto", "selection.patience=2", "train.steps=104",
                                "selection.on_collapse=ignore"), quiet=True)

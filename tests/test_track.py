@@ -11,7 +11,8 @@ import mlflow
 import pytest
 
 from conftest import script_evaluations
-from ganlab import cli, evaluate, sweep, train
+from ganlab import cli, sweep, train
+from ganlab.eval import protocol
 from ganlab.track import tracking_uri
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -79,12 +79,13 @@ def test_every_ranking_shows_the_handover_score_of_the_generator_handed_over(tmp
     evaluations at 4, 8, 12, 16 score 2.0, 1.0, 1.5, 3.0 (selection best: step 8, 1.0); re-evaluated,
     step 12 wins (0.9); scored on the hand-over protocol it is 1.2 +/- 0.029. That 1.2 is the number
     in the MLflow summary, `ganlab best`, the registry's version tag, the report and Optuna's value."""
-    from ganlab import evaluate, report
+    from ganlab import report
+    from ganlab.eval import protocol
     monkeypatch.chdir(tmp_path)
     write_base(tmp_path, script_extractor, **{"tracking.register_model": "true", "selection.keep_top": "3",
                                               "selection.on_collapse": "ignore"})
     values = iter([2.0, 1.0, 1.5, 3.0] + [1.3, 0.9, 1.1] + [1.15, 1.25, 1.2])
-    monkeypatch.setattr(evaluate.Evaluator, "metrics_for", lambda self, fake: {"fid": next(values)})
+    monkeypatch.setattr(protocol.Evaluator, "metrics_for", lambda self, fake: {"fid": next(values)})
     study_file = write_study(tmp_path, name="one", space={"train.lr_d": [2e-4]}, sampler="random", pruner="none", trials=1)
     assert cli.main(["tune", str(study_file), "--quiet"]) == 0
     trial = optuna.load_study(study_name="one", storage=f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}").trials[0]
@@ -126,12 +127,12 @@ def test_a_fully_trained_trial_completes_and_a_pruned_one_hands_over_nothing(tmp
     """Trials 0 and 1 score 1.0 at every evaluation. Trial 2 is worse only at its last evaluation
     (step 16): it trained fully, so it completes (the median pruner said prune). Trial 3 is worse at
     its first: pruned at step 4, with no hand-over score, report or registered model."""
-    from ganlab import evaluate
+    from ganlab.eval import protocol
     monkeypatch.chdir(tmp_path)
     write_base(tmp_path, script_extractor, **{"tracking.register_model": "true"})
     ones = [1.0] * 4 + [1.0] * 3                          # four evaluations, then three hand-over draws
     values = iter(ones + ones + [1.0, 1.0, 1.0, 9.0] + [1.0] * 3 + [9.0])
-    monkeypatch.setattr(evaluate.Evaluator, "metrics_for", lambda self, fake: {"fid": next(values)})
+    monkeypatch.setattr(protocol.Evaluator, "metrics_for", lambda self, fake: {"fid": next(values)})
     lrs = [1e-4, 2e-4, 3e-4, 4e-4]
     study_file = write_study(tmp_path, name="last", space={"train.lr_d": lrs}, sampler="random", pruner="median",
                              trials=4, start_with=[{"train.lr_d": v} for v in lrs])
@@ -335,7 +336,7 @@ def test_two_machines_share_one_encoder_and_one_study(tmp_path, script_extractor
     team's tracking server; machine B (another cache folder) joins the PostgreSQL study, downloads
     that encoder instead of training one, and scores its trial under the study's pinned hand-over
     signature. A third worker forced onto another extractor refuses to join."""
-    from ganlab import features
+    from ganlab.eval import encoder
     monkeypatch.chdir(tmp_path)
     write_base(tmp_path, script_extractor, **{"tracking.uri": team_server, "eval.feature_extractor": "domain",
                                               "eval.encoder_steps": "4", "eval.encoder_batch_size": "16",
@@ -348,7 +349,7 @@ def test_two_machines_share_one_encoder_and_one_study(tmp_path, script_extractor
     assert cli.main(["tune", "a.yaml", "--quiet"]) == 0
     def no_training(*args, **kwargs):
         raise AssertionError("machine B trained its own encoder")
-    monkeypatch.setattr(features, "train_encoder", no_training)
+    monkeypatch.setattr(encoder, "train_encoder", no_training)
     assert cli.main(["tune", "b.yaml", "--quiet", "--set", f"data.cache_dir={tmp_path / 'machine-b'}"]) == 0
     enc_a = sorted(p.name for p in (tmp_path / "machine-a" / "encoders").glob("encoder-*.pt"))
     enc_b = sorted(p.name for p in (tmp_path / "machine-b" / "encoders").glob("encoder-*.pt"))

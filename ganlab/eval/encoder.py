@@ -31,14 +31,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from filelock import FileLock
 
-from . import data
-from .augment import diff_augment
-from .checkpoint import atomic_write_bytes
+from .. import data
+from ..augment import diff_augment
+from ..checkpoint import atomic_write_bytes
 from .compositing import composite
 
 log = logging.getLogger("ganlab")
 # TorchScript is the extractor format eval.feature_extractor documents (uint8 in, features out; loaded
-# in ganlab/extractors.py, which imports this module); torch 2.14 marks jit.load/script/save
+# in ganlab/eval/extractors.py, which imports this module); torch 2.14 marks jit.load/script/save
 # deprecated on every call, which would bury the run's own lines.
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
 
@@ -216,7 +216,7 @@ ENCODERS = "ganlab-encoders"
 
 
 def _store(cfg):
-    from . import track
+    from .. import track
     uri = track.tracking_uri(cfg)
     client = track.open_client(uri)
     return client, track.ensure_experiment(client, ENCODERS, uri, cfg.tracking.runs_dir)

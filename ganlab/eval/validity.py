@@ -1,5 +1,5 @@
 """Degradations and ranking statistics for checking that a feature space ranks generators
-(scripts/metric_check.py writes docs/metrics.md with them; tests/test_features.py checks them on a
+(scripts/metric_check.py writes docs/metrics.md with them; tests/test_encoder.py checks them on a
 small fixture). Every function takes and returns straight-alpha uint8 N x 4 x H x W images.
 """
 from __future__ import annotations

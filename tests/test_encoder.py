@@ -8,7 +8,8 @@ import mlflow
 import pytest
 import torch
 
-from ganlab import config, data, evaluate, extractors, features, train, validity
+from ganlab import config, data, train
+from ganlab.eval import protocol, extractors, encoder, validity
 from conftest import tiny_overrides
 
 from ganlab.track import tracking_uri
@@ -30,13 +31,13 @@ def auto_cfg(tmp_path, script_extractor):
 
 def test_encoder_trains_on_the_training_split_only_and_exports_an_extractor(auto_cfg, monkeypatch, tmp_path):
     seen = []
-    orig = features.train_encoder
+    orig = encoder.train_encoder
     def spy(train_u8, *a, **k):
         seen.append(train_u8.clone())
         return orig(train_u8, *a, **k)
-    monkeypatch.setattr(features, "train_encoder", spy)
+    monkeypatch.setattr(encoder, "train_encoder", spy)
     cfg = auto_cfg("eval.encoder_steps=6")
-    path = features.build(cfg, out_dir=tmp_path / "enc")
+    path = encoder.build(cfg, out_dir=tmp_path / "enc")
     images = data.load_images(cfg.data, cfg.seed)
     held = {bytes(h.numpy().tobytes()) for h in images.holdout}
     assert len(seen) == 1 and not ({bytes(x.numpy().tobytes()) for x in seen[0]} & held)
@@ -45,8 +46,8 @@ def test_encoder_trains_on_the_training_split_only_and_exports_an_extractor(auto
     assert card["split"] == "train" and card["data_hash"] == images.content_hash and card["recipe"]["steps"] == 6
     assert path.name == f"encoder-{card['sha256_16']}.pt"
     net = torch.jit.load(str(path))
-    assert net(torch.zeros(3, 3, 64, 64, dtype=torch.uint8)).shape == (3, features.DIM)   # any size in
-    ev = evaluate.Evaluator(auto_cfg(f"eval.feature_extractor={path}"), images.holdout, "cpu")
+    assert net(torch.zeros(3, 3, 64, 64, dtype=torch.uint8)).shape == (3, encoder.DIM)   # any size in
+    ev = protocol.Evaluator(auto_cfg(f"eval.feature_extractor={path}"), images.holdout, "cpu")
     assert ev.signature["extractor"] == f"torchscript-{extractors.file_hash(path)}"
     same = ev.metrics_for(images.holdout)["fid"]
     noisy = ev.metrics_for((images.holdout.float() + 60 * torch.randn(images.holdout.shape)).clamp(0, 255).to(torch.uint8))["fid"]
@@ -55,20 +56,20 @@ def test_encoder_trains_on_the_training_split_only_and_exports_an_extractor(auto
 
 def test_auto_without_weights_trains_the_domain_encoder_once_and_signs_with_it(auto_cfg, monkeypatch):
     calls = []
-    orig = features.train_encoder
-    monkeypatch.setattr(features, "train_encoder", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    orig = encoder.train_encoder
+    monkeypatch.setattr(encoder, "train_encoder", lambda *a, **k: calls.append(1) or orig(*a, **k))
     cfg = auto_cfg()
     holdout = data.load_images(cfg.data, cfg.seed).holdout
-    first = evaluate.Evaluator(cfg, holdout, "cpu")
-    again = evaluate.Evaluator(cfg, holdout, "cpu")               # a second run on the same data: cached
-    assert len(calls) == 1 and not first.extractor["random"]
-    assert first.extractor["name"].startswith("domain-") and first.signature_hash == again.signature_hash
+    first = protocol.Evaluator(cfg, holdout, "cpu")
+    again = protocol.Evaluator(cfg, holdout, "cpu")               # a second run on the same data: cached
+    assert len(calls) == 1 and not first.extractor.random
+    assert first.extractor.name.startswith("domain-") and first.signature_hash == again.signature_hash
     assert first.signature["extractor_recipe"]["steps"] == 4
     assert first.signature["extractor_recipe"]["data_hash"] == data.load_images(cfg.data, cfg.seed).content_hash
-    longer = evaluate.Evaluator(auto_cfg("eval.encoder_steps=5"), holdout, "cpu")   # another recipe: another encoder
+    longer = protocol.Evaluator(auto_cfg("eval.encoder_steps=5"), holdout, "cpu")   # another recipe: another encoder
     assert len(calls) == 2 and longer.signature_hash != first.signature_hash
     assert longer.signature["weights"] != first.signature["weights"]
-    other_split = evaluate.Evaluator(auto_cfg("data.min_holdout=40"), holdout, "cpu")   # another training split
+    other_split = protocol.Evaluator(auto_cfg("data.min_holdout=40"), holdout, "cpu")   # another training split
     assert len(calls) == 3 and other_split.signature["weights"] != first.signature["weights"]
 
 
@@ -78,25 +79,25 @@ def test_a_second_machine_takes_the_encoder_from_the_tracking_store(auto_cfg, mo
     the encoder's recipe no longer depends on the run's seed."""
     store = f"tracking.uri=sqlite:///{tmp_path / 'team.db'}"
     a = auto_cfg("tracking.enabled=true", store, f"data.cache_dir={tmp_path / 'a'}")
-    path_a, _ = features.ensure(a)
+    path_a, _ = encoder.ensure(a)
     def no_training(*args, **kwargs):
         raise AssertionError("the second machine trained its own encoder")
-    monkeypatch.setattr(features, "train_encoder", no_training)
+    monkeypatch.setattr(encoder, "train_encoder", no_training)
     b = auto_cfg("tracking.enabled=true", store, f"data.cache_dir={tmp_path / 'b'}", "seed=7")
-    path_b, card = features.ensure(b)
+    path_b, card = encoder.ensure(b)
     assert path_b.name == path_a.name and path_b.read_bytes() == path_a.read_bytes() and path_b.parent != path_a.parent
     holdout = data.load_images(b.data, b.seed).holdout
-    assert (evaluate.Evaluator(a, holdout, "cpu").handover_hash == evaluate.Evaluator(b, holdout, "cpu").handover_hash)
+    assert (protocol.Evaluator(a, holdout, "cpu").handover_hash == protocol.Evaluator(b, holdout, "cpu").handover_hash)
     with pytest.raises(AssertionError, match="trained its own"):   # another recipe is another encoder
-        features.ensure(auto_cfg("tracking.enabled=true", store, f"data.cache_dir={tmp_path / 'b'}", "eval.encoder_seed=1"))
+        encoder.ensure(auto_cfg("tracking.enabled=true", store, f"data.cache_dir={tmp_path / 'b'}", "eval.encoder_seed=1"))
 
 
 def test_random_inception_only_when_named(auto_cfg):
     cfg = auto_cfg()
     holdout = data.load_images(cfg.data, cfg.seed).holdout
-    assert not evaluate.Evaluator(cfg, holdout, "cpu").extractor["random"]
-    named = evaluate.Evaluator(auto_cfg("eval.feature_extractor=inception-v3-random", "eval.num_samples=8"), holdout, "cpu")
-    assert named.extractor["random"] and named.describe()["eval.random_features"] == "true"
+    assert not protocol.Evaluator(cfg, holdout, "cpu").extractor.random
+    named = protocol.Evaluator(auto_cfg("eval.feature_extractor=inception-v3-random", "eval.num_samples=8"), holdout, "cpu")
+    assert named.extractor.random and named.describe()["eval.random_features"] == "true"
 
 
 def test_the_encoder_file_is_logged_with_the_run(auto_cfg, tmp_path):
@@ -122,7 +123,7 @@ def test_the_domain_encoder_ranks_degradations_on_a_small_fixture(auto_cfg):
     cfg = auto_cfg("eval.encoder_steps=60", "eval.encoder_batch_size=32", "data.sprites=400", "data.min_holdout=100",
                    "eval.num_samples=128", "eval.metrics=fid", "eval.fid_alpha=false")
     images = data.load_images(cfg.data, cfg.seed)
-    ev = evaluate.Evaluator(cfg, images.holdout, "cpu")
+    ev = protocol.Evaluator(cfg, images.holdout, "cpu")
     fid = lambda u8: ev.metrics_for(u8)["fid"]                      # noqa: E731
     base = images.train[:128]
     draws = [fid(images.train[torch.randperm(len(images.train), generator=torch.Generator().manual_seed(k))[:128]])
@@ -142,7 +143,7 @@ def test_augmented_views_never_change_alpha_coverage():
     """Colour jitter touches RGB only: a fully transparent image stays the background in every view."""
     clear = torch.zeros(4, 4, 32, 32, dtype=torch.uint8)
     g = torch.Generator().manual_seed(0)
-    v = features.views(clear, "gray", g)
+    v = encoder.views(clear, "gray", g)
     assert torch.allclose(v, torch.zeros_like(v), atol=2 / 127.5)        # gray background, nothing else
 
 
@@ -191,8 +192,8 @@ def clip_random_weights(path):
 def test_dinov2_and_clip_run_offline_from_a_local_weights_file(auto_cfg, tmp_path, name, make, sprites):
     weights = make(tmp_path / f"{name}.pth")
     cfg = auto_cfg(f"eval.feature_extractor={name}", f"eval.weights={weights}", "eval.metrics=fid", "eval.fid_alpha=false")
-    ev = evaluate.Evaluator(cfg, sprites[:16], "cpu")
-    assert ev.signature["weights"] == extractors.file_hash(weights) and not ev.extractor["random"]
+    ev = protocol.Evaluator(cfg, sprites[:16], "cpu")
+    assert ev.signature["weights"] == extractors.file_hash(weights) and not ev.extractor.random
     same = ev.metrics_for(sprites[:16])["fid"]
     noisy = ev.metrics_for((sprites[:16].float() + 80 * torch.randn(sprites[:16].shape)).clamp(0, 255).to(torch.uint8))["fid"]
     assert abs(same) < 1e-2 < noisy, (same, noisy)
@@ -211,12 +212,12 @@ def test_standard_fid_is_reported_beside_another_extractor_when_inception_weight
     """eval.standard_fid: auto adds fid_standard (InceptionV3, torch-fidelity's compat path) beside the
     primary extractor when the weights are present; its weights join the signature."""
     base = [f"eval.feature_extractor={script_extractor}", "eval.metrics=fid", "eval.fid_alpha=false", "eval.num_samples=8"]
-    ev = evaluate.Evaluator(auto_cfg(*base, f"eval.weights={inception_weights}"), sprites[:12], "cpu")
+    ev = protocol.Evaluator(auto_cfg(*base, f"eval.weights={inception_weights}"), sprites[:12], "cpu")
     noisy = (sprites[:12].float() + 80 * torch.randn(sprites[:12].shape)).clamp(0, 255).to(torch.uint8)
     m = ev.metrics_for(noisy)
     assert set(m) == {"fid", "fid_standard"} and m["fid"] != m["fid_standard"] and m["fid_standard"] > 0
     assert ev.signature["standard_weights"] == extractors.file_hash(inception_weights)
-    off = evaluate.Evaluator(auto_cfg(*base, f"eval.weights={inception_weights}", "eval.standard_fid=never"), sprites[:12], "cpu")
+    off = protocol.Evaluator(auto_cfg(*base, f"eval.weights={inception_weights}", "eval.standard_fid=never"), sprites[:12], "cpu")
     assert set(off.metrics_for(noisy)) == {"fid"} and "standard_weights" not in off.signature
     with pytest.raises(extractors.EvalError, match="standard_fid is always"):
-        evaluate.Evaluator(auto_cfg(*base, "eval.standard_fid=always"), sprites[:12], "cpu")
+        protocol.Evaluator(auto_cfg(*base, "eval.standard_fid=always"), sprites[:12], "cpu")

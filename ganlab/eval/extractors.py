@@ -2,7 +2,7 @@
 weights are local. `resolve(cfg)` decides once, before any training:
 
 - `auto`: InceptionV3 (standard FID) when its weights are present or can be downloaded; otherwise the
-  domain encoder for this dataset (ganlab/features.py: trained on first use, cached by data hash).
+  domain encoder for this dataset (ganlab/eval/encoder.py: trained on first use, cached by data hash).
 - `domain`: the domain encoder, even when InceptionV3's weights are present.
 - `inception-v3-compat`: standard InceptionV3; an error without weights.
 - `inception-v3-random`: InceptionV3 with random weights. Only when named: it cannot rank good
@@ -18,6 +18,8 @@ import io
 import logging
 import os
 import socket
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,13 +28,13 @@ import torch.nn.functional as F
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_clip import MODEL_URLS as CLIP_MODELS
 from torch_fidelity.feature_extractor_dinov2 import MODEL_METADATA as DINOV2_MODELS
-from torch_fidelity.feature_extractor_dinov2 import FeatureExtractorDinoV2
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
-from . import features
-from .checkpoint import atomic_write_bytes
-from .config import UserError
+from . import encoder
+from .dinov2 import LocalDinoV2
+from ..checkpoint import atomic_write_bytes
+from ..config import UserError
 
 log = logging.getLogger("ganlab")
 RANDOM = "inception-v3-random"
@@ -43,6 +45,18 @@ RANDOM_WARNING = (
     "evaluating with RANDOM InceptionV3 features: these FID/IS/KID numbers are NOT standard FID, are "
     "comparable only with other runs of the same signature, catch gross collapse but cannot rank good "
     "generators (docs/metrics.md). Use eval.feature_extractor: auto (the domain encoder) or InceptionV3 weights.")
+
+
+@dataclass(frozen=True)
+class Extractor:
+    """The feature extractor a run evaluates with, as resolved before training."""
+    name: str                          # its name in torch-fidelity's registry
+    weights: str                       # its weights (or TorchScript) file; "" when torch-fidelity downloads them
+    weights_hash: str                  # that file's content hash ("download" when there is none yet)
+    random: bool = False               # random features: catch gross collapse, cannot rank good generators
+    weights_kwarg: str | None = None   # torch-fidelity's feature_extractor_weights_path, where it takes one
+    recipe: dict | None = None         # the domain encoder's training recipe (joins the signature)
+    files: tuple = ()                  # files to log with the run (the domain encoder and its card)
 
 
 class EvalError(UserError):
@@ -171,78 +185,6 @@ def _check_weights(path: Path):
         raise EvalError(f"eval.weights {str(path)!r} does not look like torch-fidelity InceptionV3 weights")
 
 
-# DINOv2 from a local weights file. torch-fidelity 0.4 builds DINOv2 only through torch.hub (code and
-# weights from the network; a weights path raises NotImplementedError), so ganlab rebuilds the hub
-# model's ViT from the official state dict (dinov2_vit*14_pretrain.pth) and keeps torch-fidelity's own
-# forward: resize to 224 like TF1, ImageNet normalisation, the CLS token after the final norm.
-
-class _Block(nn.Module):
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
-        self.attn = nn.Module()
-        self.attn.qkv, self.attn.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.mlp = nn.Module()
-        self.mlp.fc1, self.mlp.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
-        self.ls1, self.ls2 = nn.Module(), nn.Module()
-        self.ls1.gamma, self.ls2.gamma = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        b, n, d = x.shape
-        q, k, v = self.attn.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
-        x = x + self.ls1.gamma * self.attn.proj(a)
-        return x + self.ls2.gamma * self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))
-
-
-class DinoV2ViT(nn.Module):
-    """The DINOv2 hub ViT (no registers, MLP blocks: s/b/l), its shape read from a state dict."""
-
-    def __init__(self, sd: dict):
-        super().__init__()
-        dim, patch = sd["cls_token"].shape[-1], sd["patch_embed.proj.weight"].shape[-1]
-        depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-        self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(3, dim, patch, patch)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.zeros_like(sd["pos_embed"]))
-        self.mask_token = nn.Parameter(torch.zeros(1, dim))
-        self.blocks = nn.ModuleList(_Block(dim, dim // 64 or 1) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.load_state_dict(sd)
-
-    def pos(self, h0: int, w0: int) -> torch.Tensor:
-        n = self.pos_embed.shape[1] - 1
-        m = int(n ** 0.5)
-        if (h0, w0) == (m, m):
-            return self.pos_embed
-        grid = self.pos_embed[:, 1:].reshape(1, m, m, -1).permute(0, 3, 1, 2)
-        # DINOv2's interpolate_pos_encoding: bicubic, scale (w0 + 0.1) / M, no antialias
-        grid = F.interpolate(grid, scale_factor=((w0 + 0.1) / m, (h0 + 0.1) / m), mode="bicubic", antialias=False)
-        return torch.cat([self.pos_embed[:, :1], grid.permute(0, 2, 3, 1).flatten(1, 2)], 1)
-
-    def forward(self, x):
-        x = self.patch_embed.proj(x)
-        h0, w0 = x.shape[-2:]
-        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x.flatten(2).transpose(1, 2)], 1) + self.pos(h0, w0)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x)[:, 0]
-
-
-class _LocalDinoV2(FeatureExtractorDinoV2):
-    """torch-fidelity's DINOv2 extractor (its forward, resizing and normalisation) over DinoV2ViT."""
-    weights_path: str = ""             # set on the run-time subclass
-
-    def __init__(self, name, features_list, **kwargs):
-        FeatureExtractorBase.__init__(self, name, features_list)
-        self.feature_extractor_internal_dtype = torch.float32
-        self.model = DinoV2ViT(torch.load(self.weights_path, map_location="cpu", weights_only=True))
-        self.requires_grad_(False)
-        self.eval()
-
-
 def _online() -> bool:
     if os.environ.get("GANLAB_OFFLINE"):
         return False
@@ -253,29 +195,28 @@ def _online() -> bool:
         return False
 
 
-def _pretrained(choice: str, weights: str) -> dict:
+def _pretrained(choice: str, weights: str) -> Extractor:
     """dinov2-* and clip-*: torch-fidelity's extractors, from a local weights file (or its download)."""
     if not weights:
         if not _online():
             raise EvalError(f"eval.feature_extractor {choice} needs eval.weights (a local weights file): no network")
-        return {"name": choice, "weights": "", "weights_hash": "download", "random": False, "weights_kwarg": None}
+        return Extractor(choice, "", "download")
     p = Path(weights).expanduser()
     if not p.is_file():
         raise EvalError(f"eval.weights {weights!r} is not a file")
     h = file_hash(p)
     if choice in DINOV2_MODELS:
         try:
-            cls = type(f"LocalDinoV2_{h}", (_LocalDinoV2,), {"weights_path": str(p)})
+            cls = type(f"LocalDinoV2_{h}", (LocalDinoV2,), {"weights_path": str(p)})
             cls(choice, ["dinov2"])                  # fail now, in one line, rather than mid-run
         except Exception as e:
             raise EvalError(f"eval.weights {weights!r} is not a DINOv2 ViT-S/B/L-14 state dict ({e.__class__.__name__})") from None
-        name = f"{choice}-{h}"
-        _register(name, cls)
-        return {"name": name, "weights": str(p), "weights_hash": h, "random": False, "weights_kwarg": None}
-    return {"name": choice, "weights": str(p), "weights_hash": h, "random": False, "weights_kwarg": str(p)}
+        _register(f"{choice}-{h}", cls)
+        return Extractor(f"{choice}-{h}", str(p), h)
+    return Extractor(choice, str(p), h, weights_kwarg=str(p))
 
 
-def _torchscript(choice: str, prefix: str = "torchscript") -> dict:
+def _torchscript(choice: str, prefix: str = "torchscript") -> Extractor:
     p = Path(choice).expanduser()
     if not p.is_file():
         raise EvalError(f"eval.feature_extractor {choice!r}: expected auto, {DOMAIN}, {COMPAT}, {RANDOM}, "
@@ -286,16 +227,16 @@ def _torchscript(choice: str, prefix: str = "torchscript") -> dict:
         raise EvalError(f"eval.feature_extractor {choice!r} is not a loadable TorchScript module ({e.__class__.__name__})") from None
     h = file_hash(p)
     _register(f"{prefix}-{h}", type(f"TorchScript_{h}", (_TorchScriptExtractor,), {"script_path": str(p)}))
-    return {"name": f"{prefix}-{h}", "weights": str(p), "weights_hash": h, "random": False}
+    return Extractor(f"{prefix}-{h}", str(p), h)
 
 
-def _domain(cfg, device) -> dict:
-    path, card = features.ensure(cfg, device=device)
-    return dict(_torchscript(str(path), prefix="domain"), recipe=dict(card["recipe"], data_hash=card["data_hash"]),
-                files=[str(path), str(path.with_suffix(".json"))])
+def _domain(cfg, device, images=None) -> Extractor:
+    path, card = encoder.ensure(cfg, device=device, images=images)
+    return dataclasses.replace(_torchscript(str(path), prefix="domain"), recipe=dict(card["recipe"], data_hash=card["data_hash"]),
+                               files=(str(path), str(path.with_suffix(".json"))))
 
 
-def _inception(weights: str) -> dict | None:
+def _inception(weights: str) -> Extractor | None:
     """Standard InceptionV3: the given file, torch's hub cache, or a download; None when none of those."""
     if weights:
         p = Path(weights).expanduser()
@@ -307,15 +248,14 @@ def _inception(weights: str) -> dict | None:
         found = _hub_weights_path() if _hub_weights_path().exists() else _try_download()
     if found is None:
         return None
-    return {"name": COMPAT, "weights": str(found), "weights_hash": file_hash(found), "random": False,
-            "weights_kwarg": str(found)}
+    return Extractor(COMPAT, str(found), file_hash(found), weights_kwarg=str(found))
 
 
-def standard(cfg, primary: dict) -> dict | None:
+def standard(cfg, primary: Extractor) -> Extractor | None:
     """InceptionV3 for fid_standard beside a primary extractor that is not InceptionV3, or None:
     eval.standard_fid auto = when the weights are present (never downloaded for this), always = required."""
     e = cfg.eval
-    if e.standard_fid == "never" or primary["name"] in (COMPAT, RANDOM) or primary.get("weights_kwarg"):
+    if e.standard_fid == "never" or primary.name in (COMPAT, RANDOM) or primary.weights_kwarg:
         return None
     pretrained = e.feature_extractor in DINOV2_MODELS or e.feature_extractor in CLIP_MODELS   # eval.weights is theirs
     weights = ("" if pretrained else e.weights) or os.environ.get("GANLAB_INCEPTION_WEIGHTS", "")
@@ -326,32 +266,40 @@ def standard(cfg, primary: dict) -> dict | None:
                             "(eval.weights, GANLAB_INCEPTION_WEIGHTS or torch's hub cache)")
         return None
     _check_weights(p)
-    return {"name": COMPAT, "weights": str(p), "weights_hash": file_hash(p), "random": False, "weights_kwarg": str(p)}
+    return Extractor(COMPAT, str(p), file_hash(p), weights_kwarg=str(p))
 
 
-def resolve(cfg, device="cpu") -> dict:
-    """Decide which extractor evaluation uses and register it with torch-fidelity. Returns {name, weights,
-    weights_hash, random} and, when they apply, weights_kwarg (torch-fidelity's weights path argument),
-    recipe (the domain encoder's, for the signature) and files (to log with the run)."""
-    e = cfg.eval
-    choice = e.feature_extractor or "auto"
-    if choice in DINOV2_MODELS or choice in CLIP_MODELS:
-        return _pretrained(choice, e.weights)
-    if choice == DOMAIN:
-        return _domain(cfg, device)
-    if choice not in ("auto", COMPAT, RANDOM):
-        return _torchscript(choice)
-    weights = e.weights or os.environ.get("GANLAB_INCEPTION_WEIGHTS", "")
-    if choice == RANDOM:
-        if e.weights:
-            raise EvalError(f"eval.feature_extractor is {RANDOM} but eval.weights is set; pick one")
-        path = random_inception_weights(Path(cfg.data.cache_dir) / f"{RANDOM}-seed{RANDOM_SEED}.pth")
-        _register(RANDOM, type("RandomInception", (_RandomInception,), {"weights_path": str(path)}))
-        return {"name": RANDOM, "weights": str(path), "weights_hash": file_hash(path), "random": True}
-    found = _inception(weights)
-    if found is not None:
-        return found
-    if choice == COMPAT:
+def _random(cfg, device, images=None) -> Extractor:
+    if cfg.eval.weights:
+        raise EvalError(f"eval.feature_extractor is {RANDOM} but eval.weights is set; pick one")
+    path = random_inception_weights(Path(cfg.data.cache_dir) / f"{RANDOM}-seed{RANDOM_SEED}.pth")
+    _register(RANDOM, type("RandomInception", (_RandomInception,), {"weights_path": str(path)}))
+    return Extractor(RANDOM, str(path), file_hash(path), random=True)
+
+
+def _compat(cfg, device, images=None) -> Extractor:
+    found = _inception(cfg.eval.weights or os.environ.get("GANLAB_INCEPTION_WEIGHTS", ""))
+    if found is None:
         raise EvalError(f"eval.feature_extractor is {COMPAT} but its weights are not available: no network, "
                         f"and neither eval.weights nor GANLAB_INCEPTION_WEIGHTS is set")
-    return _domain(cfg, device)
+    return found
+
+
+def _auto(cfg, device, images=None) -> Extractor:
+    """Standard InceptionV3 when its weights are here (or can be downloaded), else the domain encoder."""
+    return _inception(cfg.eval.weights or os.environ.get("GANLAB_INCEPTION_WEIGHTS", "")) or _domain(cfg, device, images)
+
+
+# eval.feature_extractor -> builder(cfg, device, images) -> Extractor. DINOv2 and CLIP names are torch-fidelity's;
+# anything else is a TorchScript file.
+BUILDERS = {"auto": _auto, DOMAIN: _domain, COMPAT: _compat, RANDOM: _random,
+            **{name: (lambda cfg, device, images=None: _pretrained(cfg.eval.feature_extractor, cfg.eval.weights))
+               for name in (*DINOV2_MODELS, *CLIP_MODELS)}}
+
+
+def resolve(cfg, device="cpu", images=None) -> Extractor:
+    """Decide which extractor evaluation uses and register it with torch-fidelity (before any training).
+    `images`: the run's loaded ImageSet, which the domain encoder trains on (else it loads it)."""
+    choice = cfg.eval.feature_extractor or "auto"
+    builder = BUILDERS.get(choice, lambda cfg, device, images=None: _torchscript(choice))
+    return builder(cfg, device, images)
