@@ -19,7 +19,8 @@ import torch.nn as nn
 
 from . import config as config_mod, data, models
 from .generator import prepare_for_sampling
-from .trainer import Trainer, bf16_supported, pick_device
+from .device import bf16_supported, pick_device
+from .trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = ROOT / "experiments"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .config import UserError
+from .errors import UserError
 
 FORMAT_VERSION = 1
 

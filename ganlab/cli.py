@@ -270,7 +270,7 @@ def cmd_report(args):
 
 def cmd_features(args):
     from .eval import encoder
-    from .trainer import pick_device
+    from .device import pick_device
     from . import data
     cfg = config_mod.load(args.experiment, args.set)
     images = data.load_images(cfg.data, cfg.seed)

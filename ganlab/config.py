@@ -19,18 +19,7 @@ from typing import Any
 import yaml
 
 from . import metrics as metrics_mod
-
-
-class UserError(ValueError):
-    """A user mistake (config, data, weights, checkpoint, source). The CLI shows its message as one
-    line and exits 2; whitespace is folded so that the message stays one line whatever it quotes."""
-
-    def __init__(self, msg):
-        super().__init__(" ".join(str(msg).split()))
-
-
-class ConfigError(UserError):
-    """A mistake in an experiment file or override."""
+from .errors import ConfigError, UserError  # noqa: F401  (callers catch config.ConfigError / config.UserError)
 
 
 def _f(default, doc, choices=None, lo=None, hi=None, lo_open=False, words=()):
@@ -201,7 +190,7 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] | tuple = (
     return cfg
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path) -> dict:
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -225,7 +214,7 @@ def _read_with_extends(path: Path, seen: tuple) -> dict:
     path = path.resolve() if path.exists() else path
     if path in seen:
         raise ConfigError(f"{path}: `extends` loops back to itself")
-    data = _read_yaml(path)
+    data = read_yaml(path)
     parent = data.pop("extends", None)
     if parent is None:
         return data
@@ -240,6 +229,12 @@ def _deep_merge(base: dict, top: dict) -> dict:
     for k, v in top.items():
         out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def as_override(key: str, value) -> str:
+    """KEY=VALUE as `--set` reads it back (sweeps, studies)."""
+    text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    return f"{key}={text}"
 
 
 def apply_overrides(raw: dict, overrides) -> dict:

@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .checkpoint import atomic_write_bytes
-from .config import UserError
+from .errors import UserError
 
 log = logging.getLogger("ganlab")
 

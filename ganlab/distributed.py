@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .config import ConfigError
+from .errors import ConfigError
 
 # Rank 0 evaluates (and may first train the domain encoder) while the other ranks wait for its
 # decision: the collectives must outwait that, not the default 10-30 minutes.

@@ -18,7 +18,7 @@ import io
 from pathlib import Path
 
 from . import config as config_mod
-from .track import read_events
+from .events import read_events
 
 MARKS = {"collapse_signal": ("tab:orange", "--"), "rollback": ("tab:red", "-"), "early_stop": ("black", ":"),
          "new_period": ("tab:purple", "-.")}

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from . import config as config_mod, metrics as metrics_mod
-from .config import UserError
+from .errors import UserError
 
 
 class SourceError(UserError):
@@ -83,7 +83,7 @@ def evaluate_source(source: str, overrides: list[str], device: str = "auto") -> 
     CUDA when there is one, as training picks it)."""
     from . import data
     from .eval import protocol
-    from .trainer import pick_device
+    from .device import pick_device
     dev = pick_device(device)
     g, info = resolve(source, device=dev)
     cfg = info["config"]

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 from . import config as config_mod
-from .config import ConfigError
-from .tune import _dump, read_file
+from .errors import ConfigError
+from .tune import read_file
 
 ALLOWED = {"base", "name", "set", "variants", "grid"}
 
@@ -44,7 +44,7 @@ def load_sweep(path: str | Path) -> tuple[Path, str | None, list[tuple[str, Path
         keys = list(grid)
         for combo in itertools.product(*(grid[k] for k in keys)):
             label = ",".join(f"{k.split('.')[-1]}={v}" for k, v in zip(keys, combo))
-            variants.append((label, base, common + [f"{k}={_dump(v)}" for k, v in zip(keys, combo)]))
+            variants.append((label, base, common + [config_mod.as_override(k, v) for k, v in zip(keys, combo)]))
     if not variants:
         raise ConfigError(f"{path}: no variants (give 'variants' or 'grid')")
     return base, raw.get("name"), variants
@@ -53,7 +53,7 @@ def load_sweep(path: str | Path) -> tuple[Path, str | None, list[tuple[str, Path
 def _pairs(d, path, where) -> list[str]:
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: key '{where}' must be a mapping of dotted keys to values")
-    return [f"{k}={_dump(v)}" for k, v in d.items()]
+    return [config_mod.as_override(k, v) for k, v in d.items()]
 
 
 def sweep_spec(path, extra_sets=(), only=(), name: str = "", storage: str = ""):

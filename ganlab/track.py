@@ -1,4 +1,4 @@
-"""Recording: the run folder's events.jsonl, and MLflow (params, tags, metrics, images, models).
+"""Recording in MLflow (params, tags, metrics, images, models).
 
 Default store: sqlite:///mlruns/mlflow.db with artifacts under mlruns/artifacts (MLflow 3 refuses a
 new plain file store); `tracking.uri` or $MLFLOW_TRACKING_URI points at a server instead. Metrics
@@ -9,7 +9,6 @@ server; `flush()` runs before anything reads them back. Knows nothing about trai
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import math
 import os
@@ -21,6 +20,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from .events import read_events
 
 log = logging.getLogger("ganlab")
 
@@ -47,53 +48,6 @@ def new_run_dir(cfg) -> Path:
 
 def _safe(s: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in s)[:60] or "run"
-
-
-# ------------------------------------------------------------------------------------------ events
-
-class JsonLines:
-    """An append-only file of one JSON object per line, each with a "step". On resume, lines after
-    the checkpoint's step are dropped: the resumed run writes them again, identically."""
-
-    def __init__(self, path: Path, resume_step: int | None = None):
-        self.path = Path(path)
-        if resume_step is not None and self.path.exists():
-            keep = [ln for ln in self.path.read_text().splitlines() if _step_of(ln) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
-
-    def write(self, rec: dict):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(_plain(rec)) + "\n")
-
-
-class Events(JsonLines):
-    """One JSON object per decision in events.jsonl, and one readable line in the log."""
-
-    def __init__(self, path: Path, quiet: bool = False, resume_step: int | None = None):
-        super().__init__(path, resume_step)
-        self.quiet = quiet
-
-    def emit(self, step: int, kind: str, detail: str, **extra):
-        self.write({"step": step, "kind": kind, "detail": detail, "time": time.time(), **extra})
-        if not self.quiet or kind in ("error", "rollback", "early_stop", "collapse_signal", "finished"):
-            print(f"\n[{kind}] step {step}: {detail}" if not self.quiet else f"[{kind}] step {step}: {detail}",
-                  file=sys.stderr, flush=True)
-
-
-def _step_of(line: str) -> int:
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return -1
-
-
-def _plain(d: dict) -> dict:
-    return {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in d.items()}
-
-
-def read_events(run_dir: Path, name: str = "events.jsonl") -> list[dict]:
-    p = Path(run_dir) / name
-    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()] if p.exists() else []
 
 
 # ------------------------------------------------------------------------------------------ mlflow

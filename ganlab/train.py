@@ -32,10 +32,11 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, config as config_mod, data, distributed, models, report, select, track
+from . import checkpoint, config as config_mod, data, distributed, events, models, report, select, track
 from .eval import protocol
 from .generator import export_generator, load_generator
-from .trainer import Trainer, global_rng_state, pick_device, set_global_rng_state
+from .device import pick_device
+from .trainer import Trainer, global_rng_state, set_global_rng_state
 
 log = logging.getLogger("ganlab")
 
@@ -174,9 +175,9 @@ class Run:
             self.events = self.curves = Silent()
             return
         (self.run_dir / "config.yaml").write_text(config_mod.to_yaml(self.cfg))
-        self.events = track.Events(self.run_dir / "events.jsonl", quiet=self.quiet,
+        self.events = events.Events(self.run_dir / "events.jsonl", quiet=self.quiet,
                                    resume_step=self.step if resume else None)
-        self.curves = track.JsonLines(self.run_dir / "metrics.jsonl", resume_step=self.step if resume else None)
+        self.curves = events.JsonLines(self.run_dir / "metrics.jsonl", resume_step=self.step if resume else None)
         self.run_id = self.tracker.start(self.run_dir, images=self.images, evaluator=self.evaluator,
                                          device=self.device, run_id=self.run_id, experiment_file=experiment_file)
         if not resume:                 # what a collapse goes back to before there is a best

@@ -20,7 +20,8 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from . import config as config_mod, data, distributed, losses, models
+from .device import bf16_supported
+from . import data, distributed, losses, models
 from .augment import diff_augment
 from .distributed import SINGLE, Share
 from .generator import prepare_for_sampling
@@ -29,31 +30,6 @@ log = logging.getLogger("ganlab")
 
 
 # ------------------------------------------------------------------------------------------ device
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise config_mod.ConfigError("train.device is 'cuda' but no CUDA GPU is available; use auto or cpu")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise config_mod.ConfigError("train.device is 'mps' but MPS is not available; use auto or cpu")
-    return torch.device(name)
-
-
-def bf16_supported(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return False
-
 
 # ------------------------------------------------------------------------------------- schedules
 

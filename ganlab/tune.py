@@ -37,7 +37,7 @@ from pathlib import Path
 
 from . import config as config_mod
 from . import metrics as metrics_mod
-from .config import ConfigError
+from .errors import ConfigError
 
 ALLOWED = {"base", "name", "set", "space", "sampler", "pruner", "trials", "seed", "storage", "heartbeat", "start_with"}
 SAMPLERS = ("tpe", "random", "grid")
@@ -73,19 +73,13 @@ class Spec:
             label = params["variant"]
             exp, over = self.variants[label]
             return config_mod.load(exp, over + list(extra_sets) + [f"variant={label}"])
-        over = [f"{k}={_dump(v)}" for k, v in params.items()]
+        over = [config_mod.as_override(k, v) for k, v in params.items()]
         return config_mod.load(self.base, self.sets + over + list(extra_sets) + [f"variant=trial-{number}"])
-
-
-def _dump(v) -> str:
-    """A value as `--set` reads it back."""
-    import yaml
-    return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 def read_file(path: Path, allowed: set, what: str) -> dict:
     """A study or sweep file: its keys checked against `allowed`, and a base experiment named."""
-    raw = config_mod._read_yaml(path)
+    raw = config_mod.read_yaml(path)
     unknown = set(raw) - allowed
     if unknown:
         raise ConfigError(f"{path}: unknown {what} key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
@@ -105,7 +99,7 @@ def load_spec(path: str | Path) -> Spec:
     if not isinstance(sets, dict):
         raise ConfigError(f"{path}: key 'set' must be a mapping of dotted keys to values")
     spec = Spec(path=path, name=str(raw.get("name") or path.stem), space=space, base=path.parent / raw["base"],
-                sets=[f"{k}={_dump(v)}" for k, v in sets.items()])
+                sets=[config_mod.as_override(k, v) for k, v in sets.items()])
     for key, kind in (("sampler", SAMPLERS), ("pruner", PRUNERS)):
         if key in raw and raw[key] not in kind:
             raise ConfigError(f"{path}: {key} {raw[key]!r} is not one of {list(kind)}")
@@ -335,7 +329,7 @@ def pin_signature(study, cfg, spec: Spec):
     import json
     from . import data
     from .eval import protocol
-    from .trainer import pick_device
+    from .device import pick_device
     ev = protocol.Evaluator(cfg, data.load_images(cfg.data, cfg.seed).holdout, pick_device(cfg.train.device))
     pinned = study.user_attrs.get(PINNED)
     if pinned is None:

@@ -20,7 +20,7 @@ import torch
 from ganlab import checkpoint, data, track
 from ganlab.eval import protocol
 from ganlab.generator import generate, load_generator
-from ganlab.trainer import pick_device
+from ganlab.device import pick_device
 
 
 def pairwise(x: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,8 @@ os.environ.setdefault("GANLAB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from ganlab import checkpoint, config, data, evaluate, train  # noqa: E402
+from ganlab import checkpoint, config, data, train  # noqa: E402
+from ganlab.eval import protocol  # noqa: E402
 from ganlab.generator import load_generator  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,7 +19,7 @@ import torch
 
 from conftest import tiny_overrides
 from ganlab import checkpoint, config, generator, train
-from ganlab.track import read_events
+from ganlab.events import read_events
 
 pytestmark = pytest.mark.slow
 

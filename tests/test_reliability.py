@@ -15,7 +15,8 @@ import yaml
 
 from ganlab import checkpoint, cli, config, train, trainer
 from ganlab.checkpoint import CheckpointError
-from ganlab.track import read_events, tracking_uri
+from ganlab.events import read_events
+from ganlab.track import tracking_uri
 
 from conftest import script_evaluations, tiny_overrides
 
@@ -125,7 +126,6 @@ def test_a_corrupt_kept_generator_and_a_failed_handover_still_end_the_run(tiny_c
 def test_non_finite_weights_never_reach_best(tiny_cfg, monkeypatch):
     """The weights guard at evaluation: diagnostics are read only every 100 steps here, so a NaN loss
     cannot stop the run first; the evaluation at step 16 must see the NaN weights itself."""
-    from ganlab.eval import protocol
     script_evaluations(monkeypatch, [5.0, 1.0, 1.0])
     orig = trainer.Trainer.step
     def poisoned(self, step):

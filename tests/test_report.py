@@ -7,7 +7,6 @@ import pytest
 
 from conftest import script_evaluations
 from ganlab import cli, train
-from ganlab.eval import protocol
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -13,7 +13,7 @@ from conftest import script_evaluations
 from ganlab import checkpoint, cli, config, generator, losses, train, trainer
 from ganlab.eval import protocol
 from ganlab.select import Selector
-from ganlab.track import read_events
+from ganlab.events import read_events
 
 
 def selector(*sets):
@@ -216,7 +216,6 @@ def test_scripted_collapse_rolls_back_to_best_exactly(tiny_cfg, monkeypatch):
         used[step] = (self.opt_g.param_groups[0]["lr"], self.opt_d.param_groups[0]["lr"])
     monkeypatch.setattr(trainer.Trainer, "step", step_spy)
     restored_opt = []
-    orig_load = trainer.Trainer.load_state_dict
     def opt_spy(self, s, rng=True):
         spy(self, s, rng)
         restored_opt.append((copy.deepcopy(self.opt_g.state_dict()), {k: v.clone() for k, v in self.g_ema.state_dict().items()}

@@ -12,7 +12,6 @@ import pytest
 
 from conftest import script_evaluations
 from ganlab import cli, sweep, train
-from ganlab.eval import protocol
 from ganlab.track import tracking_uri
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,7 +107,7 @@ def test_best_json_and_champion_alias(tracked, monkeypatch, capsys, tmp_path):
 
 
 def test_two_variant_sweep(tmp_path, script_extractor, capsys):
-    from conftest import script_evaluations, tiny_overrides
+    from conftest import tiny_overrides
     base = tmp_path / "base.yaml"
     sets = dict(o.split("=", 1) for o in tiny_overrides(tmp_path, script_extractor))
     sets.update({"tracking.enabled": "true", "tracking.system_metrics": "false", "tracking.register_model": "false",

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from ganlab import checkpoint, generator, train, trainer
-from ganlab.track import read_events
+from ganlab import checkpoint, device, generator, train, trainer
+from ganlab.events import read_events
 
 BASE = ["train.loss=bce", "train.channels_last=false"]
 # Each option at a value that binds on the tiny nets (a clip of 100 would never bite).
@@ -35,7 +35,7 @@ def result(tr) -> list:
 def test_each_loss_and_stabiliser_changes_the_step(tiny_cfg, sets):
     """Every option runs, stays finite, and changes what the step computes: an option that was
     silently ignored would leave the result equal to the base recipe's."""
-    if "train.precision=bf16" in sets and not trainer.bf16_supported(torch.device("cpu")):
+    if "train.precision=bf16" in sets and not device.bf16_supported(torch.device("cpu")):
         pytest.skip("this CPU has no native bf16: the option falls back to fp32 (with a warning)")
     base = result(two_steps(tiny_cfg(*BASE)))
     tr = two_steps(tiny_cfg(*BASE, *sets))

@@ -23,8 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_clip import MODEL_URLS as CLIP_MODELS
 from torch_fidelity.feature_extractor_dinov2 import MODEL_METADATA as DINOV2_MODELS
@@ -34,7 +32,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 from . import encoder
 from .dinov2 import LocalDinoV2
 from ..checkpoint import atomic_write_bytes
-from ..config import UserError
+from ..errors import UserError
 
 log = logging.getLogger("ganlab")
 RANDOM = "inception-v3-random"
