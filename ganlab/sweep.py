@@ -73,8 +73,15 @@ def sweep_spec(path, extra_sets=(), only=(), name: str = "", storage: str = ""):
     first = first or config_mod.load(base, list(extra_sets))
     spec = Spec(path=Path(path), name=name or f"sweep-{Path(path).stem}-{time.strftime('%Y%m%d-%H%M%S')}",
                 space={"variant": list(good)}, sampler="grid", pruner="none", trials=len(good),
-                storage=storage, experiment=first.name, variants=good)
+                storage=storage, experiment=first.name, command="sweep", pin_signature=False,
+                configure=lambda params, number, extra=(): _variant_config(good, params["variant"], extra))
     return spec, bad, first, [label for label, _, _ in variants]
+
+
+def _variant_config(good: dict, label: str, extra_sets=()):
+    """A variant's config: its experiment file, its overrides, then the command line's."""
+    exp, over = good[label]
+    return config_mod.load(exp, over + list(extra_sets) + [f"variant={label}"])
 
 
 def run_sweep(path, extra_sets=(), quiet=False, only=(), workers: int = 1, devices: str = "") -> list[dict]:
@@ -83,7 +90,7 @@ def run_sweep(path, extra_sets=(), quiet=False, only=(), workers: int = 1, devic
     spec, bad, first, order = sweep_spec(path, extra_sets, only)
     rows = []
     study, parent = None, None
-    if spec.variants:
+    if spec.space["variant"]:
         study, parent, _ = tune.execute(spec, workers, devices, extra_sets, quiet, worker_args=[a for o in only for a in ("--only", o)],
                                         parent_name=f"sweep-{Path(path).stem}", parent_tags={"ganlab.sweep": str(path)})
         rows = [_row(t) for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("spare")]

@@ -33,6 +33,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 
 from . import config as config_mod
@@ -63,16 +64,18 @@ class Spec:
     heartbeat: int = 10
     experiment: str = ""                 # MLflow experiment (default: name)
     start_with: list = field(default_factory=list)  # points tried first, once (Optuna's enqueue_trial)
-    variants: dict = field(default_factory=dict)   # sweeps: label -> (experiment file, overrides)
+    configure: Callable | None = None    # (params, number, extra_sets) -> Config; None = base + set + params.
+                                         # A sweep supplies its own (ganlab/sweep.py: each variant's file and overrides)
+    command: str = "tune"                # what a spawned worker runs (`ganlab tune|sweep FILE --worker`)
+    pin_signature: bool = True           # a study ranks trials in one feature space; a sweep compares what its
+                                         # variants are (their table shows each one's hand-over signature)
     base: Path | None = None
     sets: list = field(default_factory=list)
 
     def trial_config(self, params: dict, number: int, extra_sets=()):
         """The config of a trial with these sampled params."""
-        if self.variants:
-            label = params["variant"]
-            exp, over = self.variants[label]
-            return config_mod.load(exp, over + list(extra_sets) + [f"variant={label}"])
+        if self.configure is not None:
+            return self.configure(params, number, extra_sets)
         over = [config_mod.as_override(k, v) for k, v in params.items()]
         return config_mod.load(self.base, self.sets + over + list(extra_sets) + [f"variant=trial-{number}"])
 
@@ -235,8 +238,7 @@ def objective(spec: Spec, parent: str | None, extra_sets=(), quiet=True):
             # nothing is left, and a sampled point would repeat one (a spare, left out of summaries)
             trial.set_user_attr("spare", True)
             raise optuna.TrialPruned("spare: every grid point was taken by another worker")
-        params = {"variant": trial.suggest_categorical("variant", spec.space["variant"])} if spec.variants \
-            else suggest(trial, spec.space)
+        params = suggest(trial, spec.space)
         cfg = spec.trial_config(params, trial.number, extra_sets)
         metric = cfg.selection.metric
         trial.set_user_attr("sampler_seed", worker_seed(spec.seed))
@@ -271,7 +273,7 @@ def objective(spec: Spec, parent: str | None, extra_sets=(), quiet=True):
         if score is None:
             raise RuntimeError(f"trial {trial.number}: no generator to hand over ({res.stopped})")
         pinned = trial.study.user_attrs.get(PINNED)
-        if pinned and not spec.variants and res.handover_signature != pinned:
+        if pinned and spec.pin_signature and res.handover_signature != pinned:
             raise RuntimeError(f"trial {trial.number}: scored under hand-over signature {res.handover_signature}, "
                                f"not the study's {pinned}: its value is not comparable")
         trial.set_user_attr("handover_se", se)
@@ -308,7 +310,7 @@ def work(spec: Spec, extra_sets=(), quiet=True) -> int:
     import optuna
     cfg0 = spec.trial_config(_first(spec), 0, extra_sets)
     study, _ = open_study(spec, cfg0, create=False)
-    if not spec.variants:              # a sweep compares what its variants are; a study needs one feature space
+    if spec.pin_signature:
         pin_signature(study, cfg0, spec)
     run = objective(spec, study.user_attrs.get(PARENT), extra_sets, quiet)
     done = 0
@@ -358,7 +360,7 @@ def _taken(study) -> int:
 
 
 def _first(spec: Spec) -> dict:
-    return {"variant": spec.space["variant"][0]} if spec.variants else _corners(spec.space)[0]
+    return _corners(spec.space)[0]
 
 
 # --------------------------------------------------------------------------------------- the study
@@ -425,7 +427,7 @@ def _parent_run(study, spec: Spec, cfg, run_name: str, tags: dict) -> str | None
 def _spawn(spec: Spec, workers: int, devices: str, args: list):
     """N worker processes on this machine (`ganlab tune|sweep FILE --worker`), one GPU each with --devices."""
     devs = [d.strip() for d in devices.split(",") if d.strip()] if devices else []
-    command = "sweep" if spec.variants else "tune"
+    command = spec.command
     cmd = [sys.executable, "-m", "ganlab.cli", command, str(spec.path), "--worker", "--name", spec.name,
            "--storage", spec.storage, "--quiet", *args]
     from . import distributed

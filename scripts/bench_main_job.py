@@ -1,0 +1,52 @@
+"""The main job, end to end, as a new user runs it: `ganlab train experiments/default.yaml` in a fresh
+folder (so the first use trains the sprites' domain encoder), --runs times one after the other, nothing
+else running. Prints each wall time, the median and the CPU; docs/benchmarks.md quotes it.
+
+    python scripts/bench_main_job.py --runs 3 --out /tmp/mainjob
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cpu_name() -> str:
+    try:
+        return next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                    if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=Path("mainjob-bench"))
+    a = ap.parse_args()
+    walls = []
+    for i in range(a.runs):
+        work = a.out / f"run{i}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        t0 = time.perf_counter()
+        p = subprocess.run([sys.executable, "-m", "ganlab.cli", "train", str(ROOT / "experiments" / "default.yaml"), "--quiet"],
+                           cwd=work, capture_output=True, text=True)
+        walls.append(time.perf_counter() - t0)
+        if p.returncode != 0:
+            sys.exit(f"run {i} failed: {p.stderr[-2000:]}")
+        print(f"run {i}: {walls[-1]:.1f} s  ({p.stdout.strip().splitlines()[-1]})", flush=True)
+    out = {"cpu": cpu_name(), "cores": __import__("os").cpu_count(), "walls_s": walls, "median_s": statistics.median(walls)}
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
