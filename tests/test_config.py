@@ -117,6 +117,15 @@ def test_stabilizers_sweep_variants_all_load():
     assert variants[-1][1].name == "recommended.yaml"
 
 
+def test_every_shipped_sweep_and_experiment_loads():
+    from ganlab import sweep
+    for f in (ROOT / "experiments" / "sweeps").glob("*.yaml"):
+        for label, exp, ov in sweep.load_sweep(f)[2]:
+            config.load(exp, ov + [f"variant={label}"])
+    for f in (ROOT / "experiments").glob("*.yaml"):
+        config.load(f)
+
+
 @pytest.mark.parametrize("text,value", [("1e-4", 1e-4), ("1E-4", 1e-4), ("2.5e+3", 2500.0), (".5", 0.5),
                                         ("2.5e3", 2500.0), ("3e-2", 0.03), ("+1e0", 1.0)])
 def test_every_float_form_parses_in_set_and_in_files(tmp_path, text, value):
