@@ -3,6 +3,7 @@
 and recipe in the signature, its file logged with the run; DINOv2 and CLIP through torch-fidelity's
 own extractors, from local random-weights files."""
 import json
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -52,6 +53,20 @@ def test_encoder_trains_on_the_training_split_only_and_exports_an_extractor(auto
     same = ev.metrics_for(images.holdout)["fid"]
     noisy = ev.metrics_for((images.holdout.float() + 60 * torch.randn(images.holdout.shape)).clamp(0, 255).to(torch.uint8))["fid"]
     assert abs(same) < 1e-3 < noisy
+
+
+def test_the_same_weights_exported_twice_have_one_name(tmp_path):
+    """Two processes saving the same weights write different TorchScript bytes (a random serialization
+    id, renumbered classes): the encoder is named by its weights, so two caches name one encoder once."""
+    import subprocess
+    import sys
+    code = ("import sys, torch; from ganlab.eval import encoder; torch.manual_seed(0); "
+            "print(encoder.export(encoder.Encoder(32).eval(), sys.argv[1], {'recipe': {}}))")
+    a, b = (Path(subprocess.run([sys.executable, "-c", code, str(tmp_path / d)], capture_output=True, text=True,
+                                check=True).stdout.strip()) for d in ("a", "b"))
+    assert a.read_bytes() != b.read_bytes() and a.name == b.name
+    torch.manual_seed(1)
+    assert encoder.export(encoder.Encoder(32).eval(), tmp_path / "c", {"recipe": {}}).name != a.name
 
 
 def test_auto_without_weights_trains_the_domain_encoder_once_and_signs_with_it(auto_cfg, monkeypatch):

@@ -151,12 +151,25 @@ def train_encoder(train_u8: torch.Tensor, labels: torch.Tensor | None, n_classes
     return enc.eval()
 
 
+def weights_hash(module: nn.Module) -> str:
+    """The hash of a module's weights (names, shapes, dtypes, values). A TorchScript archive's own bytes
+    will not do: each save writes a random serialization id and renumbered class names, so the same
+    weights saved twice hash differently, and two caches would name one encoder twice."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        v = v.detach().cpu().contiguous()
+        h.update(f"{k}:{tuple(v.shape)}:{v.dtype}".encode())
+        h.update(v.numpy().tobytes() if v.dtype != torch.bfloat16 else v.float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def export(enc: Encoder, out_dir: Path, card: dict) -> Path:
-    """TorchScript file named by its content hash, and its JSON card beside it."""
+    """TorchScript file named by the hash of its weights, and its JSON card beside it."""
     buf = io.BytesIO()
-    torch.jit.save(torch.jit.script(Exported(enc).cpu().eval()), buf)
+    scripted = torch.jit.script(Exported(enc).cpu().eval())
+    torch.jit.save(scripted, buf)
     blob = buf.getvalue()
-    h = hashlib.sha256(blob).hexdigest()[:16]
+    h = weights_hash(scripted)
     path = Path(out_dir) / f"encoder-{h}.pt"
     atomic_write_bytes(path, blob)
     atomic_write_bytes(path.with_suffix(".json"), json.dumps({**card, "sha256_16": h}, indent=2).encode())
@@ -243,8 +256,8 @@ def fetch_published(cfg, key: str, root: Path) -> Path | None:
         with tempfile.TemporaryDirectory(dir=root) as tmp:
             got = Path(client.download_artifacts(run.info.run_id, "encoder", tmp))
             blob = (got / name).read_bytes()
-            if f"encoder-{hashlib.sha256(blob).hexdigest()[:16]}.pt" != name:
-                raise RuntimeError(f"the published encoder {name} (run {run.info.run_id}) does not match its content hash")
+            if f"encoder-{weights_hash(torch.jit.load(io.BytesIO(blob), map_location='cpu'))}.pt" != name:
+                raise RuntimeError(f"the published encoder {name} (run {run.info.run_id}) does not match its weights hash")
             atomic_write_bytes(path.with_suffix(".json"), (got / name).with_suffix(".json").read_bytes())
             atomic_write_bytes(path, blob)
     log.info("domain encoder %s from the tracking store (run %s)", name, run.info.run_id)

@@ -214,7 +214,8 @@ def _pretrained(choice: str, weights: str) -> Extractor:
     return Extractor(choice, str(p), h, weights_kwarg=str(p))
 
 
-def _torchscript(choice: str, prefix: str = "torchscript") -> Extractor:
+def _torchscript(choice: str, prefix: str = "torchscript", h: str = "") -> Extractor:
+    """A TorchScript extractor, named and signed by `h` (default: the file's hash)."""
     p = Path(choice).expanduser()
     if not p.is_file():
         raise EvalError(f"eval.feature_extractor {choice!r}: expected auto, {DOMAIN}, {COMPAT}, {RANDOM}, "
@@ -223,14 +224,14 @@ def _torchscript(choice: str, prefix: str = "torchscript") -> Extractor:
         torch.jit.load(str(p), map_location="cpu")
     except Exception as e:
         raise EvalError(f"eval.feature_extractor {choice!r} is not a loadable TorchScript module ({e.__class__.__name__})") from None
-    h = file_hash(p)
+    h = h or file_hash(p)
     _register(f"{prefix}-{h}", type(f"TorchScript_{h}", (_TorchScriptExtractor,), {"script_path": str(p)}))
     return Extractor(f"{prefix}-{h}", str(p), h)
 
 
 def _domain(cfg, device, images=None) -> Extractor:
     path, card = encoder.ensure(cfg, device=device, images=images)
-    return dataclasses.replace(_torchscript(str(path), prefix="domain"), recipe=dict(card["recipe"], data_hash=card["data_hash"]),
+    return dataclasses.replace(_torchscript(str(path), prefix="domain", h=card["sha256_16"]), recipe=dict(card["recipe"], data_hash=card["data_hash"]),
                                files=(str(path), str(path.with_suffix(".json"))))
 
 
