@@ -402,7 +402,7 @@ def _wait_ready(study, spec: Spec, timeout: float = 120.0):
     """A launcher that did not create the study waits until its creator has queued the points and made
     the parent run (seconds), instead of doing either a second time."""
     t0 = time.time()
-    while not study.user_attrs.get(READY):
+    while not study.user_attrs.get(READY) and not study.get_trials(deepcopy=False):   # (a study of an older ganlab has trials)
         if time.time() - t0 > timeout:
             raise ConfigError(f"study {spec.name!r} exists but its creator never finished setting it up "
                               f"(no {READY!r} attribute after {timeout:.0f} s); delete the study or use another name")
