@@ -184,7 +184,11 @@ def open_study(spec: Spec, cfg, create: bool):
     def stale(study, trial):           # a dead worker's trial: its MLflow run says so, and its point is queued again
         _mark_failed(cfg, trial)
         retry(study, trial)
-    storage = optuna.storages.RDBStorage(storage_url(spec, cfg), heartbeat_interval=spec.heartbeat,
+    url = storage_url(spec, cfg)
+    # sqlite: a write waits for another process's lock (default 5 s, then it raises). A heartbeat write
+    # that raises ends Optuna's heartbeat thread silently, and a live worker's trial then looks dead.
+    engine = {"connect_args": {"timeout": 3 * spec.heartbeat}} if url.startswith("sqlite") else None
+    storage = optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=spec.heartbeat,
                                          grace_period=3 * spec.heartbeat, heartbeat_stale_trial_callback=stale)
     seed = worker_seed(spec.seed)
     sampler = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),

@@ -75,3 +75,15 @@ def script_evaluations(monkeypatch, values, handover=(1.0, 1.2, 1.4)):
     it = iter(values)
     monkeypatch.setattr(protocol.Evaluator, "metrics_for", lambda self, fake: {"fid": next(it)})
     monkeypatch.setattr(protocol.Evaluator, "handover_draws", lambda self, g: [{"fid": v} for v in handover])
+
+
+def selector(*sets):
+    """A Selector from config overrides (no run around it)."""
+    from ganlab.select import Selector
+    return Selector.from_config(config.load(None, list(sets)))
+
+
+def kinds(run_dir, *wanted):
+    """(step, kind) of the run's events of these kinds."""
+    from ganlab.events import read_events
+    return [(e["step"], e["kind"]) for e in read_events(run_dir) if e["kind"] in wanted]
