@@ -336,7 +336,8 @@ def pin_signature(study, cfg, spec: Spec):
     from . import data
     from .eval import protocol
     from .device import pick_device
-    ev = protocol.Evaluator(cfg, data.load_images(cfg.data, cfg.seed).holdout, pick_device(cfg.train.device))
+    images = data.load_images(cfg.data, cfg.seed)
+    ev = protocol.Evaluator(cfg, images.holdout, pick_device(cfg.train.device), images=images)
     pinned = study.user_attrs.get(PINNED)
     if pinned is None:
         study.set_user_attr(PINNED, ev.handover_hash)
