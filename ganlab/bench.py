@@ -272,7 +272,7 @@ def eval_cost(tmp: Path, device) -> dict:
     g, _ = models.build(cfg.model, cfg.data.image_size, seed=0, with_d=False)
     g = prepare_for_sampling(g.to(device), cfg, device)
     t0 = time.perf_counter()
-    ev = protocol.Evaluator(cfg, images.holdout, device)
+    ev = protocol.Evaluator(cfg, images.holdout, device, images=images)
     setup = time.perf_counter() - t0
     t0 = time.perf_counter()
     ev(g)

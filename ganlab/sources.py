@@ -91,7 +91,7 @@ def evaluate_source(source: str, overrides: list[str], device: str = "auto") -> 
         cfg = config_mod.from_dict(config_mod.apply_overrides(config_mod.to_dict(cfg), overrides), "--set")
     config_mod.check_data_root(cfg, source)
     images = data.load_images(cfg.data, cfg.seed)
-    ev = protocol.Evaluator(cfg, images.holdout, dev)
+    ev = protocol.Evaluator(cfg, images.holdout, dev, images=images)
     metrics = ev(g)
     return {"source": source, "step": info["step"], "metrics": metrics, "extractor": ev.extractor.name,
             "random_features": ev.extractor.random, "signature": ev.signature_hash}
