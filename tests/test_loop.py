@@ -84,7 +84,7 @@ def test_repeated_rollbacks_compound_the_learning_rate_cut(tiny_cfg, monkeypatch
 
 
 def test_patience_starts_again_after_a_rollback(tiny_cfg, monkeypatch):
-    """default.yaml's settings: patience 3, collapse after 2 bad evaluations. Before the fix, the
+    """Patience 3 and collapse after 2 bad evaluations (an earlier default.yaml). Before the fix, the
     first evaluation after a metric rollback used up the last of the patience and ended the run."""
     scripted(monkeypatch, [1.0, 5.0, 5.0, 1.5, 1.5, 1.5, 1.5])
     cfg = tiny_cfg("train.steps=56", "selection.patience=3", "selection.collapse_evals=2", "selection.collapse_factor=2")
