@@ -413,7 +413,8 @@ def register_generator(tracker, run_dir: Path):
         old = float(champ.tags.get(f"handover_{metric}", "nan"))
         # a champion scored under another hand-over protocol is not comparable: it keeps the alias
         same = champ.tags.get("eval.handover_signature") == sig
-        beats = same and (math.isnan(old) or select.rank_key(metric_mode(cfg))(value) < select.rank_key(metric_mode(cfg))(old))
+        key = select.rank_key(metric_mode(cfg))
+        beats = same and (math.isnan(old) or key(value) < key(old))
     if beats and value is not None:
         with_retry(client.set_registered_model_alias, name, "champion", mv.version)
     return mv
