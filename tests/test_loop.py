@@ -222,6 +222,7 @@ def test_a_resumed_run_makes_the_same_selection_as_a_straight_one(tiny_cfg, tmp_
     straight = train.train(cfg, run_dir=tmp_path / "a", quiet=True)
     train.train(cfg, run_dir=tmp_path / "b", quiet=True, stop_at=16)
     resumed = train.train(cfg, run_dir=tmp_path / "b", resume=True, quiet=True)
+    assert kinds(resumed.run_dir, "start", "resume") == [(0, "start"), (16, "resume")]   # resumed, not restarted
     a, b = (checkpoint.load(r.run_dir / "last.pt")["selection"] for r in (straight, resumed))
     assert a == b and a["noise_band"] is not None and a["top"]
     decisions = lambda r: [(e["step"], e["kind"]) for e in read_events(r.run_dir)                # noqa: E731
