@@ -104,6 +104,7 @@ class EvalConfig:
     weights: str = _f("", "local weights file of the named extractor (InceptionV3: or $GANLAB_INCEPTION_WEIGHTS)")
     encoder_steps: int = _f(300, "domain encoder: training steps (its recipe joins the signature)", lo=1)
     encoder_batch_size: int = _f(128, "domain encoder: images per step (two views each)", lo=2)
+    copy_quantile: float = _f(0.01, "copy check: a sample nearer a training image than this quantile of held-out images are counts as a copy (0 = off)", lo=0.0, hi=0.5)
     kid_subset_size: int = _f(1000, "KID subset size (clamped to the sample counts)", lo=2)
     bn_stats: str = _f("standing", "batch-norm statistics when sampling", choices=["standing", "running", "batch"])
     seed: int = _f(1234, "seed of the fixed evaluation latents")

@@ -26,9 +26,12 @@ TABLE = (
     Metric("fid_alpha", "fid_alpha", "frechet_inception_distance", "min"),
     # standard InceptionV3 FID beside a non-Inception primary extractor (eval.standard_fid), for papers
     Metric("fid_standard", "standard_fid", "frechet_inception_distance", "min"),
+    # the copy check (ganlab/eval/copies.py), beside every evaluation of a run: a warning, not a score
+    Metric("copy_share", "copy_quantile", "", ""),
+    Metric("copy_nn_ratio", "copy_quantile", "", ""),
 )
 METRICS = {m.name: m for m in TABLE}
-REQUESTS = sorted({m.request for m in TABLE if m.request not in ("fid_alpha", "standard_fid")})   # eval.metrics choices
+REQUESTS = sorted({m.request for m in TABLE if m.request not in ("fid_alpha", "standard_fid", "copy_quantile")})   # eval.metrics choices
 # fid_standard exists only where InceptionV3's weights do, which a config cannot promise: reported, not selected on
 SELECTABLE = [m.name for m in TABLE if m.mode and m.name != "fid_standard"]
 

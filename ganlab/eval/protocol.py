@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch_fidelity
 
 from .. import data
+from . import copies
 from .compositing import alpha_as_rgb, composite
 from .extractors import RANDOM_WARNING, EvalError, resolve, standard
 from ..generator import generate
@@ -109,6 +110,28 @@ class Evaluator:
         self.handover_hash = _hash(self.handover)
         self.seconds = 0.0             # total time spent evaluating (its own cost, logged)
         self.last_images = None        # straight uint8 RGBA of the last evaluation
+        self._feature_net = None       # the extractor at FID's layer, for the copy check
+        # the copy check needs the training split: a run hands its images over; a bare Evaluator has none
+        self.copies = self._copy_reference(images.train, holdout_u8) if images is not None and e.copy_quantile else None
+
+    def features(self, rgba_u8: torch.Tensor) -> torch.Tensor:
+        """N x F features of straight RGBA images (composited as for FID) at the layer FID uses."""
+        from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset, resolve_feature_layer_for_metric
+        cuda = self.device.type == "cuda"
+        layer = resolve_feature_layer_for_metric("fid", feature_extractor=self.extractor.name)
+        if self._feature_net is None:
+            kw = {"feature_extractor_weights_path": self.extractor.weights_kwarg} if self.extractor.weights_kwarg else {}
+            self._feature_net = create_feature_extractor(self.extractor.name, [layer], cuda=cuda, verbose=False, **kw)
+        images = TensorImages(composite(rgba_u8, self.cfg.eval.background))
+        out = get_featuresdict_from_dataset(images, self._feature_net, self.cfg.eval.batch_size, cuda,
+                                            save_cpu_ram=True, verbose=False)
+        return out[layer].float().cpu()
+
+    def _copy_reference(self, train_u8: torch.Tensor, holdout_u8: torch.Tensor) -> copies.CopyReference:
+        key = {"extractor": self.extractor.name, "weights": self.extractor.weights_hash, "train": data.tensor_hash(train_u8),
+               "background": self.cfg.eval.background, "batch_size": self.cfg.eval.batch_size}
+        train = copies.cached_features(self.cache_root / copies.cache_name(key), lambda: self.features(train_u8))
+        return copies.reference(train, self.features(holdout_u8), self.cfg.eval.copy_quantile)
 
     def kid_subset_size(self, n_fake: int, n_real: int) -> int:
         """eval.kid_subset_size, clamped by the images actually passed. A subset as large as the smaller
@@ -135,6 +158,8 @@ class Evaluator:
         t0 = time.time()
         self.last_images = self._generate(g, self.latents)
         metrics = self.metrics_for(self.last_images)
+        if self.copies is not None:
+            metrics.update(self.copies.measure(self.features(self.last_images)))
         metrics["eval_seconds"] = time.time() - t0
         self.seconds += metrics["eval_seconds"]
         return metrics
