@@ -10,6 +10,8 @@ under one parent MLflow run, with a summary table at the end. It runs on ganlab 
       clip_norm: {train.clip_norm_g: 1.0, train.clip_norm_d: 1.0}
       mine: {experiment: ../recommended.yaml}   # another experiment file as this variant's base
     grid: {train.lr_d: [0.0001, 0.0002]}   # or: every combination (labels made from the values)
+    seeds: [0, 1, 2]                   # each variant once per seed ("label/seed1"); the table adds
+                                       # each variant's mean and SD over its seeds
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from . import config as config_mod
 from .errors import ConfigError
 from .tune import read_file
 
-ALLOWED = {"base", "name", "set", "variants", "grid"}
+ALLOWED = {"base", "name", "set", "variants", "grid", "seeds"}
+SEED_MARK = "/seed"                    # a variant's label on one seed: f"{label}{SEED_MARK}{seed}"
 
 
 def load_sweep(path: str | Path) -> tuple[Path, str | None, list[tuple[str, Path, list[str]]]]:
@@ -47,6 +50,12 @@ def load_sweep(path: str | Path) -> tuple[Path, str | None, list[tuple[str, Path
             variants.append((label, base, common + [config_mod.as_override(k, v) for k, v in zip(keys, combo)]))
     if not variants:
         raise ConfigError(f"{path}: no variants (give 'variants' or 'grid')")
+    seeds = raw.get("seeds")
+    if seeds is not None:
+        if not (isinstance(seeds, list) and seeds and all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)
+                and len(set(seeds)) == len(seeds)):
+            raise ConfigError(f"{path}: key 'seeds' must be a list of distinct integers, got {seeds!r}")
+        variants = [(f"{label}{SEED_MARK}{x}", exp, ov + [f"seed={x}"]) for label, exp, ov in variants for x in seeds]
     return base, raw.get("name"), variants
 
 
@@ -174,4 +183,24 @@ def format_table(rows, metric) -> str:
                      f"{(r['stopped'] or '')[:80]} | {r['signature'] or '-'} | {r['run_id'] or '-'} |")
     if any(" ~ |" in ln for ln in lines):
         lines.append("\n~ within noise of the best variant (difference under 1.96 standard errors)")
-    return "\n".join(lines)
+    return "\n".join(lines + seed_table(rows, metric))
+
+
+def seed_table(rows, metric) -> list[str]:
+    """Variants run on several seeds: each one's mean hand-over score and its SD over seeds (the
+    spread that says whether one recipe beats another; a run's own +/- se does not)."""
+    import statistics
+    groups = {}
+    for r in rows:
+        if SEED_MARK in r["variant"]:
+            groups.setdefault(r["variant"].rsplit(SEED_MARK, 1)[0], []).append(r)
+    if not groups:
+        return []
+    lines = ["", f"| variant | seeds scored | mean hand-over {metric} | SD over seeds | hand-over signature |", "|---|---|---|---|---|"]
+    for label, rs in groups.items():
+        scores = [r["score"] for r in rs if r["score"] is not None]
+        sigs = sorted({r["signature"] for r in rs if r["score"] is not None}) or ["-"]
+        mean = f"{statistics.fmean(scores):.4g}" if scores else "-"
+        sd = f"{statistics.stdev(scores):.2g}" if len(scores) > 1 else "-"
+        lines.append(f"| {label} | {len(scores)} of {len(rs)} | {mean} | {sd} | {', '.join(sigs)} |")
+    return lines

@@ -8,12 +8,16 @@
       train.lr_d: {low: 1.0e-4, high: 1.0e-3, log: true}
       train.batch_size: {low: 32, high: 128, step: 32}   # ints when low and high are ints
       train.loss: [hinge, bce]
+      train.diffaug: [[translation], [color, translation, cutout]]   # a choice may be a list ...
+      widths: [{model.g_width: 64, model.d_width: 64}, {model.g_width: 80, model.d_width: 40}]   # ... or a
+                                        # bundle: a label of your own -> keys set together
     sampler: tpe                        # tpe | random | grid (grid: lists only)
     pruner: median                      # median | hyperband | none
     trials: 20                          # trials in the study, all workers and machines together
     seed: 0                             # the sampler's seed
     storage: ""                         # RDB URL; default sqlite:///<tracking.runs_dir>/optuna.db
     heartbeat: 10                       # seconds; a trial silent for 3x this is marked failed
+    timeout: 0                          # seconds after which a worker starts no new trial (0 = none)
     start_with: [{train.lr_d: 0.0004, train.batch_size: 64, train.loss: hinge}]   # tried first (known-good points)
 
 Each trial is a child MLflow run under the study's parent run (its id is kept in the study, so a
@@ -40,7 +44,7 @@ from . import config as config_mod
 from . import metrics as metrics_mod
 from .errors import ConfigError
 
-ALLOWED = {"base", "name", "set", "space", "sampler", "pruner", "trials", "seed", "storage", "heartbeat", "start_with"}
+ALLOWED = {"base", "name", "set", "space", "sampler", "pruner", "trials", "seed", "storage", "heartbeat", "start_with", "timeout"}
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")
 PARENT = "mlflow_parent_run_id"          # study user attribute: the parent MLflow run
@@ -62,6 +66,7 @@ class Spec:
     seed: int = 0
     storage: str = ""
     heartbeat: int = 10
+    timeout: int = 0                     # seconds after which a worker starts no new trial (0 = none)
     experiment: str = ""                 # MLflow experiment (default: name)
     start_with: list = field(default_factory=list)  # points tried first, once (Optuna's enqueue_trial)
     configure: Callable | None = None    # (params, number, extra_sets) -> Config; None = base + set + params.
@@ -76,7 +81,8 @@ class Spec:
         """The config of a trial with these sampled params."""
         if self.configure is not None:
             return self.configure(params, number, extra_sets)
-        over = [config_mod.as_override(k, v) for k, v in params.items()]
+        over = [config_mod.as_override(k2, v2) for k, v in params.items()
+                for k2, v2 in (v.items() if isinstance(v, dict) else [(k, v)])]    # a bundle sets its keys
         return config_mod.load(self.base, self.sets + over + list(extra_sets) + [f"variant=trial-{number}"])
 
 
@@ -107,8 +113,8 @@ def load_spec(path: str | Path) -> Spec:
         if key in raw and raw[key] not in kind:
             raise ConfigError(f"{path}: {key} {raw[key]!r} is not one of {list(kind)}")
         setattr(spec, key, raw.get(key, getattr(spec, key)))
-    for key in ("trials", "seed", "heartbeat"):
-        if key in raw and (not isinstance(raw[key], int) or isinstance(raw[key], bool) or raw[key] < (0 if key == "seed" else 1)):
+    for key in ("trials", "seed", "heartbeat", "timeout"):
+        if key in raw and (not isinstance(raw[key], int) or isinstance(raw[key], bool) or raw[key] < (0 if key in ("seed", "timeout") else 1)):
             raise ConfigError(f"{path}: {key} must be a positive integer, got {raw[key]!r}")
         setattr(spec, key, raw.get(key, getattr(spec, key)))
     spec.storage = str(raw.get("storage") or "")
@@ -151,12 +157,21 @@ def _corners(space: dict):
     return [lo, hi]
 
 
+def choice_label(value) -> str | int | float | bool | None:
+    """What Optuna stores for a choice: scalars as they are; a list or a bundle (mapping) as its YAML
+    text, since Optuna's categorical choices are scalars only."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return config_mod.as_override("", value)[1:]
+
+
 def suggest(trial, space: dict) -> dict:
     """Sample one value per key from the space, through Optuna's suggest API."""
     out = {}
     for key, dom in space.items():
         if isinstance(dom, list):
-            out[key] = trial.suggest_categorical(key, dom)
+            labels = [choice_label(c) for c in dom]
+            out[key] = dom[labels.index(trial.suggest_categorical(key, labels))]
         elif all(isinstance(dom[k], int) for k in ("low", "high")) and not isinstance(dom.get("step", 1), float):
             out[key] = trial.suggest_int(key, dom["low"], dom["high"], step=dom.get("step", 1), log=dom.get("log", False))
         else:
@@ -193,7 +208,8 @@ def open_study(spec: Spec, cfg, create: bool):
     seed = worker_seed(spec.seed)
     sampler = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
                "random": lambda: optuna.samplers.RandomSampler(seed=seed),
-               "grid": lambda: optuna.samplers.GridSampler(spec.space, seed=spec.seed)}[spec.sampler]()
+               "grid": lambda: optuna.samplers.GridSampler({k: [choice_label(c) for c in v] for k, v in spec.space.items()},
+                                                        seed=spec.seed)}[spec.sampler]()
     pruner = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
               "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=max(1, cfg.eval.every),
                                                                  max_resource=cfg.train.steps),
@@ -317,8 +333,9 @@ def work(spec: Spec, extra_sets=(), quiet=True) -> int:
     if spec.pin_signature:
         pin_signature(study, cfg0, spec)
     run = objective(spec, study.user_attrs.get(PARENT), extra_sets, quiet)
-    done = 0
-    while _taken(study) < spec.trials and (spec.sampler != "grid" or _waiting(study)):
+    done, t0 = 0, time.time()
+    while (_taken(study) < spec.trials and (spec.sampler != "grid" or _waiting(study))
+           and not (spec.timeout and time.time() - t0 > spec.timeout)):
         mine = []                      # this worker's trial (get_trials()[-1] may be another worker's)
         # a failing trial is recorded as FAIL (with its error) and the study goes on
         study.optimize(run, n_trials=1, catch=(Exception,), callbacks=[lambda st, t: mine.append(t)])
@@ -379,6 +396,7 @@ def execute(spec: Spec, workers: int = 1, devices: str = "", extra_sets=(), quie
     study, created = open_study(spec, cfg0, create=True)
     if created:                        # this launcher alone queues the points and makes the parent run
         for point in spec.start_with + _grid_points(spec):
+            point = {k: choice_label(v) for k, v in point.items()}
             study.enqueue_trial(point, skip_if_exists=True, user_attrs={"queued": True})
         _parent_run(study, spec, cfg0, parent_name or f"study-{spec.name}", parent_tags or {})
         study.set_user_attr(READY, True)

@@ -361,3 +361,49 @@ def test_two_machines_share_one_encoder_and_one_study(tmp_path, script_extractor
     assert cli.main(["tune", "b.yaml", "--quiet", "--set", f"eval.feature_extractor={script_extractor}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not join" in err[0], err
+
+
+def test_list_and_bundle_choices_reach_the_trial_config_and_start_with(tmp_path, script_extractor, monkeypatch):
+    """Optuna's categorical choices are scalars: a list (a DiffAugment set) or a bundle of keys set
+    together (G/D widths at one budget) is stored as its YAML text and handed back as the value."""
+    monkeypatch.chdir(tmp_path)
+    write_base(tmp_path, script_extractor)
+    widths = [{"model.g_width": 8, "model.d_width": 8}, {"model.g_width": 12, "model.d_width": 4}]
+    spec = tune.load_spec(write_study(tmp_path, name="bundles", sampler="random", space={
+        "train.diffaug": [[], ["color", "translation", "cutout"]], "widths": widths},
+        start_with=[{"train.diffaug": ["color", "translation", "cutout"], "widths": widths[1]}]))
+    cfg = config.load(tmp_path / "base.yaml")
+    study, _ = tune.open_study(spec, cfg, create=True)
+    study.enqueue_trial({k: tune.choice_label(v) for k, v in spec.start_with[0].items()})
+    params = tune.suggest(study.ask(), spec.space)
+    assert params == spec.start_with[0]
+    c = spec.trial_config(params, 0)
+    assert c.train.diffaug == ["color", "translation", "cutout"] and (c.model.g_width, c.model.d_width) == (12, 4)
+    seen = {str(tune.suggest(study.ask(), spec.space)["train.diffaug"]) for _ in range(12)}
+    assert len(seen) == 2                                # both lists are sampled
+
+
+def test_a_worker_starts_no_trial_after_the_timeout(tmp_path, script_extractor, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_base(tmp_path, script_extractor, **{"train.steps": "4"})
+    spec = tune.load_spec(write_study(tmp_path, name="timed", sampler="random", pruner="none", trials=5, timeout=1,
+                                      space={"train.lr_d": {"low": 1e-4, "high": 1e-3}}))
+    tune.execute(spec, quiet=True)
+    study = optuna.load_study(study_name="timed", storage=tune.storage_url(spec, config.load(tmp_path / "base.yaml")))
+    assert len(study.get_trials()) == 1                  # a trial takes longer than the 1 s budget
+
+
+def test_a_sweep_over_seeds_runs_each_variant_per_seed_and_tables_the_spread(tmp_path):
+    from ganlab import sweep
+    (tmp_path / "base.yaml").write_text("name: s\n")
+    (tmp_path / "sw.yaml").write_text("base: base.yaml\nvariants: {a: {}, b: {train.lr_d: 0.001}}\nseeds: [0, 3]\n")
+    _, _, variants = sweep.load_sweep(tmp_path / "sw.yaml")
+    assert [(label, ov[-1]) for label, _, ov in variants] == [("a/seed0", "seed=0"), ("a/seed3", "seed=3"),
+                                                              ("b/seed0", "seed=0"), ("b/seed3", "seed=3")]
+    rows = [{"variant": v, "status": "ok", "score": s, "se": 0.1, "signature": "x", "step": 10, "stopped": "", "run_id": "r",
+             "run_dir": ""} for v, s in (("a/seed0", 2.0), ("a/seed3", 4.0), ("b/seed0", 1.0), ("b/seed3", None))]
+    table = sweep.format_table(rows, "fid")
+    assert "| a | 2 of 2 | 3 | 1.4 | x |" in table and "| b | 1 of 2 | 1 | - | x |" in table
+    (tmp_path / "bad.yaml").write_text("base: base.yaml\nvariants: {a: {}}\nseeds: [0, 0]\n")
+    with pytest.raises(config.ConfigError, match="seeds"):
+        sweep.load_sweep(tmp_path / "bad.yaml")
