@@ -122,6 +122,8 @@ def _run_commands(sub):
     t.add_argument("study")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="applied to every trial")
     t.add_argument("--quiet", action="store_true")
+    t.add_argument("--timeout", type=int, default=None, metavar="SECONDS",
+                   help="workers start no new trial after this long (overrides the study's timeout)")
     _worker_flags(t)
     t.set_defaults(func=cmd_tune)
 
@@ -254,11 +256,14 @@ def cmd_sweep(args):
 def cmd_tune(args):
     from . import tune
     spec = tune.load_spec(args.study)
+    if args.timeout is not None:
+        spec.timeout = args.timeout
     if args.worker:
         spec.name, spec.storage = args.name or spec.name, args.storage or spec.storage
         tune.work(spec, args.set, quiet=True)
         return
-    rows = tune.run_study(spec, workers=args.workers, devices=args.devices, extra_sets=args.set, quiet=args.quiet)
+    rows = tune.run_study(spec, workers=args.workers, devices=args.devices, extra_sets=args.set, quiet=args.quiet,
+                          worker_args=["--timeout", str(spec.timeout)])
     return 0 if any(r["state"] == "COMPLETE" for r in rows) else 1
 
 

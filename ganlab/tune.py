@@ -334,16 +334,51 @@ def work(spec: Spec, extra_sets=(), quiet=True) -> int:
         pin_signature(study, cfg0, spec)
     run = objective(spec, study.user_attrs.get(PARENT), extra_sets, quiet)
     done, t0 = 0, time.time()
+    turn = AskTurn(storage_url(spec, cfg0))
     while (_taken(study) < spec.trials and (spec.sampler != "grid" or _waiting(study))
            and not (spec.timeout and time.time() - t0 > spec.timeout)):
         mine = []                      # this worker's trial (get_trials()[-1] may be another worker's)
         # a failing trial is recorded as FAIL (with its error) and the study goes on
-        study.optimize(run, n_trials=1, catch=(Exception,), callbacks=[lambda st, t: mine.append(t)])
+        with turn:
+            study.optimize(turn.then(run), n_trials=1, catch=(Exception,), callbacks=[lambda st, t: mine.append(t)])
         done += 1
         if mine and mine[0].state == optuna.trial.TrialState.FAIL:
             print(f"trial {mine[0].number} failed: {mine[0].user_attrs.get('error', '(no reason recorded)')[-300:]}",
                   file=sys.stderr)
     return done
+
+
+class AskTurn:
+    """Workers of one sqlite study take turns asking for a trial. sqlite has no row locks (Optuna's
+    SELECT ... FOR UPDATE is a no-op there), so two workers popping queued trials at the same moment
+    could both get the same one: with 9 workers starting at once, a sweep point ran twice. The turn
+    is held from `optimize` until the objective starts (the trial is popped or sampled by then).
+    Other storages (PostgreSQL) lock the row themselves: no turn needed."""
+
+    def __init__(self, url: str):
+        from filelock import FileLock
+        self.lock = FileLock(url[len("sqlite:///"):] + ".ask.lock") if url.startswith("sqlite:///") else None
+        self.held = False
+
+    def __enter__(self):
+        if self.lock is not None:
+            self.lock.acquire()
+            self.held = True
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def release(self):
+        if self.held:
+            self.held = False
+            self.lock.release()
+
+    def then(self, objective):
+        def run(trial):
+            self.release()             # this worker has its trial: the next may ask
+            return objective(trial)
+        return run
 
 
 def pin_signature(study, cfg, spec: Spec):
@@ -413,9 +448,9 @@ def execute(spec: Spec, workers: int = 1, devices: str = "", extra_sets=(), quie
     return study, parent, cfg0
 
 
-def run_study(spec: Spec, workers: int = 1, devices: str = "", extra_sets=(), quiet=True) -> list[dict]:
+def run_study(spec: Spec, workers: int = 1, devices: str = "", extra_sets=(), quiet=True, worker_args=()) -> list[dict]:
     """`ganlab tune`: the study, its trials summarised on stdout and on the parent run."""
-    study, parent, cfg0 = execute(spec, workers, devices, extra_sets, quiet)
+    study, parent, cfg0 = execute(spec, workers, devices, extra_sets, quiet, worker_args=worker_args)
     rows = summarise(study)
     _log_summary(cfg0, parent, rows, study)
     return rows

@@ -407,3 +407,21 @@ def test_a_sweep_over_seeds_runs_each_variant_per_seed_and_tables_the_spread(tmp
     (tmp_path / "bad.yaml").write_text("base: base.yaml\nvariants: {a: {}}\nseeds: [0, 0]\n")
     with pytest.raises(config.ConfigError, match="seeds"):
         sweep.load_sweep(tmp_path / "bad.yaml")
+
+
+def test_workers_of_a_sqlite_study_take_turns_asking(tmp_path, script_extractor, monkeypatch):
+    """sqlite ignores Optuna's row lock, so two workers popping queued points at once could both get
+    one (a sweep point ran twice with 9 workers). While another worker holds the turn, none is popped."""
+    import threading
+    monkeypatch.chdir(tmp_path)
+    write_base(tmp_path, script_extractor, **{"train.steps": "4"})
+    spec = tune.load_spec(write_study(tmp_path, name="turns", space={"train.lr_d": [1e-4, 2e-4]}, sampler="grid", pruner="none"))
+    url = tune.storage_url(spec, config.load(tmp_path / "base.yaml"))
+    worker = threading.Thread(target=tune.execute, args=(spec,), kwargs={"quiet": True})
+    with tune.AskTurn(url):            # another worker is asking
+        worker.start()
+        time.sleep(4)
+        states = [t.state.name for t in optuna.load_study(study_name="turns", storage=url).get_trials()]
+        assert states == ["WAITING", "WAITING"]
+    worker.join(120)
+    assert [t.state.name for t in optuna.load_study(study_name="turns", storage=url).get_trials()] == ["COMPLETE"] * 2
