@@ -59,7 +59,7 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--budget", type=float, default=540, help="seconds for everything")
     ap.add_argument("--workers", type=int, default=10)
-    ap.add_argument("--confirm-share", type=float, default=0.42, help="share of the budget kept for the confirmation")
+    ap.add_argument("--confirm-share", type=float, default=0.45, help="share of the budget kept for the confirmation")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of this script")
     a = ap.parse_args()
     out = Path(a.out)
@@ -67,6 +67,8 @@ def main():
     work = Path(os.environ.get("RECIPE_WORK", "/tmp/recipe_study")).resolve()
     common = [f"data.root={a.data}", f"train.device={a.device}", f"tracking.runs_dir={work / 'mlruns'}",
               f"data.cache_dir={work / 'cache'}"]
+    if a.device == "cuda":
+        common += ["train.precision=bf16"]             # every contender alike
     if a.quick:
         common += ["data.image_size=32", "data.sprites=400", "model.g_width=8", "model.d_width=8", "train.steps=40",
                    "eval.every=20", "eval.num_samples=64", "eval.encoder_steps=20", "eval.batch_size=32"]
@@ -90,7 +92,7 @@ def main():
 
     # 2. the search -------------------------------------------------------------------------------------
     search_end = T0 + (1 - a.confirm_share) * a.budget
-    trial_s = 3 * (time.time() - t) * (1 if a.quick else 3000 / steps) / max(1, a.workers) ** 0.5
+    trial_s = 3 * (time.time() - t)    # a 3,000-step trial among the others, guessed from the smoke run
     timeout = max(10, int(search_end - time.time() - trial_s))
     t = time.time()
     rc = ganlab(["tune", "experiments/tunes/recipe64.yaml", "--workers", str(a.workers), "--timeout", str(timeout),
