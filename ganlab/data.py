@@ -350,7 +350,7 @@ global batch; with a distributed.Share each rank takes its rows of it. Every bat
         if self.share is not None:
             idx = self.share.rows(idx)
         batch = self.data.index_select(0, idx)
-        if batch.device != self.device:
+        if batch.device.type == "cpu" and self.device.type != "cpu":   # ("cuda" != "cuda:0": compare types)
             # host-resident set: the uint8 batch (4x smaller than floats) crosses over, from pinned
             # memory so the copy is asynchronous; the caching host allocator keeps each pinned
             # buffer alive until its copy has finished, so the next batch cannot overwrite it
