@@ -5,7 +5,7 @@ evaluation's own feature space (the layer its FID uses):
 
 - the reference: each held-out image's distance to its nearest training image. No model saw these
   images, so this is what "close to the training set" looks like for new images of the domain
-  (emoji sets have legitimate near-twins: on twemoji64 about 1% of held-out images have a training
+  (emoji sets have legitimate near-twins: on twemoji64, 3 of 379 held-out images have a training
   image within a hundredth of the median distance);
 - `copy_share`: the share of generated samples nearer to a training image than the
   `eval.copy_quantile` quantile of the reference. Unseen images score about that quantile (0.01);
@@ -13,7 +13,7 @@ evaluation's own feature space (the layer its FID uses):
 - `copy_nn_ratio`: the samples' median nearest-training distance over the held-out images' median.
   Below 1: the samples hug the training images more tightly than new images do.
 
-Validated in scripts/copy_check.py (docs/evaluation.md, "The copy check"): 5% planted exact training
+Validated by scripts/copy_check.py (docs/evaluation.md, "The copy check"): 5% planted exact training
 copies among held-out images against none, over seeds.
 """
 from __future__ import annotations
