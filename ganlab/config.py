@@ -128,6 +128,7 @@ class SelectionConfig:
     dominance_z: float = _f(6.0, "... and loss_g's worst step (wgan-gp: and the critic gap) is this many robust SDs above its recent median", lo=0.0, lo_open=True)
     dominance_window: int = _f(2, "diagnostic intervals in a row that D must dominate (0 = off)", lo=0)
     rollback_lr_scale: float = _f(0.5, "learning rates are multiplied by this at each rollback", lo=0.0, hi=1.0, lo_open=True)
+    max_copy_share: float = _f(0.0, "an evaluation whose copy_share (eval.copy_quantile) is over this cannot become the best (0 = off)", lo=0.0, hi=1.0)
     max_rollbacks: int = _f(3, "after this many rollbacks, the next collapse stops the run", lo=0)
 
 

@@ -206,8 +206,10 @@ class Selector:
         if not math.isfinite(v) or not finite_weights:
             dec.events.append(("collapse_signal", f"{name}={v} or weights non-finite at step {step}", {"signal": "non_finite"}))
             return self._collapse(dec, "non-finite metric or weights")
-        self._update_top(v, step, dec)
-        if self.better(v, s.best):
+        refused = self._copies_refused(metrics, step, dec)
+        if not refused:                # a checkpoint that copies is neither the best nor kept for the hand-over
+            self._update_top(v, step, dec)
+        if not refused and self.better(v, s.best):
             prev = s.best
             s.best, s.best_step, s.since_best, s.bad_streak = v, step, 0, 0
             dec.improved = True
@@ -231,6 +233,17 @@ class Selector:
             dec.stop = f"no improvement of {name} in {s.since_best} evaluations (patience {self.config.patience})"
             dec.events.append(("early_stop", dec.stop, {}))
         return dec
+
+    def _copies_refused(self, metrics: dict, step: int, dec: Decision) -> bool:
+        """selection.max_copy_share: an evaluation whose copy check (eval/copies.py) is over it cannot
+        become the best or enter the top K, however good its score: it may be good by reproducing
+        training images."""
+        limit, share = self.config.max_copy_share, metrics.get("copy_share")
+        if not limit or share is None or share <= limit:
+            return False
+        dec.events.append(("copy_refused", f"copy_share {share:.3g} at step {step} is over selection.max_copy_share "
+                           f"{limit:.3g}: not eligible as best", {"copy_share": share}))
+        return True
 
     # ---- diagnostics (cheap, between evaluations)
     def on_diagnostics(self, step: int, diag: dict) -> Decision:

@@ -144,7 +144,7 @@ def header_comment(experiment_file: str) -> str:
     return "\n".join(head).strip()
 
 
-NOTE_EVENTS = ("improved", "rollback", "early_stop", "new_period", "reevaluated", "handover", "finished")
+NOTE_EVENTS = ("improved", "copy_refused", "rollback", "early_stop", "new_period", "reevaluated", "handover", "finished")
 
 
 def run_note(header: str, run_dir: Path) -> str:

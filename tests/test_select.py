@@ -177,3 +177,17 @@ def test_the_noise_band_statistic_admits_about_one_false_improvement_in_20():
         s.state.best = a
         false += s.better(b, a)
     assert 0.03 < false / trials < 0.08, false / trials
+
+
+def test_an_evaluation_over_max_copy_share_is_neither_best_nor_kept():
+    """A better score that comes with copied samples is refused (an event says so); with the limit
+    off (0, the default) the same evaluation is the best."""
+    evals = [(2.0, 0.0), (1.0, 0.2), (1.5, 0.01)]
+    on = selector("selection.max_copy_share=0.05", "selection.keep_top=3")
+    decs = [on.on_eval(step, {"fid": v, "copy_share": c}) for step, (v, c) in zip((10, 20, 30), evals)]
+    assert [d.improved for d in decs] == [True, False, True] and (on.best, on.best_step) == (1.5, 30)
+    assert not decs[1].keep and [e[0] for e in decs[1].events] == ["copy_refused", "eval"]
+    assert sorted(s for _, s in on.state.top) == [10, 30]
+    off = selector("selection.keep_top=3")
+    assert [off.on_eval(step, {"fid": v, "copy_share": c}).improved for step, (v, c) in zip((10, 20, 30), evals)] == [True, True, False]
+    assert (off.best, off.best_step) == (1.0, 20)
