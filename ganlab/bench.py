@@ -173,7 +173,10 @@ def main(args):
         for key, name, exp, sets in [("baseline", "ganlab seed_baseline", "seed_baseline.yaml", []),
                                      ("baseline-bf16", "ganlab seed_baseline bf16", "seed_baseline.yaml", bf16),
                                      ("recommended", "ganlab recommended", "recommended.yaml", []),
-                                     ("recommended-bf16", "ganlab recommended bf16", "recommended.yaml", bf16)]:
+                                     ("recommended-bf16", "ganlab recommended bf16", "recommended.yaml", bf16),
+                                     # issue 22's best candidate: lazy R1 costs a double backward every 4th D step
+                                     ("r1-color-bf16", "ganlab recommended + R1/4 + colour bf16", "recommended.yaml",
+                                      bf16 + ["train.r1_gamma=1.0", "train.r1_every=4", "train.diffaug=[color,translation,cutout]"])]:
             if key not in args.skip:
                 contenders.append((name, GanlabStep(name, exp, sets + log_every, images, device, tracker)))
         out["results"] = measure(contenders, args.rounds, steps, device)

@@ -156,7 +156,7 @@ def _run_commands(sub):
     n.add_argument("--steps", type=int, default=0, help="timed steps per contender and round (default: by device)")
     n.add_argument("--rounds", type=int, default=3, help="alternating rounds (the median is reported)")
     n.add_argument("--skip", action="append", default=[], help="skip a contender (seed, baseline, baseline-bf16, recommended-bf16, "
-                                                                 "recommended, eval, tracking)")
+                                                                 "recommended, r1-color-bf16, eval, tracking)")
     n.set_defaults(func=cmd_bench)
 
 
