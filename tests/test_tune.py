@@ -425,3 +425,15 @@ def test_workers_of_a_sqlite_study_take_turns_asking(tmp_path, script_extractor,
         assert states == ["WAITING", "WAITING"]
     worker.join(120)
     assert [t.state.name for t in optuna.load_study(study_name="turns", storage=url).get_trials()] == ["COMPLETE"] * 2
+
+
+def test_the_timeout_flag_reaches_spawned_workers(tmp_path, script_extractor, monkeypatch):
+    """`ganlab tune --timeout 1 --workers 2`: each spawned worker runs the trial it started and no other."""
+    monkeypatch.chdir(tmp_path)
+    write_base(tmp_path, script_extractor, **{"train.steps": "4"})
+    study_file = write_study(tmp_path, name="timed-cli", sampler="random", pruner="none", trials=8,
+                             space={"train.lr_d": {"low": 1e-4, "high": 1e-3}})
+    assert cli.main(["tune", str(study_file), "--quiet", "--workers", "2", "--timeout", "1"]) == 0
+    study = optuna.load_study(study_name="timed-cli", storage=tune.storage_url(tune.load_spec(study_file),
+                                                                               config.load(tmp_path / "base.yaml")))
+    assert len(study.get_trials()) == 2
