@@ -84,3 +84,15 @@ def test_copy_quantile_zero_turns_it_off_and_a_bad_value_is_one_line(tiny_cfg, t
     assert protocol.Evaluator(cfg, images.holdout, "cpu", images=images).copies is None
     with pytest.raises(config.ConfigError, match="copy_quantile"):
         tiny_cfg("eval.copy_quantile=0.9")
+
+
+def test_the_check_reuses_fids_features_of_the_samples_and_leaves_no_file(setting, monkeypatch):
+    """No second extractor pass over the samples (it would double an InceptionV3 evaluation on a CPU):
+    the features torch-fidelity computed for FID are read back, then their files removed."""
+    cfg, images, ev = setting
+    g = Replay(replayed(images, 0.5, cfg.eval.num_samples), cfg.data.alpha, ev.latents)
+    expected = ev.copies.measure(ev.features(ev._generate(g, ev.latents)))
+    monkeypatch.setattr(protocol.Evaluator, "features", lambda self, x: pytest.fail("a second extractor pass"))
+    m = ev(g)
+    assert m["copy_share"] == pytest.approx(expected["copy_share"]) and m["copy_nn_ratio"] == pytest.approx(expected["copy_nn_ratio"], rel=1e-4)
+    assert not list(ev.cache_root.glob("ganlab-fake-*"))

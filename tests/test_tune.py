@@ -385,12 +385,12 @@ def test_list_and_bundle_choices_reach_the_trial_config_and_start_with(tmp_path,
 
 def test_a_worker_starts_no_trial_after_the_timeout(tmp_path, script_extractor, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    write_base(tmp_path, script_extractor, **{"train.steps": "4"})
+    write_base(tmp_path, script_extractor, **{"train.steps": "24"})      # 6 evaluations: a trial takes over 1 s
     spec = tune.load_spec(write_study(tmp_path, name="timed", sampler="random", pruner="none", trials=5, timeout=1,
                                       space={"train.lr_d": {"low": 1e-4, "high": 1e-3}}))
     tune.execute(spec, quiet=True)
     study = optuna.load_study(study_name="timed", storage=tune.storage_url(spec, config.load(tmp_path / "base.yaml")))
-    assert len(study.get_trials()) == 1                  # a trial takes longer than the 1 s budget
+    assert len(study.get_trials()) == 1                  # its one trial took longer than the 1 s budget
 
 
 def test_a_sweep_over_seeds_runs_each_variant_per_seed_and_tables_the_spread(tmp_path):
@@ -430,7 +430,7 @@ def test_workers_of_a_sqlite_study_take_turns_asking(tmp_path, script_extractor,
 def test_the_timeout_flag_reaches_spawned_workers(tmp_path, script_extractor, monkeypatch):
     """`ganlab tune --timeout 1 --workers 2`: each spawned worker runs the trial it started and no other."""
     monkeypatch.chdir(tmp_path)
-    write_base(tmp_path, script_extractor, **{"train.steps": "4"})
+    write_base(tmp_path, script_extractor, **{"train.steps": "24"})      # 6 evaluations: a trial takes over 1 s
     study_file = write_study(tmp_path, name="timed-cli", sampler="random", pruner="none", trials=8,
                              space={"train.lr_d": {"low": 1e-4, "high": 1e-3}})
     assert cli.main(["tune", str(study_file), "--quiet", "--workers", "2", "--timeout", "1"]) == 0

@@ -15,11 +15,13 @@ import hashlib
 import json
 import logging
 import time
+import uuid
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch_fidelity
+from torch_fidelity.utils import resolve_feature_layer_for_metric
 
 from .. import data
 from . import copies
@@ -113,12 +115,13 @@ class Evaluator:
         self.seconds = 0.0             # total time spent evaluating (its own cost, logged)
         self.last_images = None        # straight uint8 RGBA of the last evaluation
         self._feature_net = None       # the extractor at FID's layer, for the copy check
+        self._fake_cache = None        # during an evaluation: the name its samples' features are kept under
         # the copy check needs the training split: a run hands its images over; a bare Evaluator has none
         self.copies = self._copy_reference(images.train, holdout_u8) if images is not None and e.copy_quantile else None
 
     def features(self, rgba_u8: torch.Tensor) -> torch.Tensor:
         """N x F features of straight RGBA images (composited as for FID) at the layer FID uses."""
-        from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset, resolve_feature_layer_for_metric
+        from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
         cuda = self.device.type == "cuda"
         layer = resolve_feature_layer_for_metric("fid", feature_extractor=self.extractor.name)
         if self._feature_net is None:
@@ -128,6 +131,21 @@ class Evaluator:
         out = get_featuresdict_from_dataset(images, self._feature_net, self.cfg.eval.batch_size, cuda,
                                             save_cpu_ram=True, verbose=False)
         return out[layer].float().cpu()
+
+    def _fake_features(self) -> torch.Tensor:
+        """The features FID just computed for this evaluation's samples. torch-fidelity writes a named
+        input's features to its cache as <name>-<extractor>-features-<layer>.pt; reading them back
+        spares the copy check a second extractor pass (as long again as FID's, with InceptionV3 on
+        a CPU). Its files (features, FID statistics) are removed; if the features are not there
+        (another torch-fidelity), extract again."""
+        layer = resolve_feature_layer_for_metric("fid", feature_extractor=self.extractor.name)
+        prefix = f"{self._fake_cache}-{self.extractor.name}-features-"
+        path = self.cache_root / f"{prefix}{layer}.pt"
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False).float() if path.exists() else self.features(self.last_images)
+        finally:
+            for f in self.cache_root.glob(f"{self._fake_cache}-*.pt"):     # its features and FID statistics
+                f.unlink(missing_ok=True)
 
     def _copy_reference(self, train_u8: torch.Tensor, holdout_u8: torch.Tensor) -> copies.CopyReference:
         key = {"extractor": self.extractor.name, "weights": self.extractor.weights_hash, "train": data.tensor_hash(train_u8),
@@ -159,9 +177,13 @@ class Evaluator:
         grid is cut from them rather than generated again)."""
         t0 = time.time()
         self.last_images = self._generate(g, self.latents)
-        metrics = self.metrics_for(self.last_images)
-        if self.copies is not None:
-            metrics.update(self.copies.measure(self.features(self.last_images)))
+        self._fake_cache = f"ganlab-fake-{uuid.uuid4().hex[:16]}" if self.copies is not None else None
+        try:
+            metrics = self.metrics_for(self.last_images)
+            if self.copies is not None:
+                metrics.update(self.copies.measure(self._fake_features()))
+        finally:
+            self._fake_cache = None
         metrics["eval_seconds"] = time.time() - t0
         self.seconds += metrics["eval_seconds"]
         return metrics
@@ -223,6 +245,8 @@ class Evaluator:
         )
         if extractor.weights_kwarg:
             kwargs["feature_extractor_weights_path"] = extractor.weights_kwarg
+        if self._fake_cache and channel == "rgb" and extractor is self.extractor:
+            kwargs["input1_cache_name"] = self._fake_cache       # keep the samples' features (_fake_features)
         if n < 2:
             raise EvalError(f"need at least 2 generated and 2 held-out images to evaluate, have {len(fake)} and {len(real)}")
         return torch_fidelity.calculate_metrics(**kwargs)
