@@ -521,8 +521,12 @@ def format_rows(rows: list[dict], metric: str) -> str:
     lines = [f"| trial | state | hand-over {metric} +/- se | params | pruned at step (against trials) | run id |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        val = "-" if r["value"] is None else f"{r['value']:.4g} +/- {r['se'] or 0:.2g}"
-        pruned = "-" if r["pruned_at_step"] is None else f"{r['pruned_at_step']} ({r['pruned_against']})"
+        # a pruned trial's value is its last evaluation (Optuna keeps it), not a hand-over score
+        done = r["state"] == "COMPLETE" and r["value"] is not None
+        val = f"{r['value']:.4g} +/- {r['se'] or 0:.2g}" if done else "-"
+        pruned = "-" if r["pruned_at_step"] is None else (
+            f"{r['pruned_at_step']}: {metric} {r['value']:.4g} against trials {r['pruned_against']}"
+            if r["value"] is not None else f"{r['pruned_at_step']} (against {r['pruned_against']})")
         params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())
         lines.append(f"| {r['trial']} | {r['state']} | {val} | {params} | {pruned} | {r['run_id'] or '-'} |")
     return "\n".join(lines)

@@ -437,3 +437,15 @@ def test_the_timeout_flag_reaches_spawned_workers(tmp_path, script_extractor, mo
     study = optuna.load_study(study_name="timed-cli", storage=tune.storage_url(tune.load_spec(study_file),
                                                                                config.load(tmp_path / "base.yaml")))
     assert len(study.get_trials()) == 2
+
+
+def test_the_summary_shows_no_hand_over_score_for_a_pruned_trial():
+    """Optuna keeps a pruned trial's last evaluation as its value: it belongs in the pruned column,
+    not under the hand-over score (found in a real study: pruned trials looked scored)."""
+    rows = [{"trial": 0, "state": "COMPLETE", "value": 6.69, "se": 0.05, "params": {}, "pruned_at_step": None,
+             "pruned_against": None, "run_id": "a"},
+            {"trial": 1, "state": "PRUNED", "value": 85.6, "se": None, "params": {}, "pruned_at_step": 200,
+             "pruned_against": [0], "run_id": "b"}]
+    table = tune.format_rows(rows, "fid").splitlines()
+    assert "| 6.69 +/- 0.05 |" in table[2]
+    assert "| PRUNED | - |" in table[3] and "200: fid 85.6 against trials [0]" in table[3]
