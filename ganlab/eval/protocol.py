@@ -114,6 +114,7 @@ class Evaluator:
         self.handover_hash = _hash(self.handover)
         self.seconds = 0.0             # total time spent evaluating (its own cost, logged)
         self.last_images = None        # straight uint8 RGBA of the last evaluation
+        self.fid_layer = resolve_feature_layer_for_metric("fid", feature_extractor=self.extractor.name)
         self._feature_net = None       # the extractor at FID's layer, for the copy check
         self._fake_cache = None        # during an evaluation: the name its samples' features are kept under
         # the copy check needs the training split: a run hands its images over; a bare Evaluator has none
@@ -123,14 +124,13 @@ class Evaluator:
         """N x F features of straight RGBA images (composited as for FID) at the layer FID uses."""
         from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
         cuda = self.device.type == "cuda"
-        layer = resolve_feature_layer_for_metric("fid", feature_extractor=self.extractor.name)
         if self._feature_net is None:
             kw = {"feature_extractor_weights_path": self.extractor.weights_kwarg} if self.extractor.weights_kwarg else {}
-            self._feature_net = create_feature_extractor(self.extractor.name, [layer], cuda=cuda, verbose=False, **kw)
+            self._feature_net = create_feature_extractor(self.extractor.name, [self.fid_layer], cuda=cuda, verbose=False, **kw)
         images = TensorImages(composite(rgba_u8, self.cfg.eval.background))
         out = get_featuresdict_from_dataset(images, self._feature_net, self.cfg.eval.batch_size, cuda,
                                             save_cpu_ram=True, verbose=False)
-        return out[layer].float().cpu()
+        return out[self.fid_layer].float().cpu()
 
     def _fake_features(self) -> torch.Tensor:
         """The features FID just computed for this evaluation's samples. torch-fidelity writes a named
@@ -138,9 +138,7 @@ class Evaluator:
         spares the copy check a second extractor pass (as long again as FID's, with InceptionV3 on
         a CPU). Its files (features, FID statistics) are removed; if the features are not there
         (another torch-fidelity), extract again."""
-        layer = resolve_feature_layer_for_metric("fid", feature_extractor=self.extractor.name)
-        prefix = f"{self._fake_cache}-{self.extractor.name}-features-"
-        path = self.cache_root / f"{prefix}{layer}.pt"
+        path = self.cache_root / f"{self._fake_cache}-{self.extractor.name}-features-{self.fid_layer}.pt"
         try:
             return torch.load(path, map_location="cpu", weights_only=False).float() if path.exists() else self.features(self.last_images)
         finally:
