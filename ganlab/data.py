@@ -343,8 +343,10 @@ global batch; with a distributed.Share each rank takes its rows of it. Every bat
     def __call__(self, i: int) -> torch.Tensor:
         epoch, j = divmod(i, self.per_epoch)
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm = torch.randperm(len(self.data), generator=g).to(self.data.device)
+            # drawn where the set lives: no host draw and blocking copy each epoch on a GPU-resident set
+            # (a CUDA generator draws another permutation than the CPU's: the order is per device type)
+            g = torch.Generator(device=self.data.device).manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = torch.randperm(len(self.data), generator=g, device=self.data.device)
             self._epoch = epoch
         idx = self._perm[j * self.batch_size:(j + 1) * self.batch_size]
         if self.share is not None:

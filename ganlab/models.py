@@ -108,6 +108,17 @@ def build(cfg_model, image_size: int, seed: int | None = None, with_d: bool = Tr
     return g, d
 
 
+def has_batchnorm(net: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+
+def spectral_norms(net: nn.Module) -> list[nn.Module]:
+    """The spectral-norm parametrization modules of `net` (their training flag decides whether a
+    forward runs a power iteration)."""
+    from torch.nn.utils.parametrizations import _SpectralNorm
+    return [m for m in net.modules() if isinstance(m, _SpectralNorm)]
+
+
 def count_params(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 

@@ -15,7 +15,7 @@ import copy
 import logging
 import math
 import random
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -30,6 +30,16 @@ log = logging.getLogger("ganlab")
 
 
 # ------------------------------------------------------------------------------------------ device
+
+def configure_backends(device: torch.device, deterministic: bool):
+    """What a GPU user expects: TF32 matmuls and convolutions on the fp32 path (Ampere and newer), and
+    cuDNN's autotuner (fixed shapes every step). Neither when determinism was asked for."""
+    if device.type != "cuda" or deterministic:
+        return
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+
 
 # ------------------------------------------------------------------------------------- schedules
 
@@ -125,8 +135,7 @@ class Trainer:
             distributed.sync_batchnorm(self.d)
         self.g.to(device)
         self.d.to(device)
-        # EMA, like evaluation, is rank 0's: the other ranks would only keep a copy nobody reads
-        self.g_ema = copy.deepcopy(self.g).requires_grad_(False) if t.ema_halflife and share.main else None
+        configure_backends(device, t.deterministic)
         fused = {"fused": True} if device.type == "cuda" else {}
         self.opt_g = torch.optim.Adam(self.g.parameters(), lr=t.lr_g, betas=(t.beta1, t.beta2), **fused)
         self.opt_d = torch.optim.Adam(self.d.parameters(), lr=t.lr_d, betas=(t.beta1, t.beta2), **fused)
@@ -135,13 +144,19 @@ class Trainer:
         # latents, noise, augment: the same seed on every rank, drawn for the global batch (Share)
         self.rng = torch.Generator(device=device).manual_seed(cfg.seed + 1)
         self.lr_scale = 1.0
-        self.use_bf16 = t.precision == "bf16" and bf16_supported(device)
+        self.use_bf16 = t.precision in ("bf16", "auto") and bf16_supported(device)
         if t.precision == "bf16" and not self.use_bf16:
             log.warning("train.precision is bf16 but %s has no native bf16: training in fp32", device)
         self.mem = torch.channels_last if t.channels_last else torch.contiguous_format
         if t.channels_last:
             self.g.to(memory_format=self.mem)
             self.d.to(memory_format=self.mem)
+        # EMA, like evaluation, is rank 0's: the other ranks would only keep a copy nobody reads. Copied
+        # after the layout change, so G and its EMA match tensor for tensor and the lerp is one kernel
+        self.g_ema = copy.deepcopy(self.g).requires_grad_(False) if t.ema_halflife and share.main else None
+        # Without batch norm, D of a concatenation is D of each part: one forward on real+fake
+        self.lean = t.lean_step and not models.has_batchnorm(self.d)
+        self.sn = models.spectral_norms(self.d) if self.lean else []
         compiled = torch.compile if t.compile else (lambda net: net)
         self.g_fwd = compiled(distributed.wrap(self.g, device, share))
         self.d_fwd = compiled(distributed.wrap(self.d, device, share))
@@ -181,13 +196,13 @@ class Trainer:
             z = self.share.randn(bs, self.cfg.model.nz, generator=self.rng, device=self.device)
             with self.autocast():
                 fake = self.g_fwd(z)
-                d_real = self.d_fwd(self._d_input(real, sigma))
-                d_fake = self.d_fwd(self._d_input(fake.detach(), sigma))
+                d_real, d_fake = self._d_outputs(self._d_input(real, sigma), self._d_input(fake.detach(), sigma))
                 loss_d = losses.d_loss(t.loss, d_real.float(), d_fake.float(), real_target)
-                if t.loss == "wgan-gp" and t.gp_lambda:
-                    loss_d = loss_d + t.gp_lambda * losses.gradient_penalty(self.d_fwd, real, fake, self.rng, self.share)
-                if t.r1_gamma and i % t.r1_every == 0:
-                    loss_d = loss_d + 0.5 * t.r1_gamma * t.r1_every * losses.r1_penalty(self.d_fwd, real)
+                with self._sigma_held():       # the penalties see the sigma of the forward above
+                    if t.loss == "wgan-gp" and t.gp_lambda:
+                        loss_d = loss_d + t.gp_lambda * losses.gradient_penalty(self.d_fwd, real, fake, self.rng, self.share)
+                    if t.r1_gamma and i % t.r1_every == 0:
+                        loss_d = loss_d + 0.5 * t.r1_gamma * t.r1_every * losses.r1_penalty(self.d_fwd, real)
             self.opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             gn_d = self._clip(self.d, t.clip_norm_d, t.clip_value_d)
@@ -195,7 +210,7 @@ class Trainer:
         # G update on the batch's fake images (as the seed does). D's weights are frozen meanwhile:
         # their gradients would be thrown away, and skipping them saves a third of D's backward.
         self.d.requires_grad_(False)
-        with self.autocast():
+        with self.autocast(), self._sigma_held():
             d_out = self.d_for_g(self._d_input(fake, sigma))
             loss_g = losses.g_loss(t.loss, d_out.float())
         self.opt_g.zero_grad(set_to_none=True)
@@ -211,6 +226,26 @@ class Trainer:
             "d_real": losses.sigmoid_probs(d_real).mean(), "d_fake": losses.sigmoid_probs(d_fake).mean(),
             "logit_real": d_real.float().mean(), "logit_fake": d_fake.float().mean(),
             "real_past_margin": real_won, "fake_past_margin": fake_won}))
+
+    def _d_outputs(self, x_real: torch.Tensor, x_fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """D's logits on the real and the fake batch: one forward on both when the step is lean (no
+        batch norm: each sample's output depends on that sample alone), else two, as the seed does."""
+        if self.lean:
+            return self.d_fwd(torch.cat([x_real, x_fake])).split([len(x_real), len(x_fake)])
+        return self.d_fwd(x_real), self.d_fwd(x_fake)
+
+    @contextmanager
+    def _sigma_held(self):
+        """Spectral norm's power iteration once per D update (lean step): torch's parametrization
+        iterates on every forward in training mode; outside the D update's own forward, its modules
+        are put in eval mode, where sigma comes from the vectors the last iteration left."""
+        for m in self.sn:
+            m.eval()
+        try:
+            yield
+        finally:
+            for m in self.sn:
+                m.train()
 
     def _over_ranks(self, values: dict) -> dict:
         """Each diagnostic as the global batch's: the mean of the ranks' (equal shares). Every rank
@@ -236,8 +271,9 @@ class Trainer:
     def _update_ema(self):
         ps = list(self.g_ema.parameters())
         torch._foreach_lerp_(ps, [p.detach() for p in self.g.parameters()], 1.0 - self._ema_beta)
-        for be, b in zip(self.g_ema.buffers(), self.g.buffers()):
-            be.copy_(b)
+        buffers = [(be, b) for be, b in zip(self.g_ema.buffers(), self.g.buffers())]
+        if buffers:
+            torch._foreach_copy_(*map(list, zip(*buffers)))
 
     def pop_diagnostics(self) -> dict:
         return self.diagnostics.pop()

@@ -54,6 +54,7 @@ def tiny_overrides(tmp_path: Path, extractor: str) -> list[str]:
         f"data.cache_dir={tmp_path / 'cache'}",
         "model.nz=16", "model.g_width=8", "model.d_width=8",
         "train.steps=24", "train.batch_size=16", "train.log_every=4", "train.checkpoint_every=8",
+        "train.precision=fp32",        # the same numbers on CPUs with and without native bf16
         "eval.every=8", "eval.num_samples=32", "eval.batch_size=16", "eval.kid_subset_size=16",
         f"eval.feature_extractor={extractor}",
         "tracking.enabled=false", f"tracking.runs_dir={tmp_path / 'mlruns'}",
