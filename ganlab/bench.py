@@ -111,6 +111,24 @@ class SeedLoop:
 
 # ------------------------------------------------------------------------------------- contenders
 
+FP32, BF16, REFERENCE = ["train.precision=fp32"], ["train.precision=bf16"], ["train.lean_step=false"]
+LOG_EVERY = ["train.log_every=4"]      # diagnostics and MLflow writes inside the timed window
+# (key for --skip, name, experiment, overrides). "reference" is the step before issue 26 (two D forwards,
+# a power iteration on every D forward): each lean contender has its reference beside it, measured in
+# the same alternating rounds, so their ratio is a paired before/after.
+CONTENDERS = [
+    ("baseline", "ganlab seed_baseline fp32", "seed_baseline.yaml", FP32),
+    ("baseline-bf16", "ganlab seed_baseline bf16", "seed_baseline.yaml", BF16),
+    ("recommended-ref", "ganlab recommended fp32 reference", "recommended.yaml", FP32 + REFERENCE),
+    ("recommended", "ganlab recommended fp32", "recommended.yaml", FP32),
+    ("recommended-bf16-ref", "ganlab recommended bf16 reference", "recommended.yaml", BF16 + REFERENCE),
+    ("recommended-bf16", "ganlab recommended bf16", "recommended.yaml", BF16),
+    # issue 22's best candidate: lazy R1 costs a double backward every 4th D step
+    ("r1-color-bf16", "ganlab recommended + R1/4 + colour bf16", "recommended.yaml",
+     BF16 + ["train.r1_gamma=1.0", "train.r1_every=4", "train.diffaug=[color,translation,cutout]"]),
+]
+
+
 class GanlabStep:
     """ganlab's training step with its diagnostics (read back every log_every steps) and MLflow
     logging of them on, as in a real run."""
@@ -168,17 +186,9 @@ def main(args):
         contenders = []
         if "seed" not in args.skip:
             contenders.append(("seed loop", SeedLoop(src, tmp, device)))
-        log_every = ["train.log_every=4"]      # diagnostics and MLflow writes inside the timed window
-        bf16 = ["train.precision=bf16"]
-        for key, name, exp, sets in [("baseline", "ganlab seed_baseline", "seed_baseline.yaml", []),
-                                     ("baseline-bf16", "ganlab seed_baseline bf16", "seed_baseline.yaml", bf16),
-                                     ("recommended", "ganlab recommended", "recommended.yaml", []),
-                                     ("recommended-bf16", "ganlab recommended bf16", "recommended.yaml", bf16),
-                                     # issue 22's best candidate: lazy R1 costs a double backward every 4th D step
-                                     ("r1-color-bf16", "ganlab recommended + R1/4 + colour bf16", "recommended.yaml",
-                                      bf16 + ["train.r1_gamma=1.0", "train.r1_every=4", "train.diffaug=[color,translation,cutout]"])]:
+        for key, name, exp, sets in CONTENDERS:
             if key not in args.skip:
-                contenders.append((name, GanlabStep(name, exp, sets + log_every, images, device, tracker)))
+                contenders.append((name, GanlabStep(name, exp, sets + LOG_EVERY, images, device, tracker)))
         out["results"] = measure(contenders, args.rounds, steps, device)
         seed = next((r for r in out["results"] if r["name"] == "seed loop"), None)
         if seed:

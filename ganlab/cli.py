@@ -155,8 +155,9 @@ def _run_commands(sub):
     n.add_argument("--data", default="builtin:sprites", help="image folder (default: built-in sprites)")
     n.add_argument("--steps", type=int, default=0, help="timed steps per contender and round (default: by device)")
     n.add_argument("--rounds", type=int, default=3, help="alternating rounds (the median is reported)")
-    n.add_argument("--skip", action="append", default=[], help="skip a contender (seed, baseline, baseline-bf16, recommended-bf16, "
-                                                                 "recommended, r1-color-bf16, eval, tracking)")
+    n.add_argument("--skip", action="append", default=[], help="skip a contender (seed, a key of bench.CONTENDERS: "
+                   "baseline, baseline-bf16, recommended-ref, recommended, recommended-bf16-ref, recommended-bf16, "
+                   "r1-color-bf16) or a part (eval, tracking)")
     n.set_defaults(func=cmd_bench)
 
 

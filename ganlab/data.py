@@ -165,11 +165,16 @@ def make_sprites(n: int, size: int, seed: int = 0) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------- split
 
-def holdout_order(names: list[str]) -> list[int]:
-    """Indices sorted by a hash of each relative path: the held-out split takes a prefix, so it does
-    not depend on file order and adding files barely moves it."""
-    key = lambda i: hashlib.sha1(names[i].encode()).hexdigest()
-    return sorted(range(len(names)), key=key)
+def holdout_groups(images: torch.Tensor) -> list[list[int]]:
+    """Indices grouped by decoded content (exact duplicates together), the groups sorted by a hash of
+    that content: the held-out split takes a prefix of groups, so it depends neither on file names
+    nor on file order, adding files barely moves it, and an image filed twice under two names can
+    never sit on both sides (which would lower FID and zero the copy check's threshold)."""
+    flat = images.reshape(len(images), -1).contiguous().numpy()
+    groups: dict[str, list[int]] = {}
+    for i, row in enumerate(flat):
+        groups.setdefault(hashlib.sha1(row.tobytes()).hexdigest(), []).append(i)
+    return [groups[k] for k in sorted(groups)]
 
 
 def holdout_count(n: int, frac: float, minimum: int) -> int:
@@ -189,11 +194,14 @@ class ImageSet:
     holdout_hash: str                      # of the held-out pixels
     skipped: list = field(default_factory=list)   # (path, reason)
     train_names: list = field(default_factory=list)  # relative paths of the training images, in order
+    duplicates: int = 0                    # images that are an exact copy of another (kept on one side)
 
     def describe(self) -> str:
         s = f"{self.source}: {len(self.train)} train / {len(self.holdout)} held-out images"
         if self.skipped:
             s += f", {len(self.skipped)} skipped"
+        if self.duplicates:
+            s += f", {self.duplicates} exact duplicate(s)"
         return s
 
 
@@ -290,14 +298,24 @@ def _save_cache(path: Path, obj):
 
 
 def _split(images, names, source, key, skipped, cfg_data) -> ImageSet:
-    order = holdout_order(names)
+    groups = holdout_groups(images)
     k = holdout_count(len(names), cfg_data.holdout, cfg_data.min_holdout)
-    held = sorted(order[:k])
-    train = sorted(order[k:])
+    held, taken = [], 0
+    for g in groups:                   # whole groups: duplicates stay on one side
+        if taken >= k or taken + len(g) > len(names) - 1:
+            break
+        held += g
+        taken += len(g)
+    held = sorted(held)
+    train = sorted(set(range(len(names))) - set(held))
+    duplicates = len(names) - len(groups)
+    if duplicates:
+        log.warning("%s: %d image(s) are exact duplicates of another (same decoded pixels); each set of "
+                    "duplicates is kept on one side of the held-out split", source, duplicates)
     hold_t = images[held]
     return ImageSet(train=images[train].contiguous(), holdout=hold_t.contiguous(), source=source,
                     content_hash=key, holdout_hash=tensor_hash(hold_t), skipped=skipped,
-                    train_names=[names[i] for i in train])
+                    train_names=[names[i] for i in train], duplicates=duplicates)
 
 
 # ---------------------------------------------------------------------------------- tensors, batches

@@ -219,7 +219,8 @@ class Selector:
         s.since_best += 1
         s.bad_streak = s.bad_streak + 1 if self.much_worse(v) else 0
         left = self.config.patience - s.since_best if self.config.patience else None
-        detail = f"{name} {v:.4g}, best {s.best:.4g} at step {s.best_step}"
+        best = f"best {s.best:.4g} at step {s.best_step}" if s.best is not None else "no best yet"
+        detail = f"{name} {v:.4g}, {best}"
         if left is not None:
             detail += f", patience left {left}"
         dec.events.append(("eval", detail, {name: v, "patience_left": left}))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import re
 import os
 import random
 import subprocess
@@ -156,6 +157,16 @@ def run_note(header: str, run_dir: Path) -> str:
     return "\n\n".join(parts)
 
 
+_NOT_IN_NAMES = re.compile(r"[^A-Za-z0-9_\-. :/]")
+
+
+def mlflow_name(name: str) -> str:
+    """A metric or tag name MLflow accepts (alphanumerics, underscores, dashes, periods, spaces, colons,
+    slashes): every other character becomes '_'. The one place names are made valid before they
+    reach MLflow (a bench contender "recommended + R1/4" once crashed the bench)."""
+    return _NOT_IN_NAMES.sub("_", name)
+
+
 class NullTracker:
     """Tracking off: the same calls, recording nothing beyond the run folder."""
     run_id = None
@@ -275,7 +286,7 @@ class Tracker(NullTracker):
         self.set_tags(tags)
 
     def set_tags(self, tags: dict):
-        self._call(self.client.log_batch, self.run_id, tags=[self.mlflow.entities.RunTag(k, str(v)) for k, v in tags.items()])
+        self._call(self.client.log_batch, self.run_id, tags=[self.mlflow.entities.RunTag(mlflow_name(k), str(v)) for k, v in tags.items()])
 
     def _log_input(self, images):
         try:
@@ -303,7 +314,7 @@ class Tracker(NullTracker):
     def log_metrics(self, metrics: dict, step: int):
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
-        ms = [Metric(k, float(v), now, step) for k, v in metrics.items()
+        ms = [Metric(mlflow_name(k), float(v), now, step) for k, v in metrics.items()
               if v is not None and math.isfinite(float(v)) and step > self.last_step.get(k, -1)]
         if ms:
             self._call(self.client.log_batch, self.run_id, metrics=ms, synchronous=self.local)
@@ -320,8 +331,8 @@ class Tracker(NullTracker):
     def flush(self):
         try:
             self.mlflow.flush_async_logging()
-        except Exception:
-            pass
+        except Exception as e:          # the metrics already queued may be lost: say so, training goes on
+            log.warning("MLflow: flushing queued metrics failed (%s: %s)", e.__class__.__name__, e)
 
     def finish(self, status: str, summary: dict, step: int = 0, stopped: str = "", final: bool = True):
         """Summary metrics at the run's last step (MLflow sorts by a metric's latest value, so

@@ -97,3 +97,15 @@ def test_the_check_reuses_fids_features_of_the_samples_and_leaves_no_file(settin
     m = ev(g)
     assert m["copy_share"] == pytest.approx(expected["copy_share"]) and m["copy_nn_ratio"] == pytest.approx(expected["copy_nn_ratio"], rel=1e-4)
     assert not list(ev.cache_root.glob("ganlab-fake-*"))
+
+
+def test_copy_check_says_when_its_threshold_is_degenerate():
+    from ganlab.eval import copies
+    torch.manual_seed(0)
+    train = torch.randn(200, 8)
+    ok = copies.reference(train, torch.randn(300, 8), 0.01)
+    assert ok.degenerate() == ""
+    twins = copies.reference(train, torch.cat([train[:10], torch.randn(290, 8)]), 0.01)   # 10 exact twins
+    assert "about 0" in twins.degenerate()
+    few = copies.reference(train, torch.randn(20, 8), 0.01)
+    assert "too few" in few.degenerate()

@@ -139,10 +139,26 @@ def test_holdout_is_disjoint_deterministic_and_sized(tmp_path):
 
 
 def test_holdout_does_not_depend_on_file_order():
-    names = [f"a/{i}.png" for i in range(100)]
-    o1 = data.holdout_order(names)
-    o2 = data.holdout_order(list(reversed(names)))
-    assert [names[i] for i in o1] == [list(reversed(names))[i] for i in o2]
+    imgs = torch.randint(0, 256, (100, 4, 4, 4), dtype=torch.uint8)
+    perm = torch.randperm(100)
+    o1 = [i for g in data.holdout_groups(imgs) for i in g]
+    o2 = [int(perm[i]) for g in data.holdout_groups(imgs[perm]) for i in g]
+    assert o1 == o2
+
+
+def test_holdout_splits_by_content_so_a_renamed_copy_stays_on_one_side(tmp_path):
+    """The same image under two names (twemoji64 has 34 such): both copies on one side, counted. A
+    split by file name puts about 10% of the copies' twins in the held-out set."""
+    import shutil
+    root = make_folder(tmp_path / "imgs", 60)
+    files = sorted(root.rglob("*.png"))
+    for i, f in enumerate(files[:30]):
+        shutil.copy(f, f.parent / f"copy_{i:03d}.png")
+    s = data.load_images(cfg_for(root, tmp_path, holdout=0.2, min_holdout=10).data)
+    train_rows = {bytes(t.numpy().tobytes()) for t in s.train}
+    assert not any(bytes(h.numpy().tobytes()) in train_rows for h in s.holdout)
+    assert s.duplicates == 30 and "30 exact duplicate" in s.describe()
+    assert len(s.holdout) + len(s.train) == 90 and len(s.holdout) >= 18
 
 
 def test_decode_cache_hit(tmp_path, monkeypatch):

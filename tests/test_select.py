@@ -191,3 +191,12 @@ def test_an_evaluation_over_max_copy_share_is_neither_best_nor_kept():
     off = selector("selection.keep_top=3")
     assert [off.on_eval(step, {"fid": v, "copy_share": c}).improved for step, (v, c) in zip((10, 20, 30), evals)] == [True, True, False]
     assert (off.best, off.best_step) == (1.0, 20)
+
+
+def test_refusing_the_first_evaluation_for_copies_does_not_crash():
+    """selection.max_copy_share refusing a run's first evaluation: there is no best to name yet."""
+    sel = selector("selection.max_copy_share=0.05")
+    dec = sel.on_eval(10, {"fid": 5.0, "copy_share": 0.5})
+    assert not dec.improved and sel.best is None
+    assert any("no best yet" in detail for _, detail, _ in dec.events)
+    assert sel.on_eval(20, {"fid": 6.0, "copy_share": 0.0}).improved

@@ -45,6 +45,19 @@ class CopyReference:
     def threshold(self) -> float:
         return float(torch.quantile(self.holdout_nn, self.quantile))
 
+    def degenerate(self) -> str:
+        """Why the threshold cannot catch near-copies ("" = it can): too few held-out images for the
+        quantile to be more than their minimum, or a quantile at (or within a thousandth of the
+        median from) zero, when it catches exact copies only."""
+        n = len(self.holdout_nn)
+        if n * self.quantile < 1:
+            return (f"{n} held-out images are too few for eval.copy_quantile {self.quantile} (the threshold is "
+                    f"their minimum nearest-training distance)")
+        if self.threshold <= 1e-3 * float(self.holdout_nn.median()):
+            return (f"the {self.quantile} quantile of held-out nearest-training distances is {self.threshold:.3g}, "
+                    f"about 0 (held-out images nearly identical to training images): it catches exact copies only")
+        return ""
+
     def measure(self, features: torch.Tensor) -> dict:
         """copy_share and copy_nn_ratio of a set of (generated) images' features."""
         d = nearest_distances(features, self.train)

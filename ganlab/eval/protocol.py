@@ -149,7 +149,11 @@ class Evaluator:
         key = {"extractor": self.extractor.name, "weights": self.extractor.weights_hash, "train": data.tensor_hash(train_u8),
                "background": self.cfg.eval.background, "batch_size": self.cfg.eval.batch_size}
         train = copies.cached_features(self.cache_root / copies.cache_name(key), lambda: self.features(train_u8))
-        return copies.reference(train, self.features(holdout_u8), self.cfg.eval.copy_quantile)
+        ref = copies.reference(train, self.features(holdout_u8), self.cfg.eval.copy_quantile)
+        why = ref.degenerate()
+        if why:
+            log.warning("copy check: %s", why)
+        return ref
 
     def kid_subset_size(self, n_fake: int, n_real: int) -> int:
         """eval.kid_subset_size, clamped by the images actually passed. A subset as large as the smaller
