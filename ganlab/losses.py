@@ -83,3 +83,15 @@ def past_margin(kind: str, real: torch.Tensor, fake: torch.Tensor, label_smoothi
     """Share of real outputs above, and of fake outputs below, the loss's margin (tensors, no sync)."""
     hi, lo = margins(kind, label_smoothing)
     return (real.float() > hi).float().mean(), (fake.float() < lo).float().mean()
+
+
+# The output at which D's decision flips from fake to real: 0 on logits and critic values, the midpoint
+# of lsgan's targets 1 / 0.
+DECISION = {"bce": 0.0, "hinge": 0.0, "lsgan": 0.5, "wgan-gp": 0.0}
+
+
+def accuracy(kind: str, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """Share of reals above and fakes below D's decision threshold, averaged over the two (no sync):
+    0.5 when D outputs the same for both, 1 when it separates them, below 0.5 when G fools it."""
+    t = DECISION[kind]
+    return 0.5 * ((real.float() > t).float().mean() + (fake.float() < t).float().mean())

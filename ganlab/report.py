@@ -57,9 +57,13 @@ def _mark_events(ax, events: list[dict]):
 
 def curves_figure(rows, events, out: Path) -> str:
     plt = _plt()
-    fig, axes = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
+    fig, axes = plt.subplots(4, 1, figsize=(9, 10.5), sharex=True)
+    # D's health (docs/selection.md, "Reading D"): r_t and accuracy near 1 = D wins or memorises;
+    # d_chance near 1 = D at chance; d_overfit_gap (in logits) above 0 = D scores its training
+    # images above held-out ones
     panels = [(("loss_d", "loss_g", "loss_g_max"), "loss"), (("d_real", "d_fake", "real_past_margin", "fake_past_margin"),
-              "D's outputs / share past margin"), (("grad_norm_g", "grad_norm_d"), "gradient norm")]
+              "D's outputs / share past margin"), (("grad_norm_g", "grad_norm_d"), "gradient norm"),
+              (("ada_rt", "d_accuracy", "d_chance", "d_overfit_gap"), "D's health")]
     for ax, (keys, label) in zip(axes, panels):
         for k in keys:
             xs, ys = _series(rows, k)
@@ -69,7 +73,7 @@ def curves_figure(rows, events, out: Path) -> str:
         ax.set_ylabel(label)
         ax.legend(fontsize=7, loc="upper right")
     axes[2].set_yscale("log")
-    axes[2].set_xlabel("step")
+    axes[3].set_xlabel("step")
     return _png(fig, out / "curves.png")
 
 

@@ -155,7 +155,7 @@ class Run:
         self.evaluator = protocol.Evaluator(cfg, self.images.holdout, self.device, images=self.images) if main else None
         self.run_dir = Path(distributed.broadcast(str(run_dir or track.new_run_dir(cfg)) if main else None, self.share))
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.trainer = Trainer(cfg, self.images.train, self.device, self.share)
+        self.trainer = Trainer(cfg, self.images.train, self.device, self.share, holdout_images=self.images.holdout)
         self.selector = select.Selector.from_config(cfg)
         if not main:
             tracker = track.NullTracker()

@@ -72,8 +72,14 @@ def ema_beta(cfg_train) -> float:
 # Summed over an interval and reported as means. d_real / d_fake: sigmoid of D's output (the seed's
 # D(x) / D(G(z))). logit_*: D's raw output. *_past_margin: the share of samples on which D has won
 # past its loss's margin (losses.MARGINS): what collapse detection reads, whatever the loss.
+# D's health (issue 27): ada_rt = E[sign(D(real))] on the reals D trains on (StyleGAN2-ADA's
+# overfitting heuristic: 0 when D cannot tell, towards 1 as D memorises the training set);
+# d_accuracy = share of reals and fakes on the right side of the loss's decision threshold;
+# d_chance = share of steps with d_accuracy at most CHANCE_ACCURACY (D at chance, or fooled).
 DIAGNOSTICS = ("loss_d", "loss_g", "d_real", "d_fake", "logit_real", "logit_fake",
-               "real_past_margin", "fake_past_margin", "grad_norm_g", "grad_norm_d")
+               "real_past_margin", "fake_past_margin", "grad_norm_g", "grad_norm_d",
+               "ada_rt", "d_accuracy", "d_chance")
+CHANCE_ACCURACY = 0.55   # a batch of 64 + 64 at true chance scores 0.5 +- 0.044: above this is signal
 
 
 class DiagnosticSums:
@@ -125,7 +131,8 @@ class DiagnosticSums:
 # ----------------------------------------------------------------------------------------- trainer
 
 class Trainer:
-    def __init__(self, cfg, train_images: torch.Tensor, device: torch.device, share: Share = SINGLE):
+    def __init__(self, cfg, train_images: torch.Tensor, device: torch.device, share: Share = SINGLE,
+                 holdout_images: torch.Tensor | None = None):
         self.cfg, self.device, self.share = cfg, device, share
         t = cfg.train
         distributed.check_split(t.batch_size, share.world)
@@ -165,6 +172,13 @@ class Trainer:
         self.d_for_g = compiled(self.d) if share.world > 1 else self.d_fwd
         self.diagnostics = DiagnosticSums(device)
         self._ema_beta = ema_beta(t)
+        self.probe = None if holdout_images is None else (self._probe_batch(train_images), self._probe_batch(holdout_images))
+
+    def _probe_batch(self, u8: torch.Tensor) -> torch.Tensor:
+        """A fixed batch (the first rows of a permutation seeded apart from training) for the overfit probe."""
+        g = torch.Generator().manual_seed(self.cfg.seed + 7)
+        idx = torch.randperm(len(u8), generator=g)[:self.cfg.train.batch_size]
+        return data.to_model_space(u8[idx], self.cfg.data.alpha).to(self.device).contiguous(memory_format=self.mem)
 
     # ---- one step
     def autocast(self):
@@ -221,7 +235,10 @@ class Trainer:
         if self.g_ema is not None:
             self._update_ema()
         real_won, fake_won = losses.past_margin(t.loss, d_real, d_fake, t.label_smoothing)
+        accuracy = losses.accuracy(t.loss, d_real, d_fake)
         self.diagnostics.add(self._over_ranks({
+            "ada_rt": torch.sign(d_real.float()).mean(), "d_accuracy": accuracy,
+            "d_chance": (accuracy <= CHANCE_ACCURACY).float(),
             "loss_d": loss_d, "loss_g": loss_g, "grad_norm_g": gn_g, "grad_norm_d": gn_d,
             "d_real": losses.sigmoid_probs(d_real).mean(), "d_fake": losses.sigmoid_probs(d_fake).mean(),
             "logit_real": d_real.float().mean(), "logit_fake": d_fake.float().mean(),
@@ -235,16 +252,17 @@ class Trainer:
         return self.d_fwd(x_real), self.d_fwd(x_fake)
 
     @contextmanager
-    def _sigma_held(self):
+    def _sigma_held(self, modules=None):
         """Spectral norm's power iteration once per D update (lean step): torch's parametrization
         iterates on every forward in training mode; outside the D update's own forward, its modules
         are put in eval mode, where sigma comes from the vectors the last iteration left."""
-        for m in self.sn:
+        modules = self.sn if modules is None else modules
+        for m in modules:
             m.eval()
         try:
             yield
         finally:
-            for m in self.sn:
+            for m in modules:
                 m.train()
 
     def _over_ranks(self, values: dict) -> dict:
@@ -276,7 +294,28 @@ class Trainer:
             torch._foreach_copy_(*map(list, zip(*buffers)))
 
     def pop_diagnostics(self) -> dict:
-        return self.diagnostics.pop()
+        out = self.diagnostics.pop()
+        if self.probe is not None:
+            out.update(self.overfit_probe())
+        return out
+
+    @torch.no_grad()
+    def overfit_probe(self) -> dict:
+        """D's mean logit on a fixed batch of training reals and on a fixed batch of held-out reals,
+        unaugmented, and their gap: a D that memorises its training images scores them above new
+        images of the same domain. No gradients, no power iteration, batch-norm statistics untouched."""
+        bns = [m for m in self.d.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        saved = [m.momentum for m in bns]
+        for m in bns:
+            m.momentum = 0.0               # train-mode statistics of the batch, running averages kept
+        try:
+            with self.autocast(), self._sigma_held(models.spectral_norms(self.d)):
+                train, held = (self.d(x).float().mean() for x in self.probe)
+        finally:
+            for m, mom in zip(bns, saved):
+                m.momentum = mom
+        train, held = torch.stack([train, held]).tolist()
+        return {"logit_train_probe": train, "logit_holdout_probe": held, "d_overfit_gap": train - held}
 
     def weights_finite(self) -> bool:
         nets = list(self.g.parameters()) + list(self.d.parameters())

@@ -248,3 +248,48 @@ def config_default(key):
     from ganlab import config
     section, name = key.split(".")
     return getattr(getattr(config.Config(), section), name)
+
+
+# ---- D's diagnostics (issue 27)
+
+DIAG = ["data.image_size=32", "model.d_width=16", "train.batch_size=32", "model.d_norm=none", "train.loss=bce"]
+
+
+def _noise_images(n, seed):
+    return torch.randint(0, 256, (n, 4, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_overfit_probe_sees_a_d_that_memorised_its_training_images(tiny_cfg):
+    """Reals are 64 noise images; D is trained to score them above fresh noise images of the same
+    kind, which only memorising them achieves. The probe's training batch then scores above its
+    held-out batch; a probe that read training reals for both would show no gap."""
+    from ganlab import data
+    train_u8, held_u8 = _noise_images(64, 1), _noise_images(64, 2)
+    tr = trainer.Trainer(tiny_cfg(*DIAG), train_u8, torch.device("cpu"), holdout_images=held_u8)
+    assert tr.overfit_probe()["d_overfit_gap"] == pytest.approx(0.0, abs=0.05)   # untrained: no gap
+    opt = torch.optim.Adam(tr.d.parameters(), lr=1e-3)
+    for i in range(150):
+        real = tr.batches(i)
+        other = data.to_model_space(_noise_images(32, 1000 + i), "premultiplied")
+        loss = torch.nn.functional.softplus(-tr.d(real)).mean() + torch.nn.functional.softplus(tr.d(other)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    probe = tr.overfit_probe()
+    assert probe["d_overfit_gap"] > 2.0, probe
+    assert probe["logit_train_probe"] > probe["logit_holdout_probe"]
+
+
+def test_ada_rt_and_chance_share_tell_a_winning_d_from_a_d_at_chance(tiny_cfg):
+    """A D that learns against a G that cannot (lr_g ~ 0): r_t = E[sign D(real)] near 1, D separates
+    real from fake, no step at chance. A D with learning rate ~0 against a G that learns: at chance
+    (or fooled) on every step. Computed on the fakes instead of the reals, r_t would be near -1 for
+    the winning D; an accuracy from the fakes alone would be 0.5, so at chance, for both."""
+    def last_interval(*sets):
+        tr, diags = steps(tiny_cfg(*DIAG, *sets), n=60)
+        return diags[-1]
+    # steps() pops every step: the last step's values
+    win = last_interval("train.lr_g=1e-12", "train.lr_d=0.002")
+    assert win["ada_rt"] > 0.9 and win["d_accuracy"] > 0.9 and win["d_chance"] == 0.0, win
+    at_chance = last_interval("train.lr_d=1e-12", "train.lr_g=0.002")
+    assert at_chance["d_chance"] == 1.0 and at_chance["d_accuracy"] <= trainer.CHANCE_ACCURACY, at_chance
