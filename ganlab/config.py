@@ -54,6 +54,8 @@ class ModelConfig:
     spectral_norm: bool = _f(False, "spectral normalisation on D's convolutions")
     spectral_norm_g: bool = _f(False, "spectral normalisation on G's convolutions")
     d_norm: str = _f("batch", "D's normalisation layers", choices=["batch", "none"])
+    mbstd_group: int = _f(0, "minibatch standard deviation before D's last conv, over groups of this many samples (StyleGAN2-ADA: 4; 0 = off)", lo=0)
+    pack: int = _f(1, "PacGAN: D judges this many samples stacked along channels (1 = off; train.batch_size must divide by it)", lo=1)
 
 
 @dataclass
@@ -75,10 +77,14 @@ class TrainConfig:
     instance_noise: float = _f(0.0, "std of Gaussian noise added to D's real and fake inputs (0 = off)", lo=0.0)
     instance_noise_anneal: int = _f(0, "steps over which instance noise decays linearly to 0 (0 = constant)", lo=0)
     label_smoothing: float = _f(0.0, "one-sided: real target 1 - this (bce only)", lo=0.0, hi=0.5)
-    r1_gamma: float = _f(0.0, "R1 penalty weight on real images (0 = off)", lo=0.0)
+    r1_gamma: float = _f(0.0, "R1 penalty weight on real images (0 = off; auto = StyleGAN2-ADA's 0.0002 x image_size^2 / batch_size)", lo=0.0, words=("auto",))
     r1_every: int = _f(1, "lazy R1: apply every N D steps (scaled by N)", lo=1)
     gp_lambda: float = _f(10.0, "gradient-penalty weight for wgan-gp", lo=0.0)
     ema_halflife: int = _f(0, "EMA of G's weights, half-life in images (0 = off)", lo=0)
+    ema_rampup: float = _f(0.0, "EMA ramp: half-life = min(ema_halflife, this x images seen) (StyleGAN2-ADA: 0.05; 0 = off)", lo=0.0)
+    lecam_weight: float = _f(0.0, "LeCam regularisation of D (Tseng et al. 2021) weight (0 = off; the paper: 0.3)", lo=0.0)
+    lecam_decay: float = _f(0.99, "LeCam: decay of the EMA anchors of D's mean real and fake outputs", lo=0.0, hi=1.0)
+    bcr_weight: float = _f(0.0, "balanced consistency regularisation (bCR, Zhao et al. 2021) weight on reals and fakes (0 = off; the paper: 10)", lo=0.0)
     diffaug: list = _f([], "DiffAugment ops applied to D's inputs", choices=["translation", "cutout", "color"])
     precision: str = _f("auto", "auto = bf16 where the device computes it natively (CUDA, CPUs with AVX512-BF16/AMX), else fp32; bf16 = autocast, falling back to fp32 with a warning", choices=["auto", "fp32", "bf16"])
     lean_step: bool = _f(True, "without batch norm in D: one D forward on real+fake, spectral norm's power iteration once per D update (false = the reference step: docs/benchmarks.md)")
@@ -277,6 +283,7 @@ def from_dict(raw: dict, src: str = "<dict>") -> Config:
     cfg = _build(Config, raw, src, prefix="")
     _check_selection_metric(cfg, src)
     _check_handover_seeds(cfg, src)
+    _check_pack(cfg, src)
     return cfg
 
 
@@ -289,6 +296,12 @@ def _check_selection_metric(cfg: Config, src: str):
         how = "eval.fid_alpha=true" if need == "fid_alpha" else f"'{need}' in eval.metrics"
         raise ConfigError(f"{src}: key 'selection.metric' is {m!r}, which eval does not compute "
                           f"(it computes {', '.join(have) or 'nothing'}); add {how} or pick one of those")
+
+
+def _check_pack(cfg: Config, src: str):
+    if cfg.train.batch_size % cfg.model.pack:
+        raise ConfigError(f"{src}: key 'model.pack' is {cfg.model.pack}, which does not divide train.batch_size "
+                          f"{cfg.train.batch_size}: D judges batch_size / pack stacks of samples")
 
 
 def _check_handover_seeds(cfg: Config, src: str):

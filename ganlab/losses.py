@@ -95,3 +95,15 @@ def accuracy(kind: str, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     0.5 when D outputs the same for both, 1 when it separates them, below 0.5 when G fools it."""
     t = DECISION[kind]
     return 0.5 * ((real.float() > t).float().mean() + (fake.float() < t).float().mean())
+
+
+def lecam(real: torch.Tensor, fake: torch.Tensor, anchor_real: torch.Tensor, anchor_fake: torch.Tensor) -> torch.Tensor:
+    """LeCam regularisation (Tseng et al. 2021, google/lecam-gan's lecam_reg): D's outputs on reals
+    are pulled towards the anchor of its fake outputs and vice versa, each only from beyond it:
+    mean(relu(D(x) - a_F)^2) + mean(relu(a_R - D(G(z)))^2)."""
+    return F.relu(real - anchor_fake).pow(2).mean() + F.relu(anchor_real - fake).pow(2).mean()
+
+
+def consistency(out: torch.Tensor, out_augmented: torch.Tensor) -> torch.Tensor:
+    """bCR's term: mean squared difference of D's outputs on images and on their augmented copies."""
+    return (out - out_augmented).pow(2).mean()

@@ -39,22 +39,48 @@ class Generator(nn.Module):
         return self.main(z.view(z.shape[0], self.nz, 1, 1))
 
 
+class MinibatchStd(nn.Module):
+    """StyleGAN2-ADA's minibatch standard deviation (num_channels 1): each sample gets one more
+    feature map, the mean over features of the standard deviation across its group of `group`
+    samples (sample i is grouped with i + N/G, i + 2N/G, ...). D can then see a batch's lack of
+    variety, which pushes G towards diversity."""
+
+    def __init__(self, group: int):
+        super().__init__()
+        self.group = group
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        g = min(self.group, n)
+        if n % g:
+            raise ValueError(f"minibatch std: batch {n} does not divide into groups of {g}")
+        y = x.float().reshape(g, -1, c, h, w)
+        y = (y - y.mean(0)).square().mean(0).add(1e-8).sqrt()      # std over the group, per feature
+        y = y.mean(dim=[1, 2, 3]).reshape(-1, 1, 1, 1).repeat(g, 1, h, w)
+        return torch.cat([x, y.to(x.dtype)], 1)
+
+
 class Discriminator(nn.Module):
-    def __init__(self, width=64, image_size=64, norm="batch"):
+    def __init__(self, width=64, image_size=64, norm="batch", mbstd_group=0, pack=1):
         super().__init__()
         n = _n_up(image_size)
+        self.pack = pack
         ch = [width * 2 ** i for i in range(n)]                   # 64px, width 64: 64, 128, 256, 512
-        layers = [nn.Conv2d(CHANNELS, ch[0], 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]
+        layers = [nn.Conv2d(CHANNELS * pack, ch[0], 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]
         for a, b in zip(ch, ch[1:]):
             layers += [nn.Conv2d(a, b, 4, 2, 1, bias=False)]
             if norm == "batch":
                 layers += [nn.BatchNorm2d(b)]
             layers += [nn.LeakyReLU(0.2, True)]
-        layers += [nn.Conv2d(ch[-1], 1, 4, 1, 0, bias=False)]
+        if mbstd_group:
+            layers += [MinibatchStd(mbstd_group)]
+        layers += [nn.Conv2d(ch[-1] + (1 if mbstd_group else 0), 1, 4, 1, 0, bias=False)]
         self.main = nn.Sequential(*layers)
 
     def forward(self, x):
-        return self.main(x).view(-1)    # logits
+        if self.pack > 1:               # PacGAN: m consecutive samples become one input of m x 4 channels
+            x = x.reshape(x.shape[0] // self.pack, self.pack * x.shape[1], *x.shape[2:])
+        return self.main(x).view(-1)    # logits: one per sample, or per pack
 
 
 def init_weights(net: nn.Module, scheme: str):
@@ -97,7 +123,7 @@ def build(cfg_model, image_size: int, seed: int | None = None, with_d: bool = Tr
     if seed is not None:
         torch.manual_seed(seed)
     g = Generator(cfg_model.nz, cfg_model.g_width, image_size)
-    d = Discriminator(cfg_model.d_width, image_size, cfg_model.d_norm) if with_d else None
+    d = Discriminator(cfg_model.d_width, image_size, cfg_model.d_norm, cfg_model.mbstd_group, cfg_model.pack) if with_d else None
     for net in (g, d):
         if net is not None:
             init_weights(net, cfg_model.init)
@@ -110,6 +136,12 @@ def build(cfg_model, image_size: int, seed: int | None = None, with_d: bool = Tr
 
 def has_batchnorm(net: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+
+def batch_dependent(net: nn.Module) -> bool:
+    """Whether a sample's output depends on the rest of its batch (batch norm, minibatch std): then
+    D on a concatenation of real and fake is not D on each."""
+    return any(isinstance(m, (nn.modules.batchnorm._BatchNorm, MinibatchStd)) for m in net.modules())
 
 
 def spectral_norms(net: nn.Module) -> list[nn.Module]:

@@ -63,8 +63,23 @@ def noise_level(step: int, cfg_train) -> float:
     return cfg_train.instance_noise * max(0.0, 1.0 - step / cfg_train.instance_noise_anneal)
 
 
-def ema_beta(cfg_train) -> float:
-    return 0.5 ** (cfg_train.batch_size / cfg_train.ema_halflife) if cfg_train.ema_halflife else 0.0
+def ema_beta(cfg_train, images_seen: int | None = None) -> float:
+    """Decay of G's EMA per step. With train.ema_rampup (StyleGAN2-ADA), the half-life is
+    min(ema_halflife, ema_rampup x images seen before this step): early weights, far from the
+    current ones, are forgotten fast."""
+    if not cfg_train.ema_halflife:
+        return 0.0
+    half = cfg_train.ema_halflife
+    if cfg_train.ema_rampup and images_seen is not None:
+        half = min(half, cfg_train.ema_rampup * images_seen)
+    return 0.5 ** (cfg_train.batch_size / max(half, 1e-8))
+
+
+def r1_gamma(cfg) -> float:
+    """train.r1_gamma, with auto = StyleGAN2-ADA's heuristic 0.0002 x resolution^2 / batch size
+    (0.0128 at 64 px and batch 64)."""
+    g = cfg.train.r1_gamma
+    return 0.0002 * cfg.data.image_size ** 2 / cfg.train.batch_size if g == "auto" else float(g)
 
 
 # ------------------------------------------------------------------------------------- diagnostics
@@ -162,7 +177,7 @@ class Trainer:
         # after the layout change, so G and its EMA match tensor for tensor and the lerp is one kernel
         self.g_ema = copy.deepcopy(self.g).requires_grad_(False) if t.ema_halflife and share.main else None
         # Without batch norm, D of a concatenation is D of each part: one forward on real+fake
-        self.lean = t.lean_step and not models.has_batchnorm(self.d)
+        self.lean = t.lean_step and not models.batch_dependent(self.d)
         self.sn = models.spectral_norms(self.d) if self.lean else []
         compiled = torch.compile if t.compile else (lambda net: net)
         self.g_fwd = compiled(distributed.wrap(self.g, device, share))
@@ -171,13 +186,16 @@ class Trainer:
         # forward would wait for a backward that never reaches D's weights)
         self.d_for_g = compiled(self.d) if share.world > 1 else self.d_fwd
         self.diagnostics = DiagnosticSums(device)
-        self._ema_beta = ema_beta(t)
+        self.r1_gamma = r1_gamma(cfg)
+        # LeCam's anchors: EMAs of D's mean output on reals and on fakes (no host sync to update them)
+        self.lecam_anchors = torch.zeros(2, device=device)
         self.probe = None if holdout_images is None else (self._probe_batch(train_images), self._probe_batch(holdout_images))
 
     def _probe_batch(self, u8: torch.Tensor) -> torch.Tensor:
         """A fixed batch (the first rows of a permutation seeded apart from training) for the overfit probe."""
         g = torch.Generator().manual_seed(self.cfg.seed + 7)
-        idx = torch.randperm(len(u8), generator=g)[:self.cfg.train.batch_size]
+        q = self.cfg.model.pack * max(1, self.cfg.model.mbstd_group)    # D's packs and groups must fill up
+        idx = torch.randperm(len(u8), generator=g)[:max(q, min(self.cfg.train.batch_size, len(u8)) // q * q)]
         return data.to_model_space(u8[idx], self.cfg.data.alpha).to(self.device).contiguous(memory_format=self.mem)
 
     # ---- one step
@@ -210,13 +228,18 @@ class Trainer:
             z = self.share.randn(bs, self.cfg.model.nz, generator=self.rng, device=self.device)
             with self.autocast():
                 fake = self.g_fwd(z)
-                d_real, d_fake = self._d_outputs(self._d_input(real, sigma), self._d_input(fake.detach(), sigma))
+                x_real, x_fake = self._d_input(real, sigma), self._d_input(fake.detach(), sigma)
+                d_real, d_fake = self._d_outputs(x_real, x_fake)
                 loss_d = losses.d_loss(t.loss, d_real.float(), d_fake.float(), real_target)
+                if t.lecam_weight:
+                    loss_d = loss_d + t.lecam_weight * self._lecam(d_real.float(), d_fake.float(), first=step == 0 and k == 0)
                 with self._sigma_held():       # the penalties see the sigma of the forward above
+                    if t.bcr_weight:
+                        loss_d = loss_d + t.bcr_weight * self._bcr(x_real, x_fake, d_real, d_fake)
                     if t.loss == "wgan-gp" and t.gp_lambda:
                         loss_d = loss_d + t.gp_lambda * losses.gradient_penalty(self.d_fwd, real, fake, self.rng, self.share)
-                    if t.r1_gamma and i % t.r1_every == 0:
-                        loss_d = loss_d + 0.5 * t.r1_gamma * t.r1_every * losses.r1_penalty(self.d_fwd, real)
+                    if self.r1_gamma and i % t.r1_every == 0:
+                        loss_d = loss_d + 0.5 * self.r1_gamma * t.r1_every * losses.r1_penalty(self.d_fwd, real)
             self.opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             gn_d = self._clip(self.d, t.clip_norm_d, t.clip_value_d)
@@ -233,7 +256,7 @@ class Trainer:
         gn_g = self._clip(self.g, t.clip_norm_g, t.clip_value_g)
         self.opt_g.step()
         if self.g_ema is not None:
-            self._update_ema()
+            self._update_ema(ema_beta(t, images_seen=step * t.batch_size))
         real_won, fake_won = losses.past_margin(t.loss, d_real, d_fake, t.label_smoothing)
         accuracy = losses.accuracy(t.loss, d_real, d_fake)
         self.diagnostics.add(self._over_ranks({
@@ -247,9 +270,25 @@ class Trainer:
     def _d_outputs(self, x_real: torch.Tensor, x_fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """D's logits on the real and the fake batch: one forward on both when the step is lean (no
         batch norm: each sample's output depends on that sample alone), else two, as the seed does."""
-        if self.lean:
-            return self.d_fwd(torch.cat([x_real, x_fake])).split([len(x_real), len(x_fake)])
+        if self.lean:                   # equal halves (also when D packs samples: PacGAN)
+            return self.d_fwd(torch.cat([x_real, x_fake])).chunk(2)
         return self.d_fwd(x_real), self.d_fwd(x_fake)
+
+    def _lecam(self, d_real: torch.Tensor, d_fake: torch.Tensor, first: bool) -> torch.Tensor:
+        """LeCam regularisation (Tseng et al. 2021) as google/lecam-gan computes it: the anchors are
+        updated with this batch's means (taken as they are at the first step, not pulled from 0),
+        then losses.lecam."""
+        decay = 0.0 if first else self.cfg.train.lecam_decay
+        self.lecam_anchors.lerp_(torch.stack([d_real.mean(), d_fake.mean()]).detach(), 1.0 - decay)
+        return losses.lecam(d_real, d_fake, self.lecam_anchors[0], self.lecam_anchors[1])
+
+    def _bcr(self, x_real, x_fake, d_real, d_fake) -> torch.Tensor:
+        """Balanced consistency regularisation (Zhao et al. 2021): D's output on an image and on a
+        translated copy of it should agree, for reals and fakes alike."""
+        t_real, t_fake = (diff_augment(x, ["translation"], self.rng, self.share).contiguous(memory_format=self.mem)
+                          for x in (x_real, x_fake))
+        a_real, a_fake = self._d_outputs(t_real, t_fake)
+        return losses.consistency(d_real.float(), a_real.float()) + losses.consistency(d_fake.float(), a_fake.float())
 
     @contextmanager
     def _sigma_held(self, modules=None):
@@ -286,9 +325,9 @@ class Trainer:
         return torch.linalg.vector_norm(torch.stack(norms)).float()
 
     @torch.no_grad()
-    def _update_ema(self):
+    def _update_ema(self, beta: float):
         ps = list(self.g_ema.parameters())
-        torch._foreach_lerp_(ps, [p.detach() for p in self.g.parameters()], 1.0 - self._ema_beta)
+        torch._foreach_lerp_(ps, [p.detach() for p in self.g.parameters()], 1.0 - beta)
         buffers = [(be, b) for be, b in zip(self.g_ema.buffers(), self.g.buffers())]
         if buffers:
             torch._foreach_copy_(*map(list, zip(*buffers)))
@@ -337,6 +376,7 @@ class Trainer:
             "g_ema": self.g_ema.state_dict() if self.g_ema is not None else None,
             "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
             "lr_scale": self.lr_scale, "rng": self.rng.get_state(), "diagnostics": self.diagnostics.state_dict(),
+            "lecam_anchors": self.lecam_anchors.cpu(),
         }
 
     def load_state_dict(self, s: dict, rng: bool = True):
@@ -347,6 +387,8 @@ class Trainer:
         self.opt_g.load_state_dict(s["opt_g"])
         self.opt_d.load_state_dict(s["opt_d"])
         self.lr_scale = float(s["lr_scale"])
+        if "lecam_anchors" in s:
+            self.lecam_anchors.copy_(s["lecam_anchors"])
         if rng:                        # a resume continues the interval; a rollback starts a new one
             self.rng.set_state(s["rng"])
             self.diagnostics.load_state_dict(s.get("diagnostics"))

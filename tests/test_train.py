@@ -14,6 +14,9 @@ STABILISERS = [
     ["train.ema_halflife=100"], ["train.diffaug=translation,cutout,color"], ["train.precision=bf16"],
     ["model.spectral_norm=true", "model.d_norm=none"], ["model.spectral_norm_g=true"],
     ["model.init=kaiming"], ["train.lr_schedule=cosine", "train.lr_warmup=2"], ["train.beta1=0.0"],
+    # issue 27's levers
+    ["model.mbstd_group=4"], ["model.pack=2"], ["train.ema_halflife=100", "train.ema_rampup=0.05"],
+    ["train.lecam_weight=0.3"], ["train.bcr_weight=10"], ["train.r1_gamma=auto"],
 ]
 
 

@@ -1,0 +1,82 @@
+"""Issue 27's levers for diversity and D's strength, each against its reference formula."""
+import pytest
+import torch
+
+from ganlab import config, losses, models, trainer
+
+
+def test_minibatch_std_matches_stylegan2_ada():
+    """StyleGAN2-ADA's MinibatchStdLayer (num_channels 1): sample i's group is i, i + N/G, ...; the
+    new map is the mean over C, H, W of the per-feature std across the group (biased, + 1e-8)."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 4, 4)
+    out = models.MinibatchStd(4)(x)
+    assert out.shape == (8, 4, 4, 4) and torch.equal(out[:, :3], x)
+    for i in range(8):
+        group = x[i % 2::2]                                    # N/G = 2: samples i, i+2, i+4, i+6
+        std = (group.var(dim=0, unbiased=False) + 1e-8).sqrt().mean()
+        assert torch.allclose(out[i, 3], torch.full((4, 4), float(std)), atol=1e-6)
+
+
+def test_pack_stacks_consecutive_samples_along_channels():
+    """PacGAN: D with pack m judges m samples at once; its first conv takes m x 4 channels."""
+    torch.manual_seed(0)
+    d = models.Discriminator(width=4, image_size=16, norm="none", pack=2)
+    x = torch.randn(6, 4, 16, 16)
+    out = d(x)
+    assert out.shape == (3,) and d.main[0].in_channels == 8
+    by_hand = d.main(torch.cat([x[2:3], x[3:4]], 1)).view(-1)
+    assert torch.allclose(out[1], by_hand[0])
+
+
+def test_pack_must_divide_the_batch():
+    with pytest.raises(config.ConfigError, match="model.pack"):
+        config.load(None, ["model.pack=3", "train.batch_size=64"])
+
+
+def test_ema_rampup_is_stylegan2_adas():
+    """ema_nimg = min(halflife, rampup x cur_nimg); beta = 0.5 ** (batch / ema_nimg)."""
+    t = config.load(None, ["train.ema_halflife=10000", "train.ema_rampup=0.05", "train.batch_size=64"]).train
+    assert trainer.ema_beta(t, images_seen=0) == 0.0                       # the first step copies G
+    assert trainer.ema_beta(t, images_seen=64_000) == pytest.approx(0.5 ** (64 / 3200))
+    assert trainer.ema_beta(t, images_seen=10**7) == pytest.approx(0.5 ** (64 / 10000))
+    off = config.load(None, ["train.ema_halflife=10000"]).train
+    assert trainer.ema_beta(off, images_seen=0) == pytest.approx(0.5 ** (64 / 10000))
+
+
+def test_lecam_matches_the_reference_formula():
+    """google/lecam-gan: mean(relu(D_real - ema_fake)^2) + mean(relu(ema_real - D_fake)^2)."""
+    real, fake = torch.tensor([1.0, -0.5, 2.0]), torch.tensor([0.3, -1.0, 0.9])
+    a_real, a_fake = torch.tensor(0.8), torch.tensor(0.2)
+    want = (sum(max(r - 0.2, 0) ** 2 for r in real.tolist()) / 3 + sum(max(0.8 - f, 0) ** 2 for f in fake.tolist()) / 3)
+    assert float(losses.lecam(real, fake, a_real, a_fake)) == pytest.approx(want)
+
+
+def test_lecam_anchors_are_emas_of_ds_mean_outputs(tiny_cfg):
+    from ganlab import data
+    cfg = tiny_cfg("train.lecam_weight=0.3", "train.lecam_decay=0.9", "model.d_norm=none")
+    tr = trainer.Trainer(cfg, data.load_images(cfg.data).train, torch.device("cpu"))
+    real, fake = torch.tensor([1.0, 3.0]), torch.tensor([-1.0, 0.0])
+    tr._lecam(real, fake, first=True)
+    assert torch.allclose(tr.lecam_anchors, torch.tensor([2.0, -0.5]))    # the first batch's means
+    tr._lecam(real + 1, fake, first=False)
+    assert torch.allclose(tr.lecam_anchors, torch.tensor([0.9 * 2.0 + 0.1 * 3.0, -0.5]))
+    assert "lecam_anchors" in tr.state_dict()
+
+
+def test_bcr_is_the_squared_output_difference():
+    out, aug = torch.tensor([1.0, 2.0]), torch.tensor([0.0, 4.0])
+    assert float(losses.consistency(out, aug)) == pytest.approx((1 + 4) / 2)
+
+
+def test_r1_auto_is_adas_heuristic():
+    cfg = config.load(None, ["train.r1_gamma=auto", "data.image_size=64", "train.batch_size=64"])
+    assert trainer.r1_gamma(cfg) == pytest.approx(0.0128)
+    assert trainer.r1_gamma(config.load(None, ["train.r1_gamma=2.5"])) == 2.5
+
+
+def test_minibatch_std_keeps_two_d_forwards():
+    """With minibatch std a sample's output depends on its group: the lean step must not put reals
+    and fakes in one batch."""
+    d = models.Discriminator(width=4, image_size=16, norm="none", mbstd_group=4)
+    assert models.batch_dependent(d) and not models.batch_dependent(models.Discriminator(4, 16, "none"))
