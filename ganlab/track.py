@@ -410,15 +410,18 @@ def register_generator(tracker, run_dir: Path):
             metadata=meta, step=info["step"])
     try:
         with_retry(client.create_registered_model, name)
-    except Exception:
-        pass                            # it exists already
+    except Exception as e:
+        if not _is(e, "RESOURCE_ALREADY_EXISTS", "already exists"):
+            raise                       # anything but "it exists already" is an error
     mv = with_retry(client.create_model_version, name, model_info.model_uri, run_id=tracker.run_id,
                     tags={"eval.signature": str(info["signature"]), "eval.handover_signature": sig,
                           f"handover_{metric}": str(value), f"handover_{metric}_se": str(se), "step": str(info["step"])})
     try:
-        champ = with_retry(client.get_model_version_by_alias, name, "champion")
-    except Exception:
-        champ = None
+        champ = champion(client, name)
+    except Exception as e:              # the champion is unknown: the alias stays where it is
+        log.error("Model Registry: could not read %s's champion after retries (%s: %s); version %s is registered, "
+                  "the champion alias is left alone", name, e.__class__.__name__, str(e).splitlines()[0][:200], mv.version)
+        return mv
     beats = champ is None
     if champ is not None and value is not None:
         old = float(champ.tags.get(f"handover_{metric}", "nan"))
@@ -429,6 +432,25 @@ def register_generator(tracker, run_dir: Path):
     if beats and value is not None:
         with_retry(client.set_registered_model_alias, name, "champion", mv.version)
     return mv
+
+
+def _is(e: Exception, code: str, text: str) -> bool:
+    """An MLflow error of this kind (its error_code, or its message for stores that word it only)."""
+    return getattr(e, "error_code", "") == code or text in str(e).lower()
+
+
+def champion(client, name: str, tries: int = 3, delay: float = 0.5):
+    """The model version under the `champion` alias, None when there is none. Any other error (a
+    timeout, a server error) is retried, then raised: it is not "no champion"."""
+    for attempt in range(tries):
+        try:
+            return with_retry(client.get_model_version_by_alias, name, "champion")
+        except Exception as e:
+            if _is(e, "RESOURCE_DOES_NOT_EXIST", "not found"):
+                return None
+            if attempt == tries - 1:
+                raise
+            time.sleep(delay * 2 ** attempt)
 
 
 class _quiet_logs:

@@ -235,3 +235,17 @@ def test_registered_generator_serves_rgba_images(tracked, tmp_path):
     arr = np.array(pred[3]["rgba"], dtype=np.uint8)
     assert arr.shape == (32, 32, 4)
     assert np.array_equal(arr, np.array(im))          # same seed, same first image, whichever format
+
+
+def test_champion_lookup_tells_no_champion_from_an_error(tmp_path, monkeypatch):
+    """A store without the alias: None. A store that cannot be reached: an error (retried, then
+    raised), never "no champion", which would hand the alias to whatever registered next."""
+    import mlflow
+    from ganlab import track
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/reg.db")
+    client.create_registered_model("m")
+    assert track.champion(client, "m") is None
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    with pytest.raises(Exception):
+        track.champion(mlflow.MlflowClient("http://127.0.0.1:9"), "m", delay=0.01)
