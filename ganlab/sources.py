@@ -123,14 +123,20 @@ def rank_runs(*, experiment: str | None = None, metric: str | None = None, top: 
             unscored += not r.data.tags.get("ganlab.study") and not r.data.tags.get("ganlab.sweep")   # parents score nothing
             continue
         rows.append(row)
+    # Like with like: a score is comparable only under one hand-over signature AND one metric (a run
+    # selected on KID, ~0.01, would otherwise outrank every FID run)
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["signature"]] = counts.get(r["signature"], 0) + 1
-    sig = signature or (max(rows, key=lambda r: r["start_time"])["signature"] if rows else "")
-    rows = sorted((r for r in rows if r["signature"] == sig), key=lambda r: rank_key(r["mode"])(r["score"]))
+    pool = [r for r in rows if r["signature"] == signature] if signature else rows
+    lead = max(pool, key=lambda r: r["start_time"]) if pool else None
+    sig, m = (lead["signature"], lead["metric"]) if lead else (signature or "", metric or "")
+    other_metrics = sorted({r["metric"] for r in rows if r["signature"] == sig and r["metric"] != m})
+    rows = sorted((r for r in rows if r["signature"] == sig and r["metric"] == m), key=lambda r: rank_key(r["mode"])(r["score"]))
     for r in rows:                     # a tie with the leader is worth saying before anyone picks "the best"
         r["within_noise_of_first"] = within_noise(r["score"], r["se"], rows[0]["score"], rows[0]["se"])
-    return {"signature": sig, "rows": rows[:top], "signatures": counts, "unscored": unscored}
+    return {"signature": sig, "metric": m, "rows": rows[:top], "signatures": counts, "unscored": unscored,
+            "other_metrics": other_metrics}
 
 
 def _scored_row(run, metric: str | None) -> dict | None:
@@ -141,8 +147,9 @@ def _scored_row(run, metric: str | None) -> dict | None:
     if v is None or not math.isfinite(v):
         return None
     ck = Path(d.tags.get("ganlab.run_dir", "")) / "generator.pt"
+    # the direction is the metric's own, never a run's selection.mode: one ranking, one direction
     return {"run_id": run.info.run_id, "variant": d.tags.get("ganlab.variant", run.info.run_name), "metric": m,
-            "mode": metrics_mod.mode_of(m, d.params.get("selection.mode", "auto")), "score": v,
+            "mode": metrics_mod.mode_of(m, "auto"), "score": v,
             "se": se if se is not None and math.isfinite(se) else 0.0,
             "step": int(d.metrics.get("handed_over_step", -1)), "signature": d.tags.get("eval.handover_signature", ""),
             "checkpoint": str(ck if ck.exists() else ck.parent), "start_time": run.info.start_time,
@@ -169,6 +176,9 @@ def format_ranking(res: dict) -> str:
                          f"more hand-over draws (eval.handover_draws) or seeds would separate them")
     else:
         lines.append("no finished run with a hand-over score")
+    for x in res.get("other_metrics", {}):
+        lines.append(f"also: runs under this signature selected on {x}, not ranked with {res.get('metric')} runs "
+                     f"(--metric {x})")
     others = {s: n for s, n in res["signatures"].items() if s != res["signature"]}
     for s, n in sorted(others.items(), key=lambda kv: -kv[1]):
         lines.append(f"also: hand-over signature {s}: {n} run(s), not comparable with the above (--signature {s})")

@@ -75,13 +75,13 @@ def train(
     # ---- set up: data, evaluation protocol (its weights checked before any training), networks
     run = Run(cfg, run_dir, quiet=quiet, tracker=tracker)
     run.tracker.parent_run_id, run.on_eval = parent_run_id, on_eval
-    # ---- resume or start
-    run.begin(resume=resume, new_period=new_period, experiment_file=experiment_file)
-    if on_start is not None:
-        on_start(run.run_id, run.run_dir)
     end = min(cfg.train.steps, stop_at) if stop_at is not None else cfg.train.steps
     with stop_requests(run.share) as requested:
         try:
+            # ---- resume or start
+            run.begin(resume=resume, new_period=new_period, experiment_file=experiment_file)
+            if on_start is not None:
+                on_start(run.run_id, run.run_dir)
             while run.step < end and not run.stopped:
                 # ---- step
                 run.train_step()
@@ -98,9 +98,10 @@ def train(
                     run.interrupt()
             if run.final_eval_due():
                 run.evaluate_and_select()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:      # a second Ctrl-C, SIGTERM, or any Ctrl-C under several processes
+            run.end_tracking("KILLED", f"interrupted at step {run.step}")
             raise
-        except Exception as e:
+        except BaseException as e:
             run.fail(e)
             raise
     # ---- finish
@@ -109,7 +110,10 @@ def train(
     except KeyboardInterrupt:          # Ctrl-C during the re-evaluation or the hand-over: the run still ends
         run.events.emit(run.step, "error", f"interrupted while finishing at step {run.step}; generator.pt is the "
                         f"last one written")
-        run.tracker.finish("KILLED", run.selector.summary(), step=run.step, final=False)
+        run.end_tracking("KILLED", f"interrupted while finishing at step {run.step}")
+        raise
+    except BaseException as e:
+        run.fail(e)
         raise
     finally:
         distributed.leave(run.share)
@@ -131,11 +135,16 @@ def stop_requests(share=distributed.SINGLE):
         asked.append(True)
         print("\n[ganlab] stopping at the end of this step (Ctrl-C again to abort now)", file=sys.stderr, flush=True)
 
+    def terminate(signum, frame):      # SIGTERM (a scheduler, `kill`): end now, the run marked KILLED
+        raise KeyboardInterrupt
+
     old = signal.signal(signal.SIGINT, handler)
+    old_term = signal.signal(signal.SIGTERM, terminate)
     try:
         yield lambda: bool(asked)
     finally:
         signal.signal(signal.SIGINT, old)
+        signal.signal(signal.SIGTERM, old_term)
 
 
 class Run:
@@ -166,6 +175,7 @@ class Run:
         self.stopped = ""              # why the run ends early ("" = it goes on)
         self.on_eval = None            # a pruner's question after each evaluation (see train())
         self.run_id = None
+        self.tracking_ended = False    # end_tracking() ran (or finish() ended the run)
         self.t_start = self.t_log = time.time()
 
     # ---- resume or start
@@ -413,13 +423,26 @@ class Run:
         self.progress.close()
         self.save_last()
         self.events.emit(self.step, "error", f"interrupted at step {self.step}; resume with: ganlab train --resume {self.run_dir}")
-        self.tracker.finish("KILLED", self.selector.summary(), step=self.step)
+        self.end_tracking("KILLED", f"interrupted at step {self.step}")
         raise KeyboardInterrupt
 
-    def fail(self, e: Exception):
+    def fail(self, e: BaseException):
         self.progress.close()
-        self.events.emit(self.step, "error", f"{e.__class__.__name__}: {e}")
-        self.tracker.finish("FAILED", self.selector.summary(), step=self.step)
+        if hasattr(self, "events"):    # begin() may have failed before the event log existed
+            self.events.emit(self.step, "error", f"{e.__class__.__name__}: {e}")
+        self.end_tracking("FAILED", f"{e.__class__.__name__}: {e}")
+
+    def end_tracking(self, status: str, reason: str):
+        """End the MLflow run once, whatever path the run ends on, with the reason as a tag: a run
+        must never be left RUNNING."""
+        if self.tracking_ended or self.tracker.run_id is None:
+            return
+        self.tracking_ended = True
+        try:
+            self.tracker.set_tags({"ganlab.end_reason": reason[:500]})
+        except Exception as e:         # the status below matters more than the tag
+            log.warning("could not tag the run's end reason (%s)", e)
+        self.tracker.finish(status, self.selector.summary(), step=self.step, final=False)
 
     def finish(self) -> RunResult:
         self.progress.close()
@@ -440,6 +463,7 @@ class Run:
                              f"generator: {self.run_dir / 'generator.pt'}", stopped=reason)
             if self.tracker.run_id is not None:
                 self._log_report()
+        self.tracking_ended = True
         self.tracker.finish("FINISHED", {**sel.summary(), **score}, step=self.step, stopped=reason, final=done)
         return RunResult(self.run_dir, self.step, sel.best, sel.best_step, reason, sel.rollbacks, self.run_id, handed,
                          handover={k: v for k, v in score.items() if k.startswith("handover_")},

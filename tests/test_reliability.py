@@ -304,3 +304,28 @@ def test_bad_cli_values_are_one_line(tmp_path, capsys):
     assert "must be an integer" in _one_line_error(capsys, ["train", str(ok), "--set", "train.steps=many"])
     assert "not a run folder" in _one_line_error(capsys, ["train", "--resume", str(tmp_path)])
     assert "expected a checkpoint file" in _one_line_error(capsys, ["sample", "nothing-here"])
+
+
+@pytest.mark.parametrize("where", ["on_start", "on_eval_interrupt"])
+def test_no_run_is_left_running(tiny_cfg, tmp_path, where):
+    """A failure right after the MLflow run starts (here: the on_start hook) ends it FAILED; an
+    interrupt that does not wait for the step's end (second Ctrl-C, SIGTERM) ends it KILLED; both
+    with the reason as a tag."""
+    import mlflow
+    from ganlab import train as train_mod
+    from ganlab.track import tracking_uri
+    cfg = tiny_cfg("tracking.enabled=true", "tracking.system_metrics=false", "tracking.register_model=false",
+                   f"tracking.uri=sqlite:///{tmp_path}/runs.db")
+    seen = {}
+    def on_start(run_id, run_dir):
+        seen["id"] = run_id
+        if where == "on_start":
+            raise RuntimeError("the study could not record its trial")
+    def on_eval(step, metrics, last):
+        raise KeyboardInterrupt
+    with pytest.raises(RuntimeError if where == "on_start" else KeyboardInterrupt):
+        train_mod.train(cfg, quiet=True, on_start=on_start, on_eval=on_eval)
+    run = mlflow.MlflowClient(tracking_uri(cfg)).get_run(seen["id"])
+    assert run.info.status == ("FAILED" if where == "on_start" else "KILLED")
+    assert ("could not record" in run.data.tags["ganlab.end_reason"]) if where == "on_start" else \
+        run.data.tags["ganlab.end_reason"].startswith("interrupted at step")

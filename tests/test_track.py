@@ -249,3 +249,26 @@ def test_champion_lookup_tells_no_champion_from_an_error(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     with pytest.raises(Exception):
         track.champion(mlflow.MlflowClient("http://127.0.0.1:9"), "m", delay=0.01)
+
+
+def test_ranking_never_mixes_metrics(tracked, monkeypatch):
+    """A run selected (and scored) on KID, ~0.01, must not outrank FID runs: rankings compare one
+    metric under one signature; the other metric is named, not mixed in."""
+    from ganlab import sources
+    from ganlab.eval import protocol
+    def both(values, handover):
+        it = iter(values)
+        monkeypatch.setattr(protocol.Evaluator, "metrics_for", lambda self, fake: dict(zip(("fid", "kid"), next(it))))
+        monkeypatch.setattr(protocol.Evaluator, "handover_draws", lambda self, g: [{"fid": f, "kid": k} for f, k in handover])
+    both([(5.0, 0.5), (4.0, 0.4), (4.5, 0.45)], [(4.3, 0.43), (4.4, 0.44), (4.5, 0.45)])
+    fid_run = train.train(tracked("variant=fid", "eval.metrics=[fid,kid]"), quiet=True)
+    both([(5.0, 0.02), (4.0, 0.01), (4.5, 0.015)], [(4.3, 0.011), (4.4, 0.012), (4.5, 0.013)])
+    train.train(tracked("variant=kid", "eval.metrics=[fid,kid]", "selection.metric=kid"), quiet=True)
+    uri = tracking_uri(tracked())
+    newest = sources.rank_runs(experiment="exp", uri=uri)
+    assert newest["metric"] == "kid" and [r["variant"] for r in newest["rows"]] == ["kid"]
+    assert newest["other_metrics"] == ["fid"]
+    by_fid = sources.rank_runs(experiment="exp", uri=uri, metric="fid")
+    assert by_fid["metric"] == "fid" and {r["metric"] for r in by_fid["rows"]} == {"fid"}
+    assert len(by_fid["rows"]) == 2          # both runs have a hand-over FID: comparable under --metric fid
+    assert "selected on fid" in sources.format_ranking(newest)
