@@ -146,3 +146,28 @@ def test_the_evaluation_device_joins_the_signature(tmp_path, script_extractor, s
     other = protocol.Evaluator(cfg, sprites[:8], "meta")
     assert cpu.signature["device"] == "cpu" and other.signature["device"] == "meta"
     assert cpu.signature_hash != other.signature_hash
+
+
+def test_torch_fid_and_kid_equal_torch_fidelitys():
+    """ganlab/eval/stats.py (float64 torch, on any device) against torch-fidelity's own functions on
+    the same features: within 1e-4 relative."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    from ganlab.eval import stats
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(600, 32, generator=g)
+    b = torch.randn(500, 32, generator=g) * 1.3 + 0.2
+    want = fid_statistics_to_metric(fid_features_to_statistics(a), fid_features_to_statistics(b), False)["frechet_inception_distance"]
+    assert stats.fid(a, b) == pytest.approx(want, rel=1e-4)
+    acc = stats.FeatureStats(32)
+    for part in a.split(128):          # accumulated batch by batch: the same statistics
+        acc.add(part)
+    mu, cov = acc.mean_cov()
+    assert torch.allclose(cov, torch.from_numpy(np.cov(a.double().numpy(), rowvar=False)), atol=1e-10)
+    ref = kid_features_to_metric(a, b, kid_subsets=20, kid_subset_size=100, rng_seed=7, verbose=False,
+                                 kid_kernel="poly", kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None,
+                                 kid_kernel_poly_coef0=1)
+    mean, std = stats.kid(a, b, subsets=20, subset_size=100, seed=7)
+    assert mean == pytest.approx(ref["kernel_inception_distance_mean"], rel=1e-4)
+    assert std == pytest.approx(ref["kernel_inception_distance_std"], rel=1e-4)
+    assert stats.fid(a, a) == pytest.approx(0.0, abs=1e-6)
