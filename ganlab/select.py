@@ -41,7 +41,17 @@ NOISE_SEED_OFFSET, NOISE_SEEDS = 101, 8
 NOISE_BAND_PER_SD = 1.645 * 2 ** 0.5
 NOISE_BAND_MOVE = 0.5     # FID's noise grows with its value: measure again once the best has moved by half
 REEVAL_SEED_OFFSET = 7919
-WITHIN_NOISE_Z = 1.96     # two scores closer than this many standard errors of their difference are a tie
+# Two-sided 95% Student's t by degrees of freedom: a standard error from 3 draws has 2 of them, and
+# z = 1.96 would call a real tie a difference far too often (the t for 2 is 4.30)
+T_975 = {1: 12.71, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000}
+
+
+def t_975(df: float) -> float:
+    """The 97.5% quantile of Student's t at `df` degrees of freedom (the table's next lower entry: wider, never narrower)."""
+    if df < 1:
+        return T_975[1]
+    return next((T_975[k] for k in sorted(T_975, reverse=True) if k <= df), T_975[1]) if df < 120 else 1.96
 
 
 def selection_seeds(eval_seed: int) -> set:
@@ -55,10 +65,15 @@ def rank_key(mode: str):
     return (lambda v: v) if mode == "min" else (lambda v: -v)
 
 
-def within_noise(a: float, se_a: float, b: float, se_b: float) -> bool:
-    """Two scores with standard errors are a tie when their difference is inside WITHIN_NOISE_Z
-    standard errors of the difference (independent draws: the variances add)."""
-    return abs(a - b) <= WITHIN_NOISE_Z * math.sqrt(se_a ** 2 + se_b ** 2)
+def within_noise(a: float, se_a: float, b: float, se_b: float, draws: int = 3) -> bool:
+    """Two scores with standard errors (each from `draws` latent draws) are a tie when their difference
+    is inside Student's t (Welch-Satterthwaite degrees of freedom) standard errors of the difference
+    (independent draws: the variances add)."""
+    var = se_a ** 2 + se_b ** 2
+    if var == 0:
+        return a == b
+    df = round(var ** 2 / ((se_a ** 4 + se_b ** 4) / max(draws - 1, 1)), 6)   # (rounding: 4 - 1e-16 is 4)
+    return abs(a - b) <= t_975(df) * math.sqrt(var)
 
 
 def handover_summary(draws: list[dict]) -> dict:

@@ -172,7 +172,7 @@ def format_ranking(res: dict) -> str:
             lines.append(f"{i:<5}{r['run_id']:<34}{r['variant'][:23]:<24}{score:>22}{r['step']:>8}  {r['checkpoint']}")
         ties = sum(r["within_noise_of_first"] for r in rows[1:])
         if ties:
-            lines.append(f"~ within noise of rank 1 (difference under 1.96 standard errors): {ties} run(s); "
+            lines.append(f"~ within noise of rank 1 (difference under t(95%, Welch df) standard errors of the difference): {ties} run(s); "
                          f"more hand-over draws (eval.handover_draws) or seeds would separate them")
     else:
         lines.append("no finished run with a hand-over score")

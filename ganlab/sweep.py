@@ -182,7 +182,7 @@ def format_table(rows, metric) -> str:
         lines.append(f"| {r['variant']} | {score} | {r['step'] if r['step'] is not None else '-'} | "
                      f"{(r['stopped'] or '')[:80]} | {r['signature'] or '-'} | {r['run_id'] or '-'} |")
     if any(" ~ |" in ln for ln in lines):
-        lines.append("\n~ within noise of the best variant (difference under 1.96 standard errors)")
+        lines.append("\n~ within noise of the best variant (difference under t(95%, Welch df) standard errors of the difference)")
     return "\n".join(lines + seed_table(rows, metric))
 
 

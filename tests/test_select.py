@@ -200,3 +200,12 @@ def test_refusing_the_first_evaluation_for_copies_does_not_crash():
     assert not dec.improved and sel.best is None
     assert any("no best yet" in detail for _, detail, _ in dec.events)
     assert sel.on_eval(20, {"fid": 6.0, "copy_share": 0.0}).improved
+
+
+def test_ties_use_students_t_for_three_draws():
+    """Standard errors from 3 draws each: Welch df 4, t 2.78, not z 1.96. A difference of 2.5
+    standard errors of the difference is a tie; 3 is not."""
+    from ganlab.select import within_noise
+    se = 1 / 2 ** 0.5                    # the difference's standard error is 1
+    assert within_noise(10.0, se, 12.5, se) and not within_noise(10.0, se, 13.0, se)
+    assert not within_noise(10.0, se, 12.5, se, draws=100)     # many draws: close to z
