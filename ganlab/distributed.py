@@ -129,7 +129,16 @@ def wrap(net: nn.Module, device: torch.device, share: Share) -> nn.Module:
         return net
     from torch.nn.parallel import DistributedDataParallel
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(net, device_ids=ids, forward_sync_buffers=False)
+    return DistributedDataParallel(net, device_ids=ids, **{no_buffer_sync_kwarg(): False})
+
+
+def no_buffer_sync_kwarg() -> str:
+    """DDP's switch for syncing buffers at each forward: `forward_sync_buffers` in newer torch,
+    `broadcast_buffers` before (torch 2.11 on the lent GPU machine): read from the signature, not the version."""
+    import inspect
+    from torch.nn.parallel import DistributedDataParallel
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    return "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
 
 
 # ---------------------------------------------------------------------------- batch norm across ranks

@@ -27,11 +27,13 @@ def prepare_for_sampling(g: nn.Module, cfg, device) -> nn.Module:
 
 
 @torch.no_grad()
-def generate(g: nn.Module, latents: torch.Tensor, alpha: str, device, batch_size: int = 256) -> torch.Tensor:
-    """latents (N x nz, any device) through g -> straight uint8 RGBA N x 4 x H x W on the CPU."""
+def generate(g: nn.Module, latents: torch.Tensor, alpha: str, device, batch_size: int = 256, to_cpu: bool = True) -> torch.Tensor:
+    """latents (N x nz, any device) through g -> straight uint8 RGBA N x 4 x H x W on the CPU (or left
+    on `device`: evaluation composites and extracts there)."""
     device = torch.device(device)
-    out = [data.to_straight_u8(g(z.to(device, non_blocking=True)), alpha).cpu() for z in latents.split(batch_size)]
-    return torch.cat(out)
+    out = [data.to_straight_u8(g(z.to(device, non_blocking=True)), alpha) for z in latents.split(batch_size)]
+    out = torch.cat(out)
+    return out.cpu() if to_cpu else out
 
 
 def export_generator(path: Path, g: nn.Module, cfg, step: int, metrics: dict, signature: str, safetensors: bool = True,

@@ -1,15 +1,17 @@
-"""The prepared GPU check (issue 14): one run, about 5 minutes on an H100, one JSON out.
+"""The prepared GPU check (issues 14, 26): one call on a lent machine, about 5 minutes on an H200, one JSON out.
 
-    bash scripts/gpu_check.sh OUT_DIR              # on the GPU machine
+    bash scripts/gpu_check.sh OUT_DIR              # on the GPU machine (installs from .whl/, no network)
     python scripts/gpu_check.py --device cpu --quick --out /tmp/x   # the same code, smoke-tested on a CPU
 
 It runs, each step timed and recorded even when a later one fails:
-  1. `ganlab bench --device cuda --json` (seed loop vs ganlab, fp32 and bf16);
-  2. short trainings of seed_baseline.yaml and recommended.yaml with bf16 and train.compile: img/s,
-     wall time and the share of it spent evaluating at the default protocol (eval every 500 steps, 500 samples);
+  1. `ganlab bench --device cuda --json` (the seed's loop vs ganlab's steps, fp32 and bf16, lean and reference);
+  2. single runs of seed_baseline.yaml and recommended.yaml at the defaults a GPU user gets (precision
+     auto, TF32, cudnn.benchmark): img/s, wall time and the share of it spent evaluating;
   3. a 10,000-sample evaluation of the trained generator, timed cold and warm;
-  4. an exact-resume check in deterministic mode: 2N steps straight == N, resume, N (bit for bit),
+  4. four runs of recommended.yaml sharing the card (a sweep's situation): img/s each;
+  5. an exact-resume check in deterministic mode: 2N steps straight == N, resume, N (bit for bit),
      with the training set resident on the GPU and again kept in host memory (data.placement=host).
+Then one line per contender: `<GPU> | <contender> | <precision> | <img/s> | FID 10k <s> | eval share <%>`.
 """
 from __future__ import annotations
 
@@ -57,12 +59,19 @@ def bench(out: Path, device: str, quick: bool) -> dict:
     return json.loads(path.read_text())
 
 
+QUICK = ["eval.num_samples=64", "eval.every=2", "train.batch_size=16", "data.sprites=400", "data.min_holdout=64",
+         "model.g_width=8", "model.d_width=8", "train.log_every=2"]
+
+
+def run_sets(out: Path, device: str, steps: int, quick: bool, tag: str = "") -> list[str]:
+    """One single run's overrides: the defaults a GPU user gets (precision auto: bf16 on the GPU)."""
+    sets = [f"train.device={device}", f"train.steps={steps}", f"tracking.runs_dir={out / ('mlruns' + tag)}",
+            "tracking.system_metrics=false", f"data.cache_dir={out / 'cache'}"]
+    return sets + (QUICK if quick else [])
+
+
 def short_training(out: Path, device: str, experiment: str, steps: int, quick: bool) -> dict:
-    sets = [f"train.device={device}", "train.precision=bf16", "train.compile=true", f"train.steps={steps}",
-            f"tracking.runs_dir={out / 'mlruns'}", "tracking.system_metrics=false", f"data.cache_dir={out / 'cache'}"]
-    if quick:
-        sets += ["train.compile=false", "eval.num_samples=64", "eval.every=2", "train.batch_size=16",
-                 "data.sprites=400", "data.min_holdout=64", "model.g_width=8", "model.d_width=8", "train.log_every=2"]
+    sets = run_sets(out, device, steps, quick)
     cfg = config.load(ROOT / "experiments" / experiment, sets)
     t0 = time.time()
     res = train.train(cfg, quiet=True, experiment_file=experiment)
@@ -100,6 +109,42 @@ def eval_10k(out: Path, device: str, run_dir: str, quick: bool) -> dict:
             "fid": m2.get("fid"), "same_fid_twice": m1.get("fid") == m2.get("fid")}
 
 
+def shared_card(out: Path, device: str, steps: int, quick: bool, runs: int = 4) -> dict:
+    """`runs` trainings of recommended.yaml at once on one card (a sweep's situation): each one's img/s."""
+    procs = []
+    for k in range(runs):
+        sets = run_sets(out, device, steps, quick, tag=f"-shared{k}") + [f"seed={k}", "selection.keep_top=1"]
+        cmd = [sys.executable, "-m", "ganlab.cli", "train", str(ROOT / "experiments" / "recommended.yaml"), "--quiet"]
+        for x in sets:
+            cmd += ["--set", x]
+        procs.append(subprocess.Popen(cmd, cwd=out, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    t0, outs = time.time(), [p.communicate()[0] for p in procs]
+    wall = time.time() - t0
+    if any(p.returncode for p in procs):
+        raise RuntimeError(next(o for p, o in zip(procs, outs) if p.returncode)[-1500:])
+    batch = 16 if quick else 64
+    return {"runs": runs, "wall_s": wall, "img_per_s_each": steps * batch / wall}
+
+
+def summary_lines(res: dict) -> list[str]:
+    """`<GPU> | <contender> | <precision> | <img/s> | FID 10k <s> | eval share <%>`, one per contender."""
+    gpu, lines = res.get("gpu", res["device"]), []
+    fid10k = res.get("eval_10k", {}).get("warm_s")
+    fid_text = f"FID 10k {fid10k:.1f} s" if fid10k is not None else "FID 10k -"
+    for r in res.get("bench", {}).get("results", []):
+        prec = "fp32" if "fp32" in r["name"] or r["name"] == "seed loop" else "bf16"
+        lines.append(f"{gpu} | step only: {r['name']} | {prec} | {r['images_per_s']:.0f} | - | -")
+    for key in ("train_seed_baseline", "train_recommended"):
+        t = res.get(key, {})
+        if t.get("ok"):
+            lines.append(f"{gpu} | run: {t['experiment']} ({t['steps']} steps) | auto | {t['median_img_per_s'] or 0:.0f} | "
+                         f"{fid_text} | eval share {100 * t['eval_share_of_wall']:.1f}%")
+    sh = res.get("shared_card", {})
+    if sh.get("ok"):
+        lines.append(f"{gpu} | {sh['runs']} runs sharing the card: recommended | auto | {sh['img_per_s_each']:.0f} each | - | -")
+    return lines
+
+
 def exact_resume(out: Path, device: str, placement: str) -> dict:
     sets = [f"train.device={device}", "train.deterministic=true", f"data.placement={placement}",
             "data.image_size=32", "data.sprites=600", "data.min_holdout=64", f"data.cache_dir={out / 'cache'}",
@@ -123,7 +168,7 @@ def main(argv=None):
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--device", default="cuda")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the script itself")
-    p.add_argument("--steps", type=int, default=1500, help="steps of each short training")
+    p.add_argument("--steps", type=int, default=3000, help="steps of each single run (3,000: the eval share of a full run)")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     res = {"device": a.device, "torch": torch.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -137,8 +182,11 @@ def main(argv=None):
     run_dir = res["train_recommended"].get("run_dir") or res["train_seed_baseline"].get("run_dir")
     if run_dir:
         step(res, "eval_10k")(eval_10k, a.out, a.device, run_dir, a.quick)
+    step(res, "shared_card")(shared_card, a.out, a.device, steps, a.quick)
     for placement in ("device", "host"):
         step(res, f"exact_resume_{placement}")(exact_resume, a.out, a.device, placement)
+    res["summary"] = summary_lines(res)
+    print("\n".join(res["summary"]), flush=True)
     (a.out / "gpu_check.json").write_text(json.dumps(res, indent=2, default=str))
     print(f"wrote {a.out / 'gpu_check.json'}")
     return 0 if all(v.get("ok", True) for v in res.values() if isinstance(v, dict)) else 1

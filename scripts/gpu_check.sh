@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
-# The prepared GPU check: about 5 minutes on an H100, one JSON ($OUT/gpu_check.json).
-#   bash scripts/gpu_check.sh [OUT_DIR]        (on the device machine: OUT_DIR defaults to $OUT)
-# Installs ganlab into a fresh venv unless one is already there, then runs scripts/gpu_check.py.
+# The prepared GPU check, in one call on a lent machine with no network: installs what the machine
+# lacks from the wheelhouse (.whl/, built here by `python scripts/gpu_wheelhouse.py build` and carried),
+# uses the machine's own python3 and torch, runs scripts/gpu_check.py, one JSON in OUT_DIR.
+#   bash scripts/gpu_check.sh [OUT_DIR] [gpu_check.py options]     (OUT_DIR defaults to $OUT)
+# device tool: run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=540)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-out/gpu_check}}"
+shift || true
 mkdir -p "$out"
-if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
-  .venv/bin/pip install -q -c constraints.txt -e . >"$out/install.log" 2>&1
+py=python3
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  $py scripts/gpu_wheelhouse.py install /tmp/ganlab-site >"$out/install.log" 2>&1 || { cat "$out/install.log"; exit 1; }
+  export PYTHONPATH="/tmp/ganlab-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"        # dependencies already importable (a dev machine)
 fi
+export PYTHONUNBUFFERED=1 GANLAB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/nvidia-smi.csv" 2>&1 || true
-.venv/bin/python scripts/gpu_check.py --out "$out" --device cuda 2>&1 | tee "$out/gpu_check.log"
+$py scripts/gpu_check.py --out "$out" "$@" 2>&1 | tee "$out/gpu_check.log"
