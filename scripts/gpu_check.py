@@ -52,15 +52,17 @@ def step(results: dict, name: str):
 def bench(out: Path, device: str, quick: bool) -> dict:
     path = out / "bench.json"
     cmd = [sys.executable, "-m", "ganlab.cli", "bench", "--device", device, "--json", str(path)]
-    cmd += ["--steps", "4", "--rounds", "1", "--skip", "eval", "--skip", "tracking"] if quick else ["--rounds", "3"]
+    cmd += ["--steps", "2", "--rounds", "1", "--skip", "eval", "--skip", "tracking", "--skip", "seed",
+            "--skip", "baseline", "--skip", "recommended-ref", "--skip", "recommended-bf16-ref",
+            "--skip", "r1-color-bf16"] if quick else ["--rounds", "3"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if r.returncode:
         raise RuntimeError(r.stderr[-1500:])
     return json.loads(path.read_text())
 
 
-QUICK = ["eval.num_samples=64", "eval.every=2", "train.batch_size=16", "data.sprites=400", "data.min_holdout=64",
-         "model.g_width=8", "model.d_width=8", "train.log_every=2"]
+QUICK = ["eval.num_samples=64", "eval.every=4", "train.batch_size=16", "data.sprites=400", "data.min_holdout=64",
+         "model.g_width=8", "model.d_width=8", "train.log_every=2", "eval.encoder_steps=5", "eval.handover_draws=2"]
 
 
 def run_sets(out: Path, device: str, steps: int, quick: bool, tag: str = "") -> list[str]:
@@ -145,15 +147,16 @@ def summary_lines(res: dict) -> list[str]:
     return lines
 
 
-def exact_resume(out: Path, device: str, placement: str) -> dict:
+def exact_resume(out: Path, device: str, placement: str, quick: bool = False) -> dict:
     sets = [f"train.device={device}", "train.deterministic=true", f"data.placement={placement}",
             "data.image_size=32", "data.sprites=600", "data.min_holdout=64", f"data.cache_dir={out / 'cache'}",
             "model.nz=32", "model.g_width=16", "model.d_width=16", "train.steps=40", "train.batch_size=32",
             "train.log_every=5", "train.checkpoint_every=1000", "train.ema_halflife=500", "train.diffaug=translation,cutout",
             "eval.every=20", "eval.num_samples=64", "eval.batch_size=32", "tracking.enabled=false"]
+    sets += ["eval.encoder_steps=5", "train.steps=16", "eval.every=8"] if quick else []
     cfg = config.load(None, sets)
     a = train.train(cfg, run_dir=out / f"resume-{placement}-a", quiet=True)
-    train.train(cfg, run_dir=out / f"resume-{placement}-b", quiet=True, stop_at=20)
+    train.train(cfg, run_dir=out / f"resume-{placement}-b", quiet=True, stop_at=cfg.train.steps // 2)
     b = train.train(cfg, run_dir=out / f"resume-{placement}-b", resume=True, quiet=True)
     sa, sb = (checkpoint.load(r.run_dir / "last.pt")["trainer"] for r in (a, b))
     diffs = [f"{net}.{k}" for net in ("g", "d", "g_ema") for k in sa[net] if not torch.equal(sa[net][k], sb[net][k])]
@@ -182,9 +185,9 @@ def main(argv=None):
     run_dir = res["train_recommended"].get("run_dir") or res["train_seed_baseline"].get("run_dir")
     if run_dir:
         step(res, "eval_10k")(eval_10k, a.out, a.device, run_dir, a.quick)
-    step(res, "shared_card")(shared_card, a.out, a.device, steps, a.quick)
+    step(res, "shared_card")(shared_card, a.out, a.device, steps, a.quick, runs=2 if a.quick else 4)
     for placement in ("device", "host"):
-        step(res, f"exact_resume_{placement}")(exact_resume, a.out, a.device, placement)
+        step(res, f"exact_resume_{placement}")(exact_resume, a.out, a.device, placement, a.quick)
     res["summary"] = summary_lines(res)
     print("\n".join(res["summary"]), flush=True)
     (a.out / "gpu_check.json").write_text(json.dumps(res, indent=2, default=str))
