@@ -144,14 +144,16 @@ def _scored_row(run, metric: str | None) -> dict | None:
     d = run.data
     m = metric or d.params.get("selection.metric", "fid")
     v, se = d.metrics.get(f"handover_{m}"), d.metrics.get(f"handover_{m}_se")
-    if v is None or not math.isfinite(v):
-        return None
+    if v is None or not math.isfinite(v) or d.tags.get("ganlab.handover_stale") == "true":
+        return None                    # no score, or one of a generator.pt that has changed since (a resume)
     ck = Path(d.tags.get("ganlab.run_dir", "")) / "generator.pt"
     # the direction is the metric's own, never a run's selection.mode: one ranking, one direction
     return {"run_id": run.info.run_id, "variant": d.tags.get("ganlab.variant", run.info.run_name), "metric": m,
             "mode": metrics_mod.mode_of(m, "auto"), "score": v,
             "se": se if se is not None and math.isfinite(se) else 0.0,
-            "step": int(d.metrics.get("handed_over_step", -1)), "signature": d.tags.get("eval.handover_signature", ""),
+            # the signature written when the score was computed (a resume rewrites eval.handover_signature)
+            "step": int(d.metrics.get("handed_over_step", -1)),
+            "signature": d.tags.get("ganlab.handover_signature") or d.tags.get("eval.handover_signature", ""),
             "checkpoint": str(ck if ck.exists() else ck.parent), "start_time": run.info.start_time,
             "random_features": d.tags.get("eval.random_features") == "true"}
 

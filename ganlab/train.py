@@ -192,6 +192,8 @@ class Run:
                                          device=self.device, run_id=self.run_id, experiment_file=experiment_file)
         if not resume:                 # what a collapse goes back to before there is a best
             checkpoint.save(self.run_dir / "start.pt", self._state())
+        else:                          # training on changes generator.pt: its score is stale until scored again
+            self.tracker.set_tags({"ganlab.handover_stale": "true"})
         if resume and self.saved_world != self.share.world:
             self.events.emit(self.step, "warning", f"saved by {self.saved_world} process(es), resumed on "
                              f"{self.share.world}: the global batch and data order are the same, but per-rank "
@@ -208,6 +210,9 @@ class Run:
                          experiment_file=str(Path(experiment_file).resolve()) if experiment_file else "")
         if changed:
             archive = self._archive_period(self.selector.state.period - 1)
+            # the period's own start: a collapse before its first best goes back here, not to the run's
+            # untrained weights in the first start.pt
+            checkpoint.save(self.run_dir / "start.pt", self._state())
             self.events.emit(self.step, "new_period", f"evaluation or selection changed ({changed}): selection period "
                              f"{self.selector.state.period} starts; best and patience start again; the previous "
                              f"period's best and kept generators are in {archive}",
@@ -498,7 +503,8 @@ class Run:
                          f"({h['handover_draws']} draws of {h['handover_samples']} fresh samples, signature "
                          f"{ev.handover_hash}){_score_text(score, self.cfg)}", handed_over_step=info["step"],
                          signature=ev.handover_hash, **score)
-        self.tracker.set_tags({"ganlab.handed_over_step": info["step"], "ganlab.handover_signature": ev.handover_hash})
+        self.tracker.set_tags({"ganlab.handed_over_step": info["step"], "ganlab.handover_signature": ev.handover_hash,
+                               "ganlab.handover_stale": "false"})
         return {**score, "handed_over_step": info["step"]}
 
     def _reevaluate_top(self) -> int:

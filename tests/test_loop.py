@@ -398,3 +398,17 @@ def test_a_steady_improvement_late_in_a_run_still_counts(tiny_cfg, monkeypatch):
     assert len(bands) >= 5 and bands[-1]["band"] < bands[0]["band"] / 10
 
 
+
+
+def test_a_collapse_before_a_new_periods_first_best_rolls_back_to_the_periods_start(tiny_cfg, tmp_path, monkeypatch):
+    """After --new-period the old best is archived; a collapse before the period's first best must go
+    back to where the period started (step 16), not to the run's untrained weights (start.pt of step 0)."""
+    from ganlab.events import read_events
+    scripted(monkeypatch, [2.0, 1.0, float("nan"), 3.0])
+    cfg = tiny_cfg("train.steps=32")
+    train.train(cfg, run_dir=tmp_path / "r", quiet=True, stop_at=16)
+    changed = config.load(None, [f"{k}={v}" for k, v in config.flatten(cfg).items() if k != "variant"]
+                          + ["eval.num_samples=24"])
+    res = train.train(changed, run_dir=tmp_path / "r", resume=True, quiet=True, new_period=True)
+    rollbacks = [e for e in read_events(res.run_dir) if e["kind"] == "rollback"]
+    assert len(rollbacks) == 1 and rollbacks[0]["restored_step"] == 16 and rollbacks[0]["restored"] == "start.pt"

@@ -272,3 +272,22 @@ def test_ranking_never_mixes_metrics(tracked, monkeypatch):
     assert by_fid["metric"] == "fid" and {r["metric"] for r in by_fid["rows"]} == {"fid"}
     assert len(by_fid["rows"]) == 2          # both runs have a hand-over FID: comparable under --metric fid
     assert "selected on fid" in sources.format_ranking(newest)
+
+
+def test_a_resumed_run_is_not_ranked_on_its_old_score(tracked, monkeypatch, tmp_path):
+    """A finished run resumed for more steps changes generator.pt: until it is scored again (paused
+    here) its old hand-over score is stale and the run is not ranked; once finished it ranks on the
+    new score."""
+    from ganlab import sources
+    scripted(monkeypatch, [5.0, 4.0, 4.5], handover=(4.3, 4.4, 4.5))
+    first = train.train(tracked(), run_dir=tmp_path / "r", quiet=True)
+    uri = tracking_uri(tracked())
+    assert [r["score"] for r in sources.rank_runs(experiment="exp", uri=uri)["rows"]] == [pytest.approx(4.4)]
+    scripted(monkeypatch, [1.0, 1.5], handover=(1.1, 1.2, 1.3))
+    longer = tracked("train.steps=40")
+    train.train(longer, run_dir=tmp_path / "r", resume=True, stop_at=32, quiet=True)      # paused: best moved
+    assert sources.rank_runs(experiment="exp", uri=uri)["rows"] == []
+    res = train.train(longer, run_dir=tmp_path / "r", resume=True, quiet=True)
+    assert res.run_id == first.run_id
+    rows = sources.rank_runs(experiment="exp", uri=uri)["rows"]
+    assert [r["score"] for r in rows] == [pytest.approx(1.2)]
