@@ -101,6 +101,7 @@ class TrainConfig:
 class EvalConfig:
     every: int = _f(1000, "steps between evaluations (0 = only at the end)", lo=0)
     every_images: int = _f(0, "if set, evaluate every this many training images instead", lo=0)
+    max_share: float = _f(0.0, "skip a periodic evaluation while evaluating has taken more than this share of the wall time, each skip an event (0 = off: which steps are evaluated then never depends on the machine's speed)", lo=0.0, hi=1.0)
     num_samples: int = _f(1000, "generated images per evaluation (fixed latents)", lo=2)
     batch_size: int = _f(100, "feature-extractor batch size (FID depends on it)", lo=1)
     metrics: list = _f(["fid", "isc", "kid"], "metrics to compute", choices=metrics_mod.REQUESTS)

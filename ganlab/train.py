@@ -277,8 +277,22 @@ class Run:
     # ---- evaluate and select
     def eval_due(self) -> bool:
         # not right after a rollback: the weights are the restored best, already scored at its own step
-        return (not self.stopped and bool(self.eval_every) and self.step % self.eval_every == 0
-                and self.rolled_back_at != self.step)
+        due = (not self.stopped and bool(self.eval_every) and self.step % self.eval_every == 0
+               and self.rolled_back_at != self.step)
+        return due and self._within_eval_budget()
+
+    def _within_eval_budget(self) -> bool:
+        """eval.max_share: a periodic evaluation is skipped while evaluating has taken more than this share
+        of the run's wall time (never the last step's); each skip is an event. Rank 0 decides for all."""
+        cap = self.cfg.eval.max_share
+        if not cap or self.step >= self.cfg.train.steps:
+            return True
+        share = self.evaluator.seconds / max(time.time() - self.t_start, 1e-9) if self.share.main else 0.0
+        go = distributed.broadcast(share <= cap, self.share)
+        if not go:
+            self.events.emit(self.step, "eval_skipped", f"evaluation has taken {100 * share:.0f}% of the wall time, "
+                             f"over eval.max_share {100 * cap:.0f}%: no evaluation at step {self.step}", share=share)
+        return go
 
     def final_eval_due(self) -> bool:
         return (not self.stopped and self.last_eval != self.step and self.step == self.cfg.train.steps

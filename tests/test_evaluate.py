@@ -182,3 +182,16 @@ def test_torch_fid_and_kid_equal_torch_fidelitys():
     assert mean == pytest.approx(ref["kernel_inception_distance_mean"], rel=1e-4)
     assert std == pytest.approx(ref["kernel_inception_distance_std"], rel=1e-4)
     assert stats.fid(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_long_feature_passes_say_how_far_they_are(tmp_path, script_extractor, sprites, caplog):
+    """The held-out side and the copy check's training split are one-off passes that take minutes
+    with InceptionV3 on a CPU: each says what it is doing and how far it is."""
+    import logging
+    cfg = config.load(None, [f"data.cache_dir={tmp_path / 'cache'}", f"eval.feature_extractor={script_extractor}",
+                             "eval.batch_size=4", "eval.num_samples=8", "eval.kid_subset_size=4"])
+    ev = protocol.Evaluator(cfg, sprites[:40], "cpu")
+    with caplog.at_level(logging.INFO, logger="ganlab"):
+        ev.metrics_for(sprites[40:48])
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("held-out features (rgb)")]
+    assert lines[0].startswith("held-out features (rgb): 0/40 images") and lines[-1].startswith("held-out features (rgb): 40 images done")

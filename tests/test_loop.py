@@ -412,3 +412,19 @@ def test_a_collapse_before_a_new_periods_first_best_rolls_back_to_the_periods_st
     res = train.train(changed, run_dir=tmp_path / "r", resume=True, quiet=True, new_period=True)
     rollbacks = [e for e in read_events(res.run_dir) if e["kind"] == "rollback"]
     assert len(rollbacks) == 1 and rollbacks[0]["restored_step"] == 16 and rollbacks[0]["restored"] == "start.pt"
+
+
+def test_eval_max_share_skips_evaluations_over_budget_and_says_so(tiny_cfg, tmp_path, monkeypatch):
+    """With evaluation far over its share of the wall time, the periodic evaluations after the first
+    are skipped, each with an event; the last step's is never skipped. Off (0), every one runs."""
+    import time as time_mod
+    from ganlab.eval import protocol as protocol_mod
+    values = iter([3.0, 2.0, 1.0])
+    def slow(self, fake):
+        time_mod.sleep(0.3)            # an evaluation that costs far more than 8 tiny steps
+        return {"fid": next(values)}
+    monkeypatch.setattr(protocol_mod.Evaluator, "metrics_for", slow)
+    monkeypatch.setattr(protocol_mod.Evaluator, "handover_draws", lambda self, g: [{"fid": 1.0}] * 3)
+    res = train.train(tiny_cfg("eval.max_share=0.1"), run_dir=tmp_path / "r", quiet=True)
+    assert kinds(res.run_dir, "eval_skipped") == [(16, "eval_skipped")]
+    assert [s for s, _ in kinds(res.run_dir, "improved", "eval")] == [8, 24]

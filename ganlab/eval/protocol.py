@@ -147,19 +147,29 @@ class Evaluator:
         return self._nets[extractor.name]
 
     @torch.no_grad()
-    def _extract(self, extractor, rgb_u8: torch.Tensor) -> dict:
-        """Features by layer of uint8 N x 3 x H x W images, at eval.batch_size, left on the device."""
+    def _extract(self, extractor, rgb_u8: torch.Tensor, what: str = "") -> dict:
+        """Features by layer of uint8 N x 3 x H x W images, at eval.batch_size, left on the device. A
+        pass named `what` (a one-off: the held-out side, the training split) says how far it is, so a
+        slow extractor (InceptionV3 on a CPU) never looks like a hang."""
         net, out = self._net(extractor), {}
-        for batch in rgb_u8.split(self.cfg.eval.batch_size):
+        batches = rgb_u8.split(self.cfg.eval.batch_size)
+        tell = what and len(batches) >= 8
+        t0 = time.time()
+        for i, batch in enumerate(batches):
+            if tell and i % max(1, len(batches) // 4) == 0:
+                log.info("%s: %d/%d images with %s (%.0f s)", what, i * self.cfg.eval.batch_size, len(rgb_u8),
+                         extractor.name, time.time() - t0)
             feats = net.convert_features_tuple_to_dict(net(batch.to(self.device, non_blocking=True)))
             for k, v in feats.items():
                 out.setdefault(k, []).append(v.float())
+        if tell:
+            log.info("%s: %d images done in %.0f s", what, len(rgb_u8), time.time() - t0)
         return {k: torch.cat(v) for k, v in out.items()}
 
-    def features(self, rgba_u8: torch.Tensor) -> torch.Tensor:
+    def features(self, rgba_u8: torch.Tensor, what: str = "") -> torch.Tensor:
         """N x F features of straight RGBA images (composited as for FID) at the layer FID uses."""
         rgb = composite(rgba_u8.to(self.device), self.cfg.eval.background)
-        return self._extract(self.extractor, rgb)[self.fid_layer].cpu()
+        return self._extract(self.extractor, rgb, what)[self.fid_layer].cpu()
 
     def _fake_features(self) -> torch.Tensor:
         """The features FID just computed for this evaluation's samples: the copy check reuses them
@@ -182,7 +192,7 @@ class Evaluator:
                     log.warning("ignoring unreadable real-features cache %s (%s)", path, e)
             if feats is None:
                 images = self.real_alpha if channel == "alpha" else self.real
-                feats = {k: v.cpu() for k, v in self._extract(extractor, images).items()}
+                feats = {k: v.cpu() for k, v in self._extract(extractor, images, f"held-out features ({channel})").items()}
                 self.real_reads += len(images)
                 buf = io.BytesIO()
                 torch.save(feats, buf)
@@ -196,8 +206,9 @@ class Evaluator:
     def _copy_reference(self, train_u8: torch.Tensor, holdout_u8: torch.Tensor) -> copies.CopyReference:
         key = {"extractor": self.extractor.name, "weights": self.extractor.weights_hash, "train": data.tensor_hash(train_u8),
                "background": self.cfg.eval.background, "batch_size": self.cfg.eval.batch_size}
-        train = copies.cached_features(self.cache_root / copies.cache_name(key), lambda: self.features(train_u8))
-        ref = copies.reference(train, self.features(holdout_u8), self.cfg.eval.copy_quantile)
+        train = copies.cached_features(self.cache_root / copies.cache_name(key),
+                                       lambda: self.features(train_u8, "copy check: training-split features"))
+        ref = copies.reference(train, self.features(holdout_u8, "copy check: held-out features"), self.cfg.eval.copy_quantile)
         why = ref.degenerate()
         if why:
             log.warning("copy check: %s", why)
