@@ -143,6 +143,8 @@ def _scored_row(run, metric: str | None) -> dict | None:
     """One run's ranking row from its hand-over score, or None when it has none."""
     d = run.data
     m = metric or d.params.get("selection.metric", "fid")
+    if d.tags.get("ganlab.study") or d.tags.get("ganlab.sweep"):
+        return None                    # a study's or sweep's parent: its best trial's score, not a generator of its own
     v, se = d.metrics.get(f"handover_{m}"), d.metrics.get(f"handover_{m}_se")
     if v is None or not math.isfinite(v) or d.tags.get("ganlab.handover_stale") == "true":
         return None                    # no score, or one of a generator.pt that has changed since (a resume)

@@ -231,7 +231,11 @@ def test_standard_fid_is_reported_beside_another_extractor_when_inception_weight
     noisy = (sprites[:12].float() + 80 * torch.randn(sprites[:12].shape)).clamp(0, 255).to(torch.uint8)
     m = ev.metrics_for(noisy)
     assert set(m) == {"fid", "fid_standard"} and m["fid"] != m["fid_standard"] and m["fid_standard"] > 0
-    assert ev.signature["standard_weights"] == extractors.file_hash(inception_weights)
+    # whether this machine has InceptionV3's weights must not split identical runs into two signatures:
+    # fid_standard is never selected on, so its weights are a tag, not part of the signature
+    assert "standard_weights" not in ev.signature and ev.describe()["eval.standard_weights"] == extractors.file_hash(inception_weights)
+    no_weights = protocol.Evaluator(auto_cfg(*base), sprites[:12], "cpu")
+    assert no_weights.signature_hash == ev.signature_hash
     off = protocol.Evaluator(auto_cfg(*base, f"eval.weights={inception_weights}", "eval.standard_fid=never"), sprites[:12], "cpu")
     assert set(off.metrics_for(noisy)) == {"fid"} and "standard_weights" not in off.signature
     with pytest.raises(extractors.EvalError, match="standard_fid is always"):

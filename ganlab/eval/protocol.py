@@ -110,8 +110,9 @@ class Evaluator:
         if self.extractor.recipe is not None:     # the domain encoder: how it was trained, and on what
             self.signature["extractor_recipe"] = self.extractor.recipe
         self.standard = standard(cfg, self.extractor)   # InceptionV3 for fid_standard, or None
-        if self.standard is not None:
-            self.signature["standard_weights"] = self.standard.weights_hash
+        # fid_standard (never selected on: metrics.SELECTABLE) depends on whether this machine has
+        # InceptionV3's weights; in the signature it would split identical runs on two machines into two
+        # signatures: its weights are a tag (describe) instead
         self.signature_hash = _hash(self.signature)
         # The hand-over protocol: fresh latents of its own (eval.handover_seed, never a selection seed),
         # its own sample count, several draws. It does not use the run's fixed latents, so their count
@@ -229,6 +230,8 @@ class Evaluator:
                 "eval.extractor": self.extractor.name, "eval.random_features": str(self.extractor.random).lower()}
         if self.extractor.recipe is not None:
             tags["eval.extractor_recipe"] = json.dumps(self.extractor.recipe, sort_keys=True)
+        if self.standard is not None:
+            tags["eval.standard_weights"] = self.standard.weights_hash
         if self.extractor.random:
             tags["eval.warning"] = "random InceptionV3 features: not standard FID; compare only within this signature"
         return tags
@@ -257,7 +260,7 @@ class Evaluator:
         t0 = time.time()
         n = num_samples or self.cfg.eval.num_samples
         z = torch.randn(n, self.cfg.model.nz, generator=torch.Generator().manual_seed(seed))
-        metrics = self.metrics_for(self._generate(g, z))
+        metrics = self.metrics_for(self._generate(g, z), seed=seed)   # fresh KID subsets too: their noise is in the spread
         self.seconds += time.time() - t0
         return metrics
 
@@ -267,14 +270,14 @@ class Evaluator:
         return [self.with_fresh_latents(g, seed=h["handover_seed"] + k, num_samples=h["handover_samples"])
                 for k in range(h["handover_draws"])]
 
-    def metrics_for(self, fake_u8: torch.Tensor) -> dict:
+    def metrics_for(self, fake_u8: torch.Tensor, seed: int | None = None) -> dict:
         """Metrics of straight-RGBA uint8 images against the held-out set (real side cached), named
         as in ganlab/metrics.py."""
         e = self.cfg.eval
         want = set(e.metrics)
         fake_u8 = fake_u8.to(self.device)
         fake = composite(fake_u8, e.background)
-        raw = self._fidelity(fake, "rgb", want)
+        raw = self._fidelity(fake, "rgb", want, seed=seed)
         out = {m.name: raw[m.fidelity_key] for m in TABLE if m.request in want}
         if e.fid_alpha:
             out["fid_alpha"] = self._fidelity(alpha_as_rgb(fake_u8), "alpha", {"fid"})["frechet_inception_distance"]
@@ -288,7 +291,7 @@ class Evaluator:
             key.pop(k, None)
         return "ganlab-real-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
-    def _fidelity(self, fake_rgb: torch.Tensor, channel: str, want: set, extractor=None) -> dict:
+    def _fidelity(self, fake_rgb: torch.Tensor, channel: str, want: set, extractor=None, seed: int | None = None) -> dict:
         """torch-fidelity's metric keys for uint8 N x 3 x H x W samples against the held-out side of
         `channel`, with torch-fidelity's defaults (KID: 100 subsets; IS: shuffled splits; PRC: k = 3)."""
         extractor = extractor or self.extractor
@@ -299,7 +302,7 @@ class Evaluator:
         fake, real = self._extract(extractor, fake_rgb), self._real_features(channel, extractor)
         if channel == "rgb" and extractor is self.extractor:
             self._last_fake_fid = fake[self.fid_layer]
-        seed, out = self.cfg.eval.seed, {}
+        seed, out = self.cfg.eval.seed if seed is None else seed, {}   # KID subsets, IS splits: per latent draw
         if "fid" in want:
             out["frechet_inception_distance"] = stats.fid(fake[layer["fid"]], real[layer["fid"]])
         if "kid" in want:
