@@ -74,7 +74,7 @@ def script_evaluations(monkeypatch, values, handover=(1.0, 1.2, 1.4)):
     hand-over score's draws return `handover`. Generation, selection and checkpoints are real."""
     from ganlab.eval import protocol
     it = iter(values)
-    monkeypatch.setattr(protocol.Evaluator, "metrics_for", lambda self, fake: {"fid": next(it)})
+    monkeypatch.setattr(protocol.Evaluator, "metrics_for", lambda self, fake, seed=None: {"fid": next(it)})
     monkeypatch.setattr(protocol.Evaluator, "handover_draws", lambda self, g: [{"fid": v} for v in handover])
 
 

@@ -172,7 +172,7 @@ def test_resume_refuses_a_changed_selection_rule_and_a_new_period_keeps_the_old_
     line. With --new-period the old period's best and kept generators move to period0/, and the final
     re-evaluation scores only the new period's."""
     values = iter([2.0, 1.0] + [5.0, 4.0] + [4.5, 3.9])      # period 0: 8, 16; period 1: 24, 32; re-evaluation of 32, 24
-    monkeypatch.setattr(protocol.Evaluator, "metrics_for", lambda self, fake: {"fid": next(values), "kid": 0.1})
+    monkeypatch.setattr(protocol.Evaluator, "metrics_for", lambda self, fake, seed=None: {"fid": next(values), "kid": 0.1})
     monkeypatch.setattr(protocol.Evaluator, "handover_draws", lambda self, g: [{"fid": 1.0, "kid": 0.1}] * 3)
     cfg = tiny_cfg("train.steps=32", "selection.keep_top=2", "eval.metrics=fid,kid", "selection.on_collapse=ignore")
     train.train(cfg, run_dir=tmp_path / "r", quiet=True, stop_at=16)
@@ -296,7 +296,7 @@ def test_keep_top_hands_over_the_winner_of_the_re_evaluation(tiny_cfg, monkeypat
     and it alone is then scored on the hand-over protocol (three more draws of its own latents)."""
     calls, images = [], []
     values = iter([2.0, 1.0, 1.5] + [1.3, 0.9, 1.1] + [1.15, 1.25, 1.2])   # evals, re-evaluation (16, 24, 8), hand-over
-    def scripted(self, fake):
+    def scripted(self, fake, seed=None):
         calls.append(len(fake))
         images.append(fake.clone())
         return {"fid": next(values)}
@@ -324,7 +324,7 @@ def test_a_run_without_keep_top_is_scored_on_the_handover_protocol_too(tiny_cfg,
     from latents of its own, which selection never saw."""
     calls = []
     values = iter([2.0, 1.0, 1.5] + [1.3, 1.5, 1.4])
-    monkeypatch.setattr(protocol.Evaluator, "metrics_for", lambda self, fake: calls.append(len(fake)) or {"fid": next(values)})
+    monkeypatch.setattr(protocol.Evaluator, "metrics_for", lambda self, fake, seed=None: calls.append(len(fake)) or {"fid": next(values)})
     res = train.train(tiny_cfg("selection.keep_top=1", "eval.handover_samples=48"), quiet=True)
     assert res.handed_over_step == 16 and calls == [32, 32, 32, 48, 48, 48]
     assert res.handover["handover_fid"] == pytest.approx(1.4) and res.handover["handover_fid_sd"] == pytest.approx(0.1)
@@ -385,7 +385,7 @@ def test_a_steady_improvement_late_in_a_run_still_counts(tiny_cfg, monkeypatch):
     path = [100 * 0.7 ** k for k in range(13)]
     fixed = iter(v * (1 + 0.005 * rng.gauss(0, 1)) for v in path)
     last = {}
-    def evaluation(self, fake):
+    def evaluation(self, fake, seed=None):
         last["v"] = next(fixed)
         return {"fid": last["v"]}
     monkeypatch.setattr(protocol.Evaluator, "metrics_for", evaluation)
@@ -420,7 +420,7 @@ def test_eval_max_share_skips_evaluations_over_budget_and_says_so(tiny_cfg, tmp_
     import time as time_mod
     from ganlab.eval import protocol as protocol_mod
     values = iter([3.0, 2.0, 1.0])
-    def slow(self, fake):
+    def slow(self, fake, seed=None):
         time_mod.sleep(0.3)            # an evaluation that costs far more than 8 tiny steps
         return {"fid": next(values)}
     monkeypatch.setattr(protocol_mod.Evaluator, "metrics_for", slow)

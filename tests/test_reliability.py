@@ -100,7 +100,7 @@ def test_a_corrupt_kept_generator_and_a_failed_handover_still_end_the_run(tiny_c
     and the run still finishes: `finished` event, MLflow run FINISHED, a model registered."""
     from ganlab.eval import protocol
     values = iter([3.0, 1.0, 2.0] + [2.5, 1.5])              # evaluations 8, 16, 24; re-evaluation of 24, 8
-    monkeypatch.setattr(protocol.Evaluator, "metrics_for", lambda self, fake: {"fid": next(values)})
+    monkeypatch.setattr(protocol.Evaluator, "metrics_for", lambda self, fake, seed=None: {"fid": next(values)})
     def oom(self, g):
         raise RuntimeError("CUDA out of memory (simulated)")
     monkeypatch.setattr(protocol.Evaluator, "handover_draws", oom)

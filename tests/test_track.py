@@ -258,7 +258,7 @@ def test_ranking_never_mixes_metrics(tracked, monkeypatch):
     from ganlab.eval import protocol
     def both(values, handover):
         it = iter(values)
-        monkeypatch.setattr(protocol.Evaluator, "metrics_for", lambda self, fake: dict(zip(("fid", "kid"), next(it))))
+        monkeypatch.setattr(protocol.Evaluator, "metrics_for", lambda self, fake, seed=None: dict(zip(("fid", "kid"), next(it))))
         monkeypatch.setattr(protocol.Evaluator, "handover_draws", lambda self, g: [{"fid": f, "kid": k} for f, k in handover])
     both([(5.0, 0.5), (4.0, 0.4), (4.5, 0.45)], [(4.3, 0.43), (4.4, 0.44), (4.5, 0.45)])
     fid_run = train.train(tracked("variant=fid", "eval.metrics=[fid,kid]"), quiet=True)

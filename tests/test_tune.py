@@ -85,7 +85,7 @@ def test_every_ranking_shows_the_handover_score_of_the_generator_handed_over(tmp
     write_base(tmp_path, script_extractor, **{"tracking.register_model": "true", "selection.keep_top": "3",
                                               "selection.on_collapse": "ignore"})
     values = iter([2.0, 1.0, 1.5, 3.0] + [1.3, 0.9, 1.1] + [1.15, 1.25, 1.2])
-    monkeypatch.setattr(protocol.Evaluator, "metrics_for", lambda self, fake: {"fid": next(values)})
+    monkeypatch.setattr(protocol.Evaluator, "metrics_for", lambda self, fake, seed=None: {"fid": next(values)})
     study_file = write_study(tmp_path, name="one", space={"train.lr_d": [2e-4]}, sampler="random", pruner="none", trials=1)
     assert cli.main(["tune", str(study_file), "--quiet"]) == 0
     trial = optuna.load_study(study_name="one", storage=f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}").trials[0]
@@ -132,7 +132,7 @@ def test_a_fully_trained_trial_completes_and_a_pruned_one_hands_over_nothing(tmp
     write_base(tmp_path, script_extractor, **{"tracking.register_model": "true"})
     ones = [1.0] * 4 + [1.0] * 3                          # four evaluations, then three hand-over draws
     values = iter(ones + ones + [1.0, 1.0, 1.0, 9.0] + [1.0] * 3 + [9.0])
-    monkeypatch.setattr(protocol.Evaluator, "metrics_for", lambda self, fake: {"fid": next(values)})
+    monkeypatch.setattr(protocol.Evaluator, "metrics_for", lambda self, fake, seed=None: {"fid": next(values)})
     lrs = [1e-4, 2e-4, 3e-4, 4e-4]
     study_file = write_study(tmp_path, name="last", space={"train.lr_d": lrs}, sampler="random", pruner="median",
                              trials=4, start_with=[{"train.lr_d": v} for v in lrs])
