@@ -30,6 +30,7 @@ another machine joins the study. A dead worker's trial is marked failed by Optun
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import socket
 import subprocess
@@ -43,6 +44,8 @@ from pathlib import Path
 from . import config as config_mod
 from . import metrics as metrics_mod
 from .errors import ConfigError
+
+log = logging.getLogger("ganlab")
 
 ALLOWED = {"base", "name", "set", "space", "sampler", "pruner", "trials", "seed", "storage", "heartbeat", "start_with", "timeout"}
 SAMPLERS = ("tpe", "random", "grid")
@@ -196,9 +199,13 @@ def open_study(spec: Spec, cfg, create: bool):
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)   # heartbeats: stable since 2.9
     retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=RETRIES)
 
-    def stale(study, trial):           # a dead worker's trial: its MLflow run says so, and its point is queued again
-        _mark_failed(cfg, trial)
-        retry(study, trial)
+    def stale(study, trial):           # a dead worker's trial: its point is queued again, and its MLflow run says so
+        retry(study, trial)            # first: the point must not be lost if MLflow errs
+        try:
+            _mark_failed(cfg, trial)
+        except Exception as e:         # a tracking error must not crash the worker outside Optuna's catch
+            log.error("trial %s: could not mark its MLflow run FAILED (%s: %s); its point is queued again",
+                      trial.number, e.__class__.__name__, str(e).splitlines()[0][:200] if str(e) else "")
     url = storage_url(spec, cfg)
     # sqlite: a write waits for another process's lock (default 5 s, then it raises). A heartbeat write
     # that raises ends Optuna's heartbeat thread silently, and a live worker's trial then looks dead.

@@ -449,3 +449,22 @@ def test_the_summary_shows_no_hand_over_score_for_a_pruned_trial():
     table = tune.format_rows(rows, "fid").splitlines()
     assert "| 6.69 +/- 0.05 |" in table[2]
     assert "| PRUNED | - |" in table[3] and "200: fid 85.6 against trials [0]" in table[3]
+
+
+def test_a_stale_trial_is_queued_again_even_when_mlflow_errs(tmp_path, script_extractor, monkeypatch):
+    """The stale-trial callback requeues the point first, then marks the MLflow run: a tracking store
+    that cannot be reached loses no point and does not crash the worker."""
+    monkeypatch.chdir(tmp_path)
+    write_base(tmp_path, script_extractor)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    spec = tune.load_spec(write_study(tmp_path, name="stale", sampler="random", space={"train.lr_d": [1e-4, 2e-4]}))
+    cfg = config.load(tmp_path / "base.yaml", ["tracking.enabled=true", "tracking.uri=http://127.0.0.1:9"])
+    study, _ = tune.open_study(spec, cfg, create=True)
+    trial = study.ask()
+    trial.suggest_categorical("train.lr_d", [1e-4, 2e-4])
+    trial.set_user_attr("run_id", "0" * 32)
+    frozen = study._storage.get_trial(trial._trial_id)
+    study._storage.get_heartbeat_stale_trial_callback()(study, frozen)      # as Optuna calls it
+    waiting = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.WAITING]
+    assert len(waiting) == 1 and waiting[0].params == frozen.params
