@@ -397,17 +397,38 @@ def pin_signature(study, cfg, spec: Spec):
     from .device import pick_device
     images = data.load_images(cfg.data, cfg.seed)
     ev = protocol.Evaluator(cfg, images.holdout, pick_device(cfg.train.device), images=images)
-    pinned = study.user_attrs.get(PINNED)
-    if pinned is None:
-        study.set_user_attr(PINNED, ev.handover_hash)
-        study.set_user_attr(PINNED_FIELDS, json.dumps(ev.handover, sort_keys=True))
-        return
+    pinned = claim_pin(study, ev.handover_hash, json.dumps(ev.handover, sort_keys=True))
     if pinned != ev.handover_hash:
         old = json.loads(study.user_attrs.get(PINNED_FIELDS, "{}"))
         diff = "; ".join(f"{k} {old.get(k)!r} here {ev.handover.get(k)!r}" for k in sorted(set(old) | set(ev.handover))
                          if old.get(k) != ev.handover.get(k)) or f"{pinned} here {ev.handover_hash}"
         raise ConfigError(f"{spec.path}: this worker's evaluation differs from study {spec.name!r}'s pinned hand-over "
                           f"protocol {pinned} (study {diff}); its scores would not be comparable, so it does not join")
+
+
+def claim_pin(study, value: str, fields: str, timeout: float = 60.0) -> str:
+    """The study's pinned hand-over signature, set once: the first worker to create the marker study
+    `<name>#pin` (the storage's unique study name makes that atomic, on sqlite and PostgreSQL alike)
+    writes its value; every other worker, however close behind, waits for it and reads it. A read-then-
+    set would let two workers starting together each pin their own, and the loser train in full."""
+    import optuna
+    pinned = study.user_attrs.get(PINNED)
+    if pinned is not None:
+        return pinned
+    try:
+        optuna.create_study(study_name=f"{study.study_name}#pin", storage=study._storage)
+    except optuna.exceptions.DuplicatedStudyError:   # another worker claimed it: wait for its value
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            pinned = optuna.load_study(study_name=study.study_name, storage=study._storage).user_attrs.get(PINNED)
+            if pinned is not None:
+                return pinned
+            time.sleep(0.2)
+        raise ConfigError(f"study {study.study_name!r}: another worker claimed the hand-over signature pin but "
+                          f"wrote none within {timeout:.0f} s")
+    study.set_user_attr(PINNED_FIELDS, fields)
+    study.set_user_attr(PINNED, value)
+    return value
 
 
 def _waiting(study) -> bool:

@@ -468,3 +468,23 @@ def test_a_stale_trial_is_queued_again_even_when_mlflow_errs(tmp_path, script_ex
     study._storage.get_heartbeat_stale_trial_callback()(study, frozen)      # as Optuna calls it
     waiting = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.WAITING]
     assert len(waiting) == 1 and waiting[0].params == frozen.params
+
+
+def test_two_workers_pinning_at_once_agree_on_one_signature(tmp_path):
+    """Workers starting together each claim the study's signature pin: exactly one value wins, and
+    every worker reads that one (a read-then-set would let each pin its own)."""
+    import threading
+    storage = f"sqlite:///{tmp_path / 'pin.db'}"
+    optuna.create_study(study_name="race", storage=storage)
+    barrier, got = threading.Barrier(4), {}
+    def worker(k):
+        study = optuna.load_study(study_name="race", storage=storage)
+        barrier.wait()
+        got[k] = tune.claim_pin(study, f"sig{k}", "{}")
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(got.values())) == 1 and got[0] in {f"sig{k}" for k in range(4)}
+    assert optuna.load_study(study_name="race", storage=storage).user_attrs[tune.PINNED] == got[0]
