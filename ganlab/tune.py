@@ -185,8 +185,17 @@ def suggest(trial, space: dict) -> dict:
 # ------------------------------------------------------------------------------------------ storage
 
 def storage_url(spec: Spec, cfg) -> str:
-    if spec.storage:
-        return spec.storage
+    from .track import is_local, tracking_uri
+    url = spec.storage or ""
+    shared = cfg.tracking.enabled and not is_local(tracking_uri(cfg))
+    if shared and (not url or url.startswith("sqlite")):
+        # a team tracking server means workers on several machines; sqlite's file (and AskTurn's lock)
+        # is one machine's, so a worker elsewhere would silently start a study of its own
+        raise ConfigError(f"{spec.path}: study {spec.name!r} tracks to a shared server ({tracking_uri(cfg)}) but keeps "
+                          f"its trials in sqlite ({url or 'the default, under tracking.runs_dir'}), which workers on other "
+                          f"machines cannot share: set `storage: postgresql://...` (docs/tuning.md)")
+    if url:
+        return url
     root = Path(cfg.tracking.runs_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'optuna.db'}"

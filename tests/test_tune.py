@@ -488,3 +488,14 @@ def test_two_workers_pinning_at_once_agree_on_one_signature(tmp_path):
         t.join()
     assert len(set(got.values())) == 1 and got[0] in {f"sig{k}" for k in range(4)}
     assert optuna.load_study(study_name="race", storage=storage).user_attrs[tune.PINNED] == got[0]
+
+
+def test_sqlite_storage_is_refused_for_a_study_tracked_to_a_team_server(tmp_path, script_extractor, monkeypatch, capsys):
+    """A team tracking server means workers on several machines; a sqlite study file is one machine's,
+    so a worker elsewhere would silently start another study: refused in one line naming PostgreSQL."""
+    monkeypatch.chdir(tmp_path)
+    write_base(tmp_path, script_extractor, **{"tracking.uri": "http://127.0.0.1:9"})
+    study_file = write_study(tmp_path, name="team", sampler="random", space={"train.lr_d": [1e-4, 2e-4]})
+    assert cli.main(["tune", str(study_file), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "postgresql://" in err[0] and "sqlite" in err[0], err
