@@ -240,3 +240,16 @@ def test_standard_fid_is_reported_beside_another_extractor_when_inception_weight
     assert set(off.metrics_for(noisy)) == {"fid"} and "standard_weights" not in off.signature
     with pytest.raises(extractors.EvalError, match="standard_fid is always"):
         protocol.Evaluator(auto_cfg(*base, "eval.standard_fid=always"), sprites[:12], "cpu")
+
+
+def test_a_damaged_cached_encoder_is_trained_again_not_used(auto_cfg, caplog):
+    """A truncated encoder file in the cache (a full disk, a killed copy) is checked against the hash
+    in its name, said in one warning, and replaced; it is never used."""
+    import logging
+    cfg = auto_cfg()
+    path, _ = encoder.ensure(cfg)
+    assert encoder.damaged(path) == ""
+    path.write_bytes(path.read_bytes()[:1000])
+    with caplog.at_level(logging.WARNING, logger="ganlab"):
+        again, _ = encoder.ensure(cfg)
+    assert encoder.damaged(again) == "" and any("unreadable" in r.getMessage() for r in caplog.records)

@@ -163,6 +163,18 @@ def weights_hash(module: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def damaged(path: Path) -> str:
+    """Why a cached encoder file cannot be trusted ("" = it can): unreadable (truncated, not TorchScript),
+    no card beside it, or weights whose hash is not the one in its name (encoder-<hash>.pt)."""
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+        json.loads(path.with_suffix(".json").read_text())
+    except Exception as e:
+        return f"unreadable ({e.__class__.__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+    h = weights_hash(module)
+    return "" if path.stem == f"encoder-{h}" else f"not what its name says (weights hash {h})"
+
+
 def export(enc: Encoder, out_dir: Path, card: dict) -> Path:
     """TorchScript file named by the hash of its weights, and its JSON card beside it."""
     buf = io.BytesIO()
@@ -210,8 +222,10 @@ def ensure(cfg, device="cpu", images: data.ImageSet | None = None) -> tuple[Path
     with FileLock(str(index) + ".lock"):
         if index.exists():
             path = root / json.loads(index.read_text())["file"]
-            if path.exists():
+            why = damaged(path) if path.exists() else "missing"
+            if not why:
                 return path, json.loads(path.with_suffix(".json").read_text())
+            log.warning("domain encoder %s is %s: fetching or training it again", path, why)
         path = fetch_published(cfg, key, root) if cfg.tracking.enabled else None
         if path is None:
             log.info("training the domain encoder for %s (first use; %d steps on %s; cached by data hash)",
