@@ -181,7 +181,10 @@ class Trainer:
         self.sn = models.spectral_norms(self.d) if self.lean else []
         compiled = torch.compile if t.compile else (lambda net: net)
         self.g_fwd = compiled(distributed.wrap(self.g, device, share))
-        self.d_fwd = compiled(distributed.wrap(self.d, device, share))
+        # the penalties (R1, gradient penalty) differentiate D's gradient: AOTAutograd refuses that
+        # double backward, so they run D eagerly (the same module, in the same DDP wrapper)
+        self.d_eager = distributed.wrap(self.d, device, share)
+        self.d_fwd = compiled(self.d_eager)
         # D as G's loss sees it: frozen, so outside DDP (it has no gradients to average, and a DDP
         # forward would wait for a backward that never reaches D's weights)
         self.d_for_g = compiled(self.d) if share.world > 1 else self.d_fwd
@@ -237,9 +240,9 @@ class Trainer:
                     if t.bcr_weight:
                         loss_d = loss_d + t.bcr_weight * self._bcr(x_real, x_fake, d_real, d_fake)
                     if t.loss == "wgan-gp" and t.gp_lambda:
-                        loss_d = loss_d + t.gp_lambda * losses.gradient_penalty(self.d_fwd, real, fake, self.rng, self.share)
+                        loss_d = loss_d + t.gp_lambda * losses.gradient_penalty(self.d_eager, real, fake, self.rng, self.share)
                     if self.r1_gamma and i % t.r1_every == 0:
-                        loss_d = loss_d + 0.5 * self.r1_gamma * t.r1_every * losses.r1_penalty(self.d_fwd, real)
+                        loss_d = loss_d + 0.5 * self.r1_gamma * t.r1_every * losses.r1_penalty(self.d_eager, real)
             self.opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             gn_d = self._clip(self.d, t.clip_norm_d, t.clip_value_d)

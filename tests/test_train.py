@@ -1,3 +1,4 @@
+import math
 import pytest
 import torch
 
@@ -296,3 +297,13 @@ def test_ada_rt_and_chance_share_tell_a_winning_d_from_a_d_at_chance(tiny_cfg):
     assert win["ada_rt"] > 0.9 and win["d_accuracy"] > 0.9 and win["d_chance"] == 0.0, win
     at_chance = last_interval("train.lr_d=1e-12", "train.lr_g=0.002")
     assert at_chance["d_chance"] == 1.0 and at_chance["d_accuracy"] <= trainer.CHANCE_ACCURACY, at_chance
+
+
+def test_compiled_step_works_with_r1(tiny_cfg, monkeypatch):
+    """train.compile with R1: AOTAutograd refuses R1's double backward through a compiled D, so the
+    penalties run D eagerly. aot_eager is the compile path up to AOTAutograd without C++ codegen
+    (inductor would take a minute here); it raises without the fix."""
+    import functools
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    tr, diags = steps(tiny_cfg("train.compile=true", "train.r1_gamma=1.0", "model.d_norm=none", "train.loss=hinge"), n=2)
+    assert all(math.isfinite(d["loss_d"]) for d in diags)
