@@ -253,3 +253,17 @@ def test_a_damaged_cached_encoder_is_trained_again_not_used(auto_cfg, caplog):
     with caplog.at_level(logging.WARNING, logger="ganlab"):
         again, _ = encoder.ensure(cfg)
     assert encoder.damaged(again) == "" and any("unreadable" in r.getMessage() for r in caplog.records)
+
+
+def test_a_failed_encoder_upload_leaves_a_failed_run_not_a_running_one(auto_cfg, tmp_path):
+    import mlflow
+    from ganlab import track
+    cfg = auto_cfg("tracking.enabled=true", f"tracking.uri=sqlite:///{tmp_path / 'team.db'}")
+    path = encoder.build(cfg, out_dir=tmp_path / "enc")
+    client = mlflow.MlflowClient(track.tracking_uri(cfg))
+    (tmp_path / "not_a_folder").write_text("x")                  # artifacts cannot be written under a file
+    client.create_experiment(encoder.ENCODERS, artifact_location=str(tmp_path / "not_a_folder" / "artifacts"))
+    with pytest.raises(Exception):
+        encoder.publish(cfg, "somekey", path)
+    runs = client.search_runs([client.get_experiment_by_name(encoder.ENCODERS).experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"] and "upload failed" in runs[0].data.tags["ganlab.end_reason"]

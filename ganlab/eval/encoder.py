@@ -288,8 +288,13 @@ def publish(cfg, key: str, path: Path) -> Path | None:
         run = client.create_run(exp_id, run_name=f"encoder-{key}", tags={
             "ganlab.encoder_key": key, "ganlab.encoder_file": path.name, "data.hash": card["data_hash"],
             "ganlab.encoder_recipe": json.dumps(card["recipe"], sort_keys=True)})
-        for f in (path, path.with_suffix(".json")):
-            client.log_artifact(run.info.run_id, str(f), "encoder")
+        try:
+            for f in (path, path.with_suffix(".json")):
+                client.log_artifact(run.info.run_id, str(f), "encoder")
+        except BaseException as e:     # an upload that fails leaves a FAILED run, never a RUNNING one
+            client.set_tag(run.info.run_id, "ganlab.end_reason", f"upload failed: {e.__class__.__name__}: {e}"[:500])
+            client.set_terminated(run.info.run_id, "FAILED")
+            raise
         client.set_terminated(run.info.run_id, "FINISHED")
         first = _first_published(client, exp_id, key)
     if first.data.tags["ganlab.encoder_file"] == path.name:
