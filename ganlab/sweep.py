@@ -94,7 +94,6 @@ def _variant_config(good: dict, label: str, extra_sets=()):
 
 
 def run_sweep(path, extra_sets=(), quiet=False, only=(), workers: int = 1, devices: str = "") -> list[dict]:
-    import mlflow
     from . import track, tune
     spec, bad, first, order = sweep_spec(path, extra_sets, only)
     rows = []
@@ -107,6 +106,14 @@ def run_sweep(path, extra_sets=(), quiet=False, only=(), workers: int = 1, devic
     if parent is None and client is not None:           # every variant broken: still one parent that says so
         exp_id = track.ensure_experiment(client, first.name, track.tracking_uri(first), first.tracking.runs_dir)
         parent = client.create_run(exp_id, run_name=f"sweep-{Path(path).stem}", tags={"ganlab.sweep": str(path)}).info.run_id
+    with tune.ends_parent(first, parent):
+        return _finish_sweep(rows, bad, order, first, client, parent)
+
+
+def _finish_sweep(rows, bad, order, first, client, parent) -> list[dict]:
+    """The failed variants' rows, the table on stdout and on the parent run, and the parent's end."""
+    import mlflow
+    from . import track
     for label, err in bad:
         rows.append(_failed_variant(label, err, client, parent))
     rows.sort(key=lambda r: order.index(r["variant"]))

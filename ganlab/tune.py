@@ -37,6 +37,7 @@ import subprocess
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 from pathlib import Path
@@ -475,21 +476,42 @@ def execute(spec: Spec, workers: int = 1, devices: str = "", extra_sets=(), quie
     else:
         _wait_ready(study, spec)
     parent = study.user_attrs.get(PARENT)
-    if workers <= 1 and not devices:
-        work(spec, extra_sets, quiet)
-    else:
-        _spawn(spec, workers, devices, list(worker_args) + [a for s in extra_sets for a in ("--set", s)])
-    optuna.storages.fail_stale_trials(study)           # a dead worker's trial: FAIL, and its point queued again
-    if _waiting(study):                                # ... which nobody is left to run: run it here
-        work(spec, extra_sets, quiet)
+    with ends_parent(cfg0, parent if created else None):   # the launcher's parent never stays RUNNING
+        if workers <= 1 and not devices:
+            work(spec, extra_sets, quiet)
+        else:
+            _spawn(spec, workers, devices, list(worker_args) + [a for s in extra_sets for a in ("--set", s)])
+        optuna.storages.fail_stale_trials(study)           # a dead worker's trial: FAIL, and its point queued again
+        if _waiting(study):                                # ... which nobody is left to run: run it here
+            work(spec, extra_sets, quiet)
     return study, parent, cfg0
+
+
+@contextmanager
+def ends_parent(cfg, parent: str | None):
+    """A study's or sweep's parent MLflow run ends FAILED (an error) or KILLED (an interrupt), with the
+    reason, when what runs inside fails; it is left alone otherwise (its summary ends it)."""
+    try:
+        yield
+    except BaseException as e:
+        if parent is not None and cfg.tracking.enabled:
+            from . import track
+            status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+            try:
+                client = track.open_client(track.tracking_uri(cfg))
+                track.with_retry(client.set_tag, parent, "ganlab.end_reason", f"{e.__class__.__name__}: {e}"[:500])
+                track.with_retry(client.set_terminated, parent, status)
+            except Exception as err:   # the original error matters more; say this one
+                log.error("could not end the parent run %s as %s (%s)", parent, status, err)
+        raise
 
 
 def run_study(spec: Spec, workers: int = 1, devices: str = "", extra_sets=(), quiet=True, worker_args=()) -> list[dict]:
     """`ganlab tune`: the study, its trials summarised on stdout and on the parent run."""
     study, parent, cfg0 = execute(spec, workers, devices, extra_sets, quiet, worker_args=worker_args)
-    rows = summarise(study)
-    _log_summary(cfg0, parent, rows, study)
+    with ends_parent(cfg0, parent):
+        rows = summarise(study)
+        _log_summary(cfg0, parent, rows, study)
     return rows
 
 

@@ -499,3 +499,20 @@ def test_sqlite_storage_is_refused_for_a_study_tracked_to_a_team_server(tmp_path
     assert cli.main(["tune", str(study_file), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "postgresql://" in err[0] and "sqlite" in err[0], err
+
+
+def test_a_study_whose_workers_fail_ends_its_parent_run_failed(tmp_path, script_extractor, monkeypatch):
+    """The launcher's parent run must not stay RUNNING when the work under it fails."""
+    monkeypatch.chdir(tmp_path)
+    write_base(tmp_path, script_extractor)
+    spec = tune.load_spec(write_study(tmp_path, name="broken", sampler="random", space={"train.lr_d": [1e-4, 2e-4]}))
+    def crash(*a, **k):
+        raise RuntimeError("the worker machine caught fire")
+    monkeypatch.setattr(tune, "work", crash)
+    with pytest.raises(RuntimeError):
+        tune.run_study(spec, quiet=True)
+    cfg = config.load(tmp_path / "base.yaml")
+    client = mlflow.MlflowClient(tracking_uri(cfg))
+    parents = [r for r in client.search_runs([client.get_experiment_by_name("tunes").experiment_id])
+               if r.data.tags.get("ganlab.study") == "broken"]
+    assert [p.info.status for p in parents] == ["FAILED"] and "caught fire" in parents[0].data.tags["ganlab.end_reason"]
