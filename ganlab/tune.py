@@ -287,7 +287,8 @@ def objective(spec: Spec, parent: str | None, extra_sets=(), quiet=True):
             trial.set_user_attr("worker", worker)
             if run_id:
                 from . import track
-                track.open_client(track.tracking_uri(cfg)).set_tag(run_id, "ganlab.worker", worker)
+                # retried like every other write: several workers on one sqlite store meet "database is locked"
+                track.with_retry(track.open_client(track.tracking_uri(cfg)).set_tag, run_id, "ganlab.worker", worker)
 
         def evaluated(step, m, last):
             trial.report(m[metric], step)
