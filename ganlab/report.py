@@ -92,6 +92,12 @@ def metric_figure(runs: list[tuple[str, list, list]], metric: str, min_delta, ou
             continue
         line, = ax.plot(xs, ys, marker="o", label=name)
         best = next((e for e in reversed(events) if e["kind"] == "improved"), None)
+        if len(runs) > 1:              # several runs: mark what each hands over, not its selection best
+            step = handed_over_step(events)
+            if step is not None and step in xs:
+                ax.plot([step], [ys[xs.index(step)]], marker="*", markersize=16, color=line.get_color(),
+                        label=f"{name}: handed over step {step}")
+            continue
         if best is not None:
             ax.plot([best["step"]], [best[metric]], marker="*", markersize=16, color=line.get_color(),
                     label=f"{name}: best {best[metric]:.4g} at step {best['step']}")
@@ -142,6 +148,11 @@ def handed_over_step(events: list[dict]) -> int | None:
     return next((e["step"] for e in reversed(events) if e["kind"] == "improved"), None)
 
 
+def _handover_signature(events: list[dict]) -> str:
+    ho = next((e for e in reversed(events) if e["kind"] == "handover"), None)
+    return ho.get("signature", "") if ho else ""
+
+
 def _handover_text(events: list[dict], metric: str) -> str:
     ho = next((e for e in reversed(events) if e["kind"] == "handover"), None)
     if ho is None or f"handover_{metric}" not in ho:
@@ -181,10 +192,14 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> Path:
         body += [f"<tr><td>{html.escape(k)}</td><td>{html.escape(a)}</td><td>{html.escape(b)}</td></tr>" for k, a, b in diff[1:]]
         body += ["</table>"]
     else:
+        sigs = [_handover_signature(ev) for _, _, ev in runs]
         body += [f"<h2>Runs</h2><table><tr><th>run</th><th>hand-over {html.escape(metric)} &plusmn; se</th>"
-                 f"<th>outcome</th></tr>"]
-        body += [f"<tr><td>{html.escape(r.name)}</td><td>{_handover_text(ev, metric)}</td><td>{_run_summary(ev)}</td></tr>"
-                 for r, (_, _, ev) in zip(run_dirs, runs)]
+                 f"<th>hand-over signature</th><th>outcome</th></tr>"]
+        body += [f"<tr><td>{html.escape(r.name)}</td><td>{_handover_text(ev, metric)}</td><td>{html.escape(sig or '-')}</td>"
+                 f"<td>{_run_summary(ev)}</td></tr>" for r, (_, _, ev), sig in zip(run_dirs, runs, sigs)]
+        if len({s for s in sigs if s}) > 1:
+            body += ["<p><b>These runs were scored under different hand-over signatures: their scores are not "
+                     "comparable with each other</b> (docs/selection.md).</p>"]
         body += ["</table><h2>The generator each run hands over</h2><div class='grids'>"]
         for r, (_, _, ev) in zip(run_dirs, runs):
             step = handed_over_step(ev)

@@ -50,3 +50,18 @@ def test_report_of_a_run_with_a_rollback_loads_in_a_real_browser(tiny_cfg, monke
     assert cli.main(["report", str(res.run_dir), str(res.run_dir), "--out", str(tmp_path / "cmp")]) == 0
     cmp = open_in_browser(tmp_path / "cmp" / "report.html")
     assert cmp["errors"] == [] and all(c and w > 0 for _, c, w in cmp["images"])
+
+
+def test_a_multi_run_report_names_each_hand_over_signature_and_warns_when_they_differ(tiny_cfg, monkeypatch, tmp_path):
+    """Several runs on one page: each hand-over score beside its signature, and a warning when the
+    signatures differ (the scores are then not comparable)."""
+    from ganlab import report
+    script_evaluations(monkeypatch, [3.0, 2.0, 2.5])
+    a = train.train(tiny_cfg(), run_dir=tmp_path / "a", quiet=True)
+    script_evaluations(monkeypatch, [3.0, 2.0, 2.5])
+    b = train.train(tiny_cfg("eval.num_samples=24"), run_dir=tmp_path / "b", quiet=True)   # another hand-over protocol
+    page = report.write_report([a.run_dir, b.run_dir], tmp_path / "both").read_text()
+    assert a.handover_signature in page and b.handover_signature in page and a.handover_signature != b.handover_signature
+    assert "not comparable" in page
+    same = report.write_report([a.run_dir, a.run_dir], tmp_path / "same").read_text()
+    assert "not comparable" not in same
