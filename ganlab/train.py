@@ -99,6 +99,8 @@ def train(
             if run.final_eval_due():
                 run.evaluate_and_select()
         except KeyboardInterrupt:      # a second Ctrl-C, SIGTERM, or any Ctrl-C under several processes
+            if run.share.main and hasattr(run, "events"):
+                run.wait_for_checkpoint()
             run.end_tracking("KILLED", f"interrupted at step {run.step}")
             raise
         except BaseException as e:
@@ -176,6 +178,7 @@ class Run:
         self.on_eval = None            # a pruner's question after each evaluation (see train())
         self.run_id = None
         self.tracking_ended = False    # end_tracking() ran (or finish() ended the run)
+        self._writer = None            # the last.pt write in flight: (thread, its outcome, its step)
         self.t_start = self.t_log = time.time()
 
     # ---- resume or start
@@ -429,24 +432,47 @@ class Run:
                 "config": config_mod.to_yaml(self.cfg), "mlflow_run_id": self.run_id, "world_size": self.share.world,
                 "signature": ev.signature_hash, "signature_fields": dict(ev.signature)}
 
-    def save_last(self):
+    def save_last(self, wait: bool = False):
+        """last.pt, written in the background: the state is copied to host memory here (training goes
+        on changing the live tensors), then serialised, hashed, fsynced and renamed by a thread while
+        the next steps train. One write at a time; a failed write is said at the next save or at the end."""
         if not self.share.main:
             return
-        try:
-            checkpoint.save(self.run_dir / "last.pt", self._state(), keep_previous=True)
-        except OSError as e:
-            self.events.emit(self.step, "error", f"could not write last.pt ({e}); the previous checkpoint is kept")
+        self.wait_for_checkpoint()
+        state, box = snapshot(self._state()), {}
+
+        def write():
+            try:
+                checkpoint.save(self.run_dir / "last.pt", state, keep_previous=True)
+            except OSError as e:
+                box["error"] = e
+        self._writer = (threading.Thread(target=write, name="ganlab-checkpoint"), box, self.step)
+        self._writer[0].start()
+        if wait:
+            self.wait_for_checkpoint()
+
+    def wait_for_checkpoint(self):
+        """Join the last.pt write in flight, if any, and say if it failed."""
+        if self._writer is None:
+            return
+        thread, box, step = self._writer
+        thread.join()
+        self._writer = None
+        if "error" in box:
+            self.events.emit(step, "error", f"could not write last.pt ({box['error']}); the previous checkpoint is kept")
 
     # ---- finish
     def interrupt(self):
         self.progress.close()
-        self.save_last()
+        self.save_last(wait=True)
         self.events.emit(self.step, "error", f"interrupted at step {self.step}; resume with: ganlab train --resume {self.run_dir}")
         self.end_tracking("KILLED", f"interrupted at step {self.step}")
         raise KeyboardInterrupt
 
     def fail(self, e: BaseException):
         self.progress.close()
+        if self.share.main and hasattr(self, "events"):
+            self.wait_for_checkpoint()
         if hasattr(self, "events"):    # begin() may have failed before the event log existed
             self.events.emit(self.step, "error", f"{e.__class__.__name__}: {e}")
         self.end_tracking("FAILED", f"{e.__class__.__name__}: {e}")
@@ -465,7 +491,7 @@ class Run:
 
     def finish(self) -> RunResult:
         self.progress.close()
-        self.save_last()
+        self.save_last(wait=True)
         sel, ev = self.selector, self.evaluator
         reason = self.stopped or ("finished" if self.step >= self.cfg.train.steps else "paused")
         handed, score = sel.best_step, {}
@@ -599,6 +625,17 @@ def signature_change(state: dict, evaluator) -> str:
     new = evaluator.signature
     keys = sorted(k for k in set(fields) | set(new) if fields.get(k) != new.get(k))
     return "; ".join(f"{k} {fields.get(k)!r} -> {new.get(k)!r}" for k in keys)
+
+
+def snapshot(obj):
+    """A copy of a state with every tensor in host memory, detached from the live one."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v) for v in obj)
+    return obj
 
 
 class Silent:

@@ -329,3 +329,29 @@ def test_no_run_is_left_running(tiny_cfg, tmp_path, where):
     assert run.info.status == ("FAILED" if where == "on_start" else "KILLED")
     assert ("could not record" in run.data.tags["ganlab.end_reason"]) if where == "on_start" else \
         run.data.tags["ganlab.end_reason"].startswith("interrupted at step")
+
+
+def test_last_checkpoint_is_written_in_the_background_from_a_snapshot(tiny_cfg, tmp_path, monkeypatch):
+    """save_last returns while the write is still in flight (the step does not wait for hashing and
+    fsync), and what lands is the state at the save, not the weights trained after it."""
+    import threading
+    from ganlab import train as train_mod
+    run = train_mod.Run(tiny_cfg(), tmp_path / "r", quiet=True, tracker=None)
+    run.begin(resume=False, new_period=False, experiment_file="")
+    run.train_step()
+    at_save = {k: v.clone() for k, v in run.trainer.g.state_dict().items()}
+    gate, orig = threading.Event(), checkpoint._write_all
+    def held(f, data):
+        gate.wait(30)
+        orig(f, data)
+    monkeypatch.setattr(checkpoint, "_write_all", held)
+    run.save_last()
+    assert run._writer is not None and run._writer[0].is_alive()          # returned with the write in flight
+    for _ in range(3):
+        run.train_step()                                                  # training goes on meanwhile
+    gate.set()
+    run.wait_for_checkpoint()
+    saved = checkpoint.load(tmp_path / "r" / "last.pt")
+    assert saved["step"] == 1
+    assert all(torch.equal(saved["trainer"]["g"][k], v) for k, v in at_save.items())
+    assert any(not torch.equal(run.trainer.g.state_dict()[k].cpu(), v) for k, v in at_save.items())
