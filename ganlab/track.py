@@ -428,7 +428,8 @@ def register_generator(tracker, run_dir: Path):
         # a champion scored under another hand-over protocol is not comparable: it keeps the alias
         same = champ.tags.get("eval.handover_signature") == sig
         key = select.rank_key(metric_mode(cfg))
-        beats = same and (math.isnan(old) or key(value) < key(old))
+        # nor is one without a score of this metric (selected on another): a missing score is not a bad one
+        beats = same and not math.isnan(old) and key(value) < key(old)
     if beats and value is not None:
         with_retry(client.set_registered_model_alias, name, "champion", mv.version)
     return mv

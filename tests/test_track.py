@@ -291,3 +291,19 @@ def test_a_resumed_run_is_not_ranked_on_its_old_score(tracked, monkeypatch, tmp_
     assert res.run_id == first.run_id
     rows = sources.rank_runs(experiment="exp", uri=uri)["rows"]
     assert [r["score"] for r in rows] == [pytest.approx(1.2)]
+
+
+def test_the_champion_alias_never_moves_across_metrics(tracked, monkeypatch):
+    """A champion selected and scored on KID has no hand-over FID: a FID run cannot 'beat' a missing
+    score (it once read as NaN and lost to anything), so the alias stays."""
+    from ganlab.eval import protocol
+    def both(values, handover):
+        it = iter(values)
+        monkeypatch.setattr(protocol.Evaluator, "metrics_for", lambda self, fake, seed=None: dict(zip(("fid", "kid"), next(it))))
+        monkeypatch.setattr(protocol.Evaluator, "handover_draws", lambda self, g: [{"fid": f, "kid": k} for f, k in handover])
+    both([(5.0, 0.02), (4.0, 0.01), (4.5, 0.015)], [(4.3, 0.011), (4.4, 0.012), (4.5, 0.013)])
+    kid_run = train.train(tracked("tracking.register_model=true", "eval.metrics=[fid,kid]", "selection.metric=kid"), quiet=True)
+    both([(3.0, 0.5), (2.0, 0.4), (2.5, 0.45)], [(2.1, 0.41), (2.2, 0.42), (2.3, 0.43)])
+    train.train(tracked("tracking.register_model=true", "eval.metrics=[fid,kid]"), quiet=True)
+    c = mlflow.MlflowClient(tracking_uri(tracked()))
+    assert c.get_model_version_by_alias("exp", "champion").run_id == kid_run.run_id
