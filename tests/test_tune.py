@@ -456,10 +456,9 @@ def test_a_stale_trial_is_queued_again_even_when_mlflow_errs(tmp_path, script_ex
     that cannot be reached loses no point and does not crash the worker."""
     monkeypatch.chdir(tmp_path)
     write_base(tmp_path, script_extractor)
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     spec = tune.load_spec(write_study(tmp_path, name="stale", sampler="random", space={"train.lr_d": [1e-4, 2e-4]}))
-    cfg = config.load(tmp_path / "base.yaml", ["tracking.enabled=true", "tracking.uri=http://127.0.0.1:9"])
+    (tmp_path / "a_file").write_text("x")             # a tracking store that cannot be opened (a folder under a file)
+    cfg = config.load(tmp_path / "base.yaml", ["tracking.enabled=true", f"tracking.uri=sqlite:///{tmp_path / 'a_file' / 'm.db'}"])
     study, _ = tune.open_study(spec, cfg, create=True)
     trial = study.ask()
     trial.suggest_categorical("train.lr_d", [1e-4, 2e-4])
