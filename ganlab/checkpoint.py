@@ -11,6 +11,7 @@ import hashlib
 import io
 import os
 import pickle
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -69,8 +70,28 @@ def save(path: str | Path, state: dict, keep_previous: bool = False):
                 "blob": torch.frombuffer(bytearray(blob), dtype=torch.uint8)}, env)
     path = Path(path)
     if keep_previous and path.exists():
-        os.replace(path, previous_path(path))   # atomic writes mean the file being moved is complete
+        keep_as_previous(path)
     atomic_write_bytes(path, env.getvalue())
+
+
+def keep_as_previous(path: Path):
+    """`<name>.prev` becomes the current file, which stays where it is: a hard link (a copy where links
+    are refused) put in place by a rename. `path` is never missing, even for a kill between this and
+    the new file's rename (moving it aside would leave that window open for a whole write and fsync)."""
+    prev = previous_path(path)
+    if prev.exists() and os.path.samefile(path, prev):
+        return                         # already (the last write failed): and rename() of a link onto its twin is a no-op
+    tmp = prev.with_name(f".{prev.name}.{os.getpid()}.tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(path, tmp)
+        except OSError:
+            shutil.copy2(path, tmp)
+        os.replace(tmp, prev)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def previous_path(path: str | Path) -> Path:

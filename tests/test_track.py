@@ -251,15 +251,22 @@ def test_champion_lookup_tells_no_champion_from_an_error(tmp_path, monkeypatch):
         track.champion(mlflow.MlflowClient("http://127.0.0.1:9"), "m", delay=0.01)
 
 
-def test_ranking_never_mixes_metrics(tracked, monkeypatch):
-    """A run selected (and scored) on KID, ~0.01, must not outrank FID runs: rankings compare one
-    metric under one signature; the other metric is named, not mixed in."""
-    from ganlab import sources
+def scripted_fid_kid(monkeypatch):
+    """both(values, handover): the run's evaluations return these (fid, kid) pairs in order, its
+    hand-over draws these."""
     from ganlab.eval import protocol
     def both(values, handover):
         it = iter(values)
         monkeypatch.setattr(protocol.Evaluator, "metrics_for", lambda self, fake, seed=None: dict(zip(("fid", "kid"), next(it))))
         monkeypatch.setattr(protocol.Evaluator, "handover_draws", lambda self, g: [{"fid": f, "kid": k} for f, k in handover])
+    return both
+
+
+def test_ranking_never_mixes_metrics(tracked, monkeypatch):
+    """A run selected (and scored) on KID, ~0.01, must not outrank FID runs: rankings compare one
+    metric under one signature; the other metric is named, not mixed in."""
+    from ganlab import sources
+    both = scripted_fid_kid(monkeypatch)
     both([(5.0, 0.5), (4.0, 0.4), (4.5, 0.45)], [(4.3, 0.43), (4.4, 0.44), (4.5, 0.45)])
     fid_run = train.train(tracked("variant=fid", "eval.metrics=[fid,kid]"), quiet=True)
     both([(5.0, 0.02), (4.0, 0.01), (4.5, 0.015)], [(4.3, 0.011), (4.4, 0.012), (4.5, 0.013)])
@@ -296,11 +303,7 @@ def test_a_resumed_run_is_not_ranked_on_its_old_score(tracked, monkeypatch, tmp_
 def test_the_champion_alias_never_moves_across_metrics(tracked, monkeypatch):
     """A champion selected and scored on KID has no hand-over FID: a FID run cannot 'beat' a missing
     score (it once read as NaN and lost to anything), so the alias stays."""
-    from ganlab.eval import protocol
-    def both(values, handover):
-        it = iter(values)
-        monkeypatch.setattr(protocol.Evaluator, "metrics_for", lambda self, fake, seed=None: dict(zip(("fid", "kid"), next(it))))
-        monkeypatch.setattr(protocol.Evaluator, "handover_draws", lambda self, g: [{"fid": f, "kid": k} for f, k in handover])
+    both = scripted_fid_kid(monkeypatch)
     both([(5.0, 0.02), (4.0, 0.01), (4.5, 0.015)], [(4.3, 0.011), (4.4, 0.012), (4.5, 0.013)])
     kid_run = train.train(tracked("tracking.register_model=true", "eval.metrics=[fid,kid]", "selection.metric=kid"), quiet=True)
     both([(3.0, 0.5), (2.0, 0.4), (2.5, 0.45)], [(2.1, 0.41), (2.2, 0.42), (2.3, 0.43)])
