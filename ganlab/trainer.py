@@ -178,7 +178,8 @@ class Trainer:
         self.g_ema = copy.deepcopy(self.g).requires_grad_(False) if t.ema_halflife and share.main else None
         # Without batch norm, D of a concatenation is D of each part: one forward on real+fake
         self.lean = t.lean_step and not models.batch_dependent(self.d)
-        self.sn = models.spectral_norms(self.d) if self.lean else []
+        self.sn_all = models.spectral_norms(self.d)             # the overfit probe holds all of them
+        self.sn = self.sn_all if self.lean else []
         compiled = torch.compile if t.compile else (lambda net: net)
         self.g_fwd = compiled(distributed.wrap(self.g, device, share))
         # the penalties (R1, gradient penalty) differentiate D's gradient: AOTAutograd refuses that
@@ -331,9 +332,9 @@ class Trainer:
     def _update_ema(self, beta: float):
         ps = list(self.g_ema.parameters())
         torch._foreach_lerp_(ps, [p.detach() for p in self.g.parameters()], 1.0 - beta)
-        buffers = [(be, b) for be, b in zip(self.g_ema.buffers(), self.g.buffers())]
+        buffers = list(self.g_ema.buffers())
         if buffers:
-            torch._foreach_copy_(*map(list, zip(*buffers)))
+            torch._foreach_copy_(buffers, list(self.g.buffers()))
 
     def pop_diagnostics(self) -> dict:
         out = self.diagnostics.pop()
@@ -351,7 +352,7 @@ class Trainer:
         for m in bns:
             m.momentum = 0.0               # train-mode statistics of the batch, running averages kept
         try:
-            with self.autocast(), self._sigma_held(models.spectral_norms(self.d)):
+            with self.autocast(), self._sigma_held(self.sn_all):
                 train, held = (self.d(x).float().mean() for x in self.probe)
         finally:
             for m, mom in zip(bns, saved):
