@@ -16,6 +16,7 @@ the run folder (one machine), which is how a rollback reads the best checkpoint 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -227,12 +228,18 @@ class Run:
     def _archive_period(self, period: int) -> Path:
         """The ending period's best.pt, generator.pt/.safetensors and top/ move to period<N>/: the new
         period would overwrite them at its first evaluation, and its re-evaluation must not score
-        generators from another protocol."""
+        generators from another protocol. Nothing is overwritten: a second --new-period before the new
+        period's first last.pt restores the same ending period, whose archive is there already, and what
+        sits in the run folder then (the abandoned attempt's) goes to period<N>.2/, .3/ and so on."""
+        names = [n for n in ("best.pt", "generator.pt", "generator.safetensors", "top") if (self.run_dir / n).exists()]
         dest = self.run_dir / f"period{period}"
+        for attempt in itertools.count(2):
+            if not names or not dest.exists() or not any(dest.iterdir()):
+                break
+            dest = self.run_dir / f"period{period}.{attempt}"
         dest.mkdir(exist_ok=True)
-        for name in ("best.pt", "generator.pt", "generator.safetensors", "top"):
-            if (self.run_dir / name).exists():
-                os.replace(self.run_dir / name, dest / name)
+        for name in names:
+            os.replace(self.run_dir / name, dest / name)
         return dest
 
     def _load_last(self, new_period: bool) -> str:

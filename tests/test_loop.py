@@ -414,6 +414,25 @@ def test_a_collapse_before_a_new_periods_first_best_rolls_back_to_the_periods_st
     assert len(rollbacks) == 1 and rollbacks[0]["restored_step"] == 16 and rollbacks[0]["restored"] == "start.pt"
 
 
+def test_a_second_new_period_before_the_first_last_pt_keeps_both_archives(tiny_cfg, tmp_path, monkeypatch):
+    """A new period that fails after its first best but before its first last.pt restores the old
+    period again: a second --new-period must not overwrite period0/ with the abandoned attempt's files."""
+    scripted(monkeypatch, [2.0, 1.0, 3.0, 2.5, 2.4])
+    cfg = tiny_cfg("train.steps=32", "train.checkpoint_every=100")
+    train.train(cfg, run_dir=tmp_path / "r", quiet=True, stop_at=16)
+    changed = config.load(None, [f"{k}={v}" for k, v in config.flatten(cfg).items() if k != "variant"]
+                          + ["eval.num_samples=24"])
+    def crash(step, metrics, last):
+        raise RuntimeError("the machine went away")
+    with pytest.raises(RuntimeError, match="went away"):
+        train.train(changed, run_dir=tmp_path / "r", resume=True, quiet=True, new_period=True, on_eval=crash)
+    assert checkpoint.load(tmp_path / "r" / "best.pt")["step"] == 24          # the abandoned attempt's best
+    res = train.train(changed, run_dir=tmp_path / "r", resume=True, quiet=True, new_period=True)
+    assert checkpoint.load(res.run_dir / "period0" / "best.pt")["step"] == 16  # period 0's, not overwritten
+    assert checkpoint.load(res.run_dir / "period0.2" / "best.pt")["step"] == 24
+    assert res.stopped == "finished"
+
+
 def test_eval_max_share_skips_evaluations_over_budget_and_says_so(tiny_cfg, tmp_path, monkeypatch):
     """With evaluation far over its share of the wall time, the periodic evaluations after the first
     are skipped, each with an event; the last step's is never skipped. Off (0), every one runs."""
