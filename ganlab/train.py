@@ -179,7 +179,10 @@ class Run:
         self.on_eval = None            # a pruner's question after each evaluation (see train())
         self.run_id = None
         self.tracking_ended = False    # end_tracking() ran (or finish() ended the run)
-        self._writer = None            # the last.pt write in flight: (thread, its outcome, its step)
+        self._writer = None            # the last.pt write in flight: (thread, its outcome, its step, its drops)
+        # top/ generators that left the top, deleted only once neither last.pt nor last.pt.prev lists
+        # them: a crash between an evaluation and the next last.pt restores a state that still does
+        self._dropped_unsaved, self._dropped_in_last = [], []
         self.t_start = self.t_log = time.time()
 
     # ---- resume or start
@@ -194,6 +197,8 @@ class Run:
         self.curves = events.JsonLines(self.run_dir / "metrics.jsonl", resume_step=self.step if resume else None)
         self.run_id = self.tracker.start(self.run_dir, images=self.images, evaluator=self.evaluator,
                                          device=self.device, run_id=self.run_id, experiment_file=experiment_file)
+        if resume:
+            self._forget_abandoned_top()
         if not resume:                 # what a collapse goes back to before there is a best
             checkpoint.save(self.run_dir / "start.pt", self._state())
         else:                          # training on changes generator.pt: its score is stale until scored again
@@ -241,6 +246,16 @@ class Run:
         for name in names:
             os.replace(self.run_dir / name, dest / name)
         return dest
+
+    def _forget_abandoned_top(self):
+        """top/ generators kept after the restored step by a run that died before its next last.pt: the
+        restored state does not list them, and training again from here keeps its own."""
+        live = {step for _, step in self.selector.state.top}
+        for path in sorted((self.run_dir / "top").glob("step_*.pt")):
+            step = int(path.stem.removeprefix("step_"))
+            if step > self.step and step not in live:
+                path.unlink()
+                log.info("top/%s: kept after the restored step %d by the run that stopped; removed", path.name, self.step)
 
     def _load_last(self, new_period: bool) -> str:
         """Restore last.pt. Returns how the evaluation signature changed ("" = it did not)."""
@@ -398,8 +413,7 @@ class Run:
             if dec.keep:
                 export_generator(top / f"step_{self.step:07d}.pt", g, self.cfg, self.step, metrics,
                                  self.evaluator.signature_hash, safetensors=False)
-            for s in dec.drop:
-                (top / f"step_{s:07d}.pt").unlink(missing_ok=True)
+            self._dropped_unsaved += dec.drop
         except OSError as e:
             self.events.emit(self.step, "error", f"could not keep the top-{self.cfg.selection.keep_top} generator ({e})")
 
@@ -447,13 +461,14 @@ class Run:
             return
         self.wait_for_checkpoint()
         state, box = snapshot(self._state()), {}
+        drops, self._dropped_unsaved = self._dropped_unsaved, []
 
         def write():
             try:
                 checkpoint.save(self.run_dir / "last.pt", state, keep_previous=True)
             except OSError as e:
                 box["error"] = e
-        self._writer = (threading.Thread(target=write, name="ganlab-checkpoint"), box, self.step)
+        self._writer = (threading.Thread(target=write, name="ganlab-checkpoint"), box, self.step, drops)
         self._writer[0].start()
         if wait:
             self.wait_for_checkpoint()
@@ -462,11 +477,23 @@ class Run:
         """Join the last.pt write in flight, if any, and say if it failed."""
         if self._writer is None:
             return
-        thread, box, step = self._writer
+        thread, box, step, drops = self._writer
         thread.join()
         self._writer = None
         if "error" in box:
             self.events.emit(step, "error", f"could not write last.pt ({box['error']}); the previous checkpoint is kept")
+            self._dropped_unsaved = drops + self._dropped_unsaved
+            return
+        self._delete_dropped(self._dropped_in_last)    # last.pt.prev is now a state written after they left
+        self._dropped_in_last = drops
+
+    def _delete_dropped(self, steps: list):
+        """Delete kept generators that left the top, unless the live state lists them again (a rollback
+        can evaluate and keep the same step a second time)."""
+        live = {step for _, step in self.selector.state.top}
+        for s in steps:
+            if s not in live:
+                (self.run_dir / "top" / f"step_{s:07d}.pt").unlink(missing_ok=True)
 
     # ---- finish
     def interrupt(self):
@@ -499,6 +526,8 @@ class Run:
     def finish(self) -> RunResult:
         self.progress.close()
         self.save_last(wait=True)
+        self._delete_dropped(self._dropped_in_last)    # the run's end: top/ holds what last.pt lists
+        self._dropped_in_last = []
         sel, ev = self.selector, self.evaluator
         reason = self.stopped or ("finished" if self.step >= self.cfg.train.steps else "paused")
         handed, score = sel.best_step, {}

@@ -433,6 +433,23 @@ def test_a_second_new_period_before_the_first_last_pt_keeps_both_archives(tiny_c
     assert res.stopped == "finished"
 
 
+def test_a_crash_after_an_evaluation_keeps_every_top_generator_the_restored_state_lists(tiny_cfg, tmp_path, monkeypatch):
+    """Step 24's evaluation pushes step 8 out of the top 2; the run dies before the next last.pt. The
+    restored state (step 16) still lists step 8, so its file must still be there for the final
+    re-evaluation: deleted only once no checkpoint lists it."""
+    scripted(monkeypatch, [3.0, 2.0, 1.0] + [5.0, 5.0] + [3.1, 2.1])
+    cfg = tiny_cfg("train.steps=32", "train.checkpoint_every=16", "selection.keep_top=2", "selection.on_collapse=ignore")
+    def crash_at_24(step, metrics, last):
+        if step == 24:
+            raise RuntimeError("the machine went away")
+    with pytest.raises(RuntimeError, match="went away"):
+        train.train(cfg, run_dir=tmp_path / "r", quiet=True, on_eval=crash_at_24)
+    res = train.train(cfg, run_dir=tmp_path / "r", resume=True, quiet=True)
+    warnings = [e["detail"] for e in read_events(res.run_dir) if e["kind"] == "warning"]
+    assert not [w for w in warnings if "left out of the re-evaluation" in w], warnings
+    assert sorted(p.name for p in (res.run_dir / "top").glob("*.pt")) == ["step_0000008.pt", "step_0000016.pt"]
+
+
 def test_eval_max_share_skips_evaluations_over_budget_and_says_so(tiny_cfg, tmp_path, monkeypatch):
     """With evaluation far over its share of the wall time, the periodic evaluations after the first
     are skipped, each with an event; the last step's is never skipped. Off (0), every one runs."""
