@@ -151,7 +151,7 @@ def test_real_mlflow_server_over_http(tracked, tmp_path, capfd):
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
          "--artifacts-destination", str(tmp_path / "server-artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+        stdout=subprocess.DEVNULL, stderr=open("/tmp/serve.err", "w"), env=env, start_new_session=True)
     try:
         uri = f"http://127.0.0.1:{port}"
         import http.client
@@ -207,10 +207,12 @@ def test_registered_generator_serves_rgba_images(tracked, tmp_path):
     from importlib.metadata import version
     assert f"torch=={version('torch')}" in reqs.splitlines()                         # pinned, not bare
     port = free_port()
-    env = dict(os.environ, MLFLOW_TRACKING_URI=uri)
+    # `mlflow models serve` execs uvicorn by name: this interpreter's bin folder first, activated or not
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    errors = open(tmp_path / "serve.err", "w")
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/exp@champion",
                                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+                              stdout=subprocess.DEVNULL, stderr=errors, env=env, start_new_session=True)
     try:
         body = json.dumps({"dataframe_records": [{"count": 3, "seed": 7, "format": "png"},
                                                  {"count": 1, "seed": 7, "format": "array"}]}).encode()
@@ -222,10 +224,12 @@ def test_registered_generator_serves_rgba_images(tracked, tmp_path):
                 reply = json.loads(urllib.request.urlopen(req, timeout=30).read())     # loopback only
             except OSError:
                 if time.time() > deadline or server.poll() is not None:
-                    raise RuntimeError("mlflow models serve did not answer")
+                    tail = (tmp_path / "serve.err").read_text().strip().splitlines()[-1:]
+                    raise RuntimeError(f"mlflow models serve did not answer: {tail}")
                 time.sleep(1)
     finally:
-        os.killpg(server.pid, 15)
+        if server.poll() is None:
+            os.killpg(server.pid, 15)
         server.wait(timeout=30)
     pred = reply["predictions"]
     assert len(pred) == 4 and [p["request"] for p in pred] == [0, 0, 0, 1]
