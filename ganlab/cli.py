@@ -143,8 +143,8 @@ def _run_commands(sub):
     f.add_argument("experiment")
     f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     f.add_argument("--register", action="store_true",
-                   help="publish it to the tracking store (experiment ganlab-encoders) for other machines, even "
-                        "with tracking.enabled false (with tracking on, a newly trained encoder is published anyway)")
+                   help="use the team's encoder from the tracking store, publishing this one when nobody has, even with "
+                        "tracking.enabled false (with tracking on, this happens anyway)")
     f.set_defaults(func=cmd_features)
 
     n = sub.add_parser("bench", help="benchmark ganlab against the seed loop",
@@ -277,16 +277,16 @@ def cmd_report(args):
 def cmd_features(args):
     from .eval import encoder
     from .device import pick_device
-    from . import data
-    cfg = config_mod.load(args.experiment, args.set)
+    from . import data, track
+    # --register: the team's encoder, as a run with tracking on would get it (this machine's published
+    # when nobody has claimed one), and the local cache then names the team's, not this machine's own
+    cfg = config_mod.load(args.experiment, args.set + (["tracking.enabled=true"] if args.register else []))
     images = data.load_images(cfg.data, cfg.seed)
     path, card = encoder.ensure(cfg, device=pick_device(cfg.train.device), images=images)
     print(f"encoder: {path}  (trained in {card['train_seconds']} s on {card['device']}; card beside it)")
-    if args.register:
-        from . import track
-        team = encoder.publish(cfg, encoder.cache_key(images, encoder.recipe(cfg)), path)
-        print(f"published in {track.tracking_uri(cfg)} (experiment {encoder.ENCODERS})" if team is None else
-              f"another machine published this data and recipe first: the team's encoder is {team}")
+    if cfg.tracking.enabled:
+        print(f"the team's encoder for this data and recipe, in {track.tracking_uri(cfg)} "
+              f"(registered model ganlab-encoder-{encoder.cache_key(images, encoder.recipe(cfg))})")
 
 
 def cmd_bench(args):

@@ -111,7 +111,7 @@ def rank_runs(*, experiment: str | None = None, metric: str | None = None, top: 
             raise SourceError(f"--experiment {experiment!r}: no such experiment in the tracking store")
         exps = [exp]
     else:
-        from .eval.encoder import ENCODERS
+        from .eval.encoder_store import ENCODERS
         exps = [e for e in c.search_experiments() if e.name not in ("Default", ENCODERS)]
         exps = [max(exps, key=lambda e: e.last_update_time or 0)] if exps else []
     runs = c.search_runs([e.experiment_id for e in exps], filter_string="attributes.status = 'FINISHED'",

@@ -2,6 +2,7 @@
 net (fast loop tests) and InceptionV3 with random weights written to a temp file (the real
 inception-v3-compat code path of torch-fidelity)."""
 import os
+import socket
 import tempfile
 from pathlib import Path
 
@@ -88,3 +89,10 @@ def kinds(run_dir, *wanted):
     """(step, kind) of the run's events of these kinds."""
     from ganlab.events import read_events
     return [(e["step"], e["kind"]) for e in read_events(run_dir) if e["kind"] in wanted]
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (for a server a test starts, or for a refused connection)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from ganlab import config, data, train
-from ganlab.eval import protocol, extractors, encoder, validity
-from conftest import tiny_overrides
+from ganlab.eval import protocol, extractors, encoder, encoder_store, validity
+from conftest import free_port, tiny_overrides
 
 from ganlab.track import tracking_uri
 
@@ -262,8 +262,134 @@ def test_a_failed_encoder_upload_leaves_a_failed_run_not_a_running_one(auto_cfg,
     path = encoder.build(cfg, out_dir=tmp_path / "enc")
     client = mlflow.MlflowClient(track.tracking_uri(cfg))
     (tmp_path / "not_a_folder").write_text("x")                  # artifacts cannot be written under a file
-    client.create_experiment(encoder.ENCODERS, artifact_location=str(tmp_path / "not_a_folder" / "artifacts"))
+    exp_id = client.create_experiment(encoder_store.ENCODERS, artifact_location=str(tmp_path / "not_a_folder" / "artifacts"))
     with pytest.raises(Exception):
-        encoder.publish(cfg, "somekey", path)
-    runs = client.search_runs([client.get_experiment_by_name(encoder.ENCODERS).experiment_id])
+        encoder_store.upload(client, exp_id, "somekey", path)
+    runs = client.search_runs([exp_id])
     assert [r.info.status for r in runs] == ["FAILED"] and "upload failed" in runs[0].data.tags["ganlab.end_reason"]
+
+
+# ------------------------------------------------------------------- one encoder for the whole team
+
+def other_cpu(monkeypatch, when=lambda: True):
+    """Encoders trained while `when()` come out slightly different, as on another CPU (other float
+    rounding): same key, another file."""
+    orig = encoder.train_encoder
+    def train(*a, **k):
+        enc = orig(*a, **k)
+        if when():
+            with torch.no_grad():
+                next(enc.parameters()).add_(1e-3)
+        return enc
+    monkeypatch.setattr(encoder, "train_encoder", train)
+
+
+def team(auto_cfg, tmp_path, machine, *extra):
+    return auto_cfg("tracking.enabled=true", f"tracking.uri=sqlite:///{tmp_path / 'team.db'}",
+                    f"data.cache_dir={tmp_path / machine}", *extra)
+
+
+def test_two_machines_publishing_at_once_adopt_one_encoder(auto_cfg, tmp_path, monkeypatch):
+    """Machine A's upload is still in flight when machine B trains, uploads and publishes its own (another
+    CPU, another file). Both must end on one encoder: B's, which claimed first, and A's upload is
+    marked as not adopted. (By upload start time, A would have taken its own and B kept B's.)"""
+    import threading
+    import mlflow
+    other_cpu(monkeypatch, when=lambda: threading.current_thread().name != "A")
+    a_uploading, b_done = threading.Event(), threading.Event()
+    orig_log = mlflow.MlflowClient.log_artifact
+    def log_artifact(self, *args, **kwargs):
+        if threading.current_thread().name == "A" and not b_done.is_set():
+            a_uploading.set()
+            assert b_done.wait(120)
+        return orig_log(self, *args, **kwargs)
+    monkeypatch.setattr(mlflow.MlflowClient, "log_artifact", log_artifact)
+    got = {}
+    a = threading.Thread(target=lambda: got.setdefault("A", encoder.ensure(team(auto_cfg, tmp_path, "a"))[0]), name="A")
+    a.start()
+    assert a_uploading.wait(120)
+    try:
+        got["B"] = encoder.ensure(team(auto_cfg, tmp_path, "b"))[0]
+    finally:
+        b_done.set()
+        a.join(120)
+    assert got["A"].name == got["B"].name and got["A"].parent != got["B"].parent
+    assert got["A"].read_bytes() == got["B"].read_bytes()
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'team.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(encoder_store.ENCODERS).experiment_id])
+    files = {r.data.tags["ganlab.encoder_file"]: r.data.tags.get("ganlab.encoder_adopted", "") for r in runs}
+    assert len(files) == 2 and files[got["B"].name] == "" and [v for v in files.values() if v.startswith("false")]
+    again, _ = encoder.ensure(team(auto_cfg, tmp_path, "a"))     # A's local cache names the team's now
+    assert again.name == got["B"].name
+
+
+def test_a_machine_whose_cache_holds_another_encoder_switches_to_the_teams(auto_cfg, tmp_path, monkeypatch, caplog):
+    """A machine that trained its own encoder with tracking off keeps it in its cache; once it joins the
+    team's store, where another encoder is published for the same data and recipe, it uses the team's,
+    and says so."""
+    import logging
+    team_path, _ = encoder.ensure(team(auto_cfg, tmp_path, "b"))
+    other_cpu(monkeypatch)
+    own, _ = encoder.ensure(auto_cfg(f"data.cache_dir={tmp_path / 'a'}"))
+    assert own.name != team_path.name
+    with caplog.at_level(logging.WARNING, logger="ganlab"):
+        path, _ = encoder.ensure(team(auto_cfg, tmp_path, "a"))
+    assert path.name == team_path.name and any("switching" in r.getMessage() for r in caplog.records)
+
+
+def test_a_damaged_published_encoder_is_marked_and_replaced_not_a_block(auto_cfg, tmp_path, monkeypatch):
+    """The team's published file does not match its name (a broken upload). The next machine marks the
+    claim damaged and publishes its own under the next claim; a third machine takes that one."""
+    import mlflow
+    first, _ = encoder.ensure(team(auto_cfg, tmp_path, "a"))
+    stored = list((tmp_path / "mlruns").rglob(first.name)) + list(tmp_path.rglob(f"artifacts/**/{first.name}"))
+    assert stored, "the uploaded file was not found in the store's artifact folder"
+    for f in stored:
+        f.write_bytes(f.read_bytes()[:2000])
+    other_cpu(monkeypatch)
+    second, _ = encoder.ensure(team(auto_cfg, tmp_path, "b"))
+    assert second.name != first.name and encoder.damaged(second) == ""
+    def no_training(*args, **kwargs):
+        raise AssertionError("the third machine trained its own encoder")
+    monkeypatch.setattr(encoder, "train_encoder", no_training)
+    third, _ = encoder.ensure(team(auto_cfg, tmp_path, "c"))
+    assert third.name == second.name
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'team.db'}")
+    key = next(iter((tmp_path / "c" / "encoders" / "index").glob("*.json"))).stem
+    assert encoder_store.DAMAGED in client.get_registered_model(encoder_store.claim_name(key, 1)).tags
+    assert client.get_registered_model(encoder_store.claim_name(key, 2)).tags["ganlab.encoder_file"] == second.name
+
+
+def test_an_unreachable_store_on_first_use_is_one_line(auto_cfg, tmp_path, monkeypatch, capsys):
+    """Nothing answers at the tracking URI: `ganlab features` says so in one line naming the store (exit
+    2). With the encoder in the local cache, it is used, with a warning."""
+    from ganlab import cli
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    port = free_port()                                           # nothing listens there: refused at once
+    cfg = auto_cfg("tracking.enabled=true", f"tracking.uri=http://127.0.0.1:{port}")
+    flat = [f"{k}={v}" for k, v in config.flatten(cfg).items() if k != "variant"]
+    sets = [x for kv in flat for x in ("--set", kv)]
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("name: unreachable\n")
+    assert cli.main(["features", str(exp), *sets]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"tracking store http://127.0.0.1:{port}" in err and "Traceback" not in err
+    encoder.ensure(auto_cfg(f"data.cache_dir={cfg.data.cache_dir}"))      # cached here with tracking off
+    path, _ = encoder.ensure(cfg)
+    assert encoder.damaged(path) == ""
+
+
+def test_an_encoder_published_before_claims_is_adopted(auto_cfg, tmp_path, monkeypatch):
+    """A store from the previous release holds an upload run and no claim: it becomes the claim."""
+    import mlflow
+    from ganlab import track
+    cfg = team(auto_cfg, tmp_path, "a")
+    old = encoder.build(cfg, out_dir=tmp_path / "old")
+    client = track.open_client(track.tracking_uri(cfg))
+    exp_id = track.ensure_experiment(client, encoder_store.ENCODERS, track.tracking_uri(cfg), cfg.tracking.runs_dir)
+    images = data.load_images(cfg.data, cfg.seed)
+    encoder_store.upload(client, exp_id, encoder.cache_key(images, encoder.recipe(cfg)), old)
+    other_cpu(monkeypatch)
+    path, _ = encoder.ensure(cfg)
+    assert path.name == old.name

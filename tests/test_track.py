@@ -1,7 +1,6 @@
 """Real MLflow: a temporary sqlite store for most tests, a real `mlflow server` process for one."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -10,7 +9,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from conftest import script_evaluations
+from conftest import free_port, script_evaluations
 from ganlab import cli, sweep, train
 from ganlab.track import tracking_uri
 
@@ -135,12 +134,6 @@ def test_two_variant_sweep(tmp_path, script_extractor, capsys):
     mlflow.set_experiment("sw")
     table = mlflow.load_table("sweep_summary.json", run_ids=[parents[0].info.run_id])      # an MLflow table
     assert list(table["variant"]) == ["plain", "clipped", "broken"] and list(table["status"]) == ["ok", "ok", "failed"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

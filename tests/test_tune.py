@@ -17,7 +17,7 @@ import optuna
 import pytest
 import yaml
 
-from conftest import tiny_overrides
+from conftest import free_port, tiny_overrides
 from ganlab import cli, config, tune
 from ganlab.track import tracking_uri
 
@@ -249,12 +249,6 @@ def fresh_database(server_url: str) -> str:
     with psycopg.connect(server_url, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
     return server_url.rsplit("/", 1)[0] + "/" + name
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -34,6 +34,7 @@ from filelock import FileLock
 from .. import data
 from ..augment import diff_augment
 from ..checkpoint import atomic_write_bytes
+from . import encoder_store
 from .compositing import composite
 
 log = logging.getLogger("ganlab")
@@ -210,94 +211,49 @@ def cache_key(images: data.ImageSet, rcp: dict) -> str:
 
 
 def ensure(cfg, device="cpu", images: data.ImageSet | None = None) -> tuple[Path, dict]:
-    """The domain encoder for cfg's data and recipe, in this order: the local cache (cache_dir), the
-    team's tracking store (an encoder another machine published: floats differ between CPUs, so two
-    machines training "the same" encoder get two feature spaces), or trained now and published there.
-    Returns (path, card). A lock keeps two workers on one machine from training the same one at once."""
+    """The domain encoder for cfg's data and recipe. Without tracking: the local cache (cache_dir), or
+    trained now. With tracking: the team's, from the tracking store (floats differ between CPUs, so
+    two machines training "the same" encoder get two feature spaces): this machine's cached or newly
+    trained one is published when nobody has claimed one (encoder_store.py). Returns (path, card). A
+    lock keeps two workers on one machine from training the same one at once."""
     images = images or data.load_images(cfg.data, cfg.seed)
     key = cache_key(images, recipe(cfg))
     root = Path(cfg.data.cache_dir) / "encoders"
     index = root / "index" / f"{key}.json"
     index.parent.mkdir(parents=True, exist_ok=True)
+
+    def train() -> Path:
+        log.info("training the domain encoder for %s (first use; %d steps on %s; cached by data hash)",
+                 images.describe(), cfg.eval.encoder_steps, torch.device(device).type)
+        return build(cfg, out_dir=root, device=device, images=images)
+
     with FileLock(str(index) + ".lock"):
-        if index.exists():
-            path = root / json.loads(index.read_text())["file"]
-            why = damaged(path) if path.exists() else "missing"
-            if not why:
-                return path, json.loads(path.with_suffix(".json").read_text())
-            log.warning("domain encoder %s is %s: fetching or training it again", path, why)
-        path = fetch_published(cfg, key, root) if cfg.tracking.enabled else None
-        if path is None:
-            log.info("training the domain encoder for %s (first use; %d steps on %s; cached by data hash)",
-                     images.describe(), cfg.eval.encoder_steps, torch.device(device).type)
-            path = build(cfg, out_dir=root, device=device, images=images)
-            if cfg.tracking.enabled:   # another machine may have published first: then its encoder is the team's
-                path = publish(cfg, key, path) or path
+        local = _indexed(index, root)
+        if not cfg.tracking.enabled:
+            path = local or train()
+        else:
+            try:
+                path = encoder_store.team_encoder(cfg, key, root, local, train, damaged)
+            except encoder_store.StoreUnreachable as e:
+                if local is None:
+                    raise
+                log.warning("%s. Using this machine's cached encoder %s, not checked against the team's", e, local.name)
+                path = local
+            if local is not None and path != local:
+                log.warning("domain encoder: this machine's cache held %s, the team's is %s (tracking store): "
+                            "switching; scores computed with the old one carry its signature and rank apart",
+                            local.name, path.name)
         atomic_write_bytes(index, json.dumps({"file": path.name}).encode())
     return path, json.loads(path.with_suffix(".json").read_text())
 
 
-# ---- the team's copy: an MLflow run per encoder in the experiment ENCODERS, tagged with its key
-
-ENCODERS = "ganlab-encoders"
-
-
-def _store(cfg):
-    from .. import track
-    uri = track.tracking_uri(cfg)
-    client = track.open_client(uri)
-    return client, track.ensure_experiment(client, ENCODERS, uri, cfg.tracking.runs_dir)
-
-
-def _first_published(client, exp_id: str, key: str):
-    """The earliest published encoder under this key: when two machines publish at once, both adopt it."""
-    runs = client.search_runs([exp_id], filter_string=f"tags.`ganlab.encoder_key` = '{key}' and attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time ASC"], max_results=1)
-    return runs[0] if runs else None
-
-
-def fetch_published(cfg, key: str, root: Path) -> Path | None:
-    """Download the team's encoder for `key` into root; None when nobody has published one. The file
-    is named by its content hash, which is checked."""
-    client, exp_id = _store(cfg)
-    run = _first_published(client, exp_id, key)
-    if run is None:
+def _indexed(index: Path, root: Path) -> Path | None:
+    """The encoder file the local index names, when it is sound (a damaged one is said and dropped)."""
+    if not index.exists():
         return None
-    name = run.data.tags["ganlab.encoder_file"]
-    path = root / name
-    if not path.exists():
-        import tempfile
-        with tempfile.TemporaryDirectory(dir=root) as tmp:
-            got = Path(client.download_artifacts(run.info.run_id, "encoder", tmp))
-            blob = (got / name).read_bytes()
-            if f"encoder-{weights_hash(torch.jit.load(io.BytesIO(blob), map_location='cpu'))}.pt" != name:
-                raise RuntimeError(f"the published encoder {name} (run {run.info.run_id}) does not match its weights hash")
-            atomic_write_bytes(path.with_suffix(".json"), (got / name).with_suffix(".json").read_bytes())
-            atomic_write_bytes(path, blob)
-    log.info("domain encoder %s from the tracking store (run %s)", name, run.info.run_id)
+    path = root / json.loads(index.read_text())["file"]
+    why = damaged(path) if path.exists() else "missing"
+    if why:
+        log.warning("domain encoder %s is %s: fetching or training it again", path, why)
+        return None
     return path
-
-
-def publish(cfg, key: str, path: Path) -> Path | None:
-    """Publish a trained encoder under `key` unless one is there already. Returns the path of the
-    team's encoder when it is another than `path` (someone published first), else None."""
-    client, exp_id = _store(cfg)
-    first = _first_published(client, exp_id, key)
-    if first is None:
-        card = json.loads(path.with_suffix(".json").read_text())
-        run = client.create_run(exp_id, run_name=f"encoder-{key}", tags={
-            "ganlab.encoder_key": key, "ganlab.encoder_file": path.name, "data.hash": card["data_hash"],
-            "ganlab.encoder_recipe": json.dumps(card["recipe"], sort_keys=True)})
-        try:
-            for f in (path, path.with_suffix(".json")):
-                client.log_artifact(run.info.run_id, str(f), "encoder")
-        except BaseException as e:     # an upload that fails leaves a FAILED run, never a RUNNING one
-            client.set_tag(run.info.run_id, "ganlab.end_reason", f"upload failed: {e.__class__.__name__}: {e}"[:500])
-            client.set_terminated(run.info.run_id, "FAILED")
-            raise
-        client.set_terminated(run.info.run_id, "FINISHED")
-        first = _first_published(client, exp_id, key)
-    if first.data.tags["ganlab.encoder_file"] == path.name:
-        log.info("domain encoder %s published to the tracking store (experiment %s)", path.name, ENCODERS)
-        return None
-    return fetch_published(cfg, key, path.parent)
