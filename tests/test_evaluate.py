@@ -23,7 +23,7 @@ def sprites():
 
 def test_fid_real_vs_real_is_zero_and_grows_with_noise(tmp_path, inception_weights, sprites):
     cfg = make_cfg(tmp_path, inception_weights, "eval.metrics=[fid]", "eval.fid_alpha=false")
-    real = sprites[:24]
+    real = sprites[:16]
     ev = protocol.Evaluator(cfg, real, "cpu")
     assert ev.extractor.name == "inception-v3-compat" and not ev.extractor.random
     fids = []
@@ -38,13 +38,13 @@ def test_fid_real_vs_real_is_zero_and_grows_with_noise(tmp_path, inception_weigh
 def test_in_memory_equals_folder(tmp_path, inception_weights, sprites):
     import torch_fidelity
     cfg = make_cfg(tmp_path, inception_weights)
-    ev = protocol.Evaluator(cfg, sprites[:24], "cpu")
-    fake = sprites[24:48]
+    ev = protocol.Evaluator(cfg, sprites[:16], "cpu")
+    fake = sprites[24:40]
     comp = protocol.composite(fake, cfg.eval.background)
     mem = torch_fidelity.calculate_metrics(
         input1=protocol.TensorImages(comp), input2=protocol.TensorImages(ev.real), fid=True, cuda=False,
         feature_extractor="inception-v3-compat", feature_extractor_weights_path=inception_weights,
-        batch_size=12, verbose=False, cache=False, save_cpu_ram=True)
+        batch_size=8, verbose=False, cache=False, save_cpu_ram=True)
     folder = tmp_path / "pngs"
     folder.mkdir()
     for i, im in enumerate(comp):
@@ -52,7 +52,7 @@ def test_in_memory_equals_folder(tmp_path, inception_weights, sprites):
     disk = torch_fidelity.calculate_metrics(
         input1=str(folder), input2=protocol.TensorImages(ev.real), fid=True, cuda=False,
         feature_extractor="inception-v3-compat", feature_extractor_weights_path=inception_weights,
-        batch_size=12, verbose=False, cache=False, save_cpu_ram=True, samples_shuffle=False)
+        batch_size=8, verbose=False, cache=False, save_cpu_ram=True, samples_shuffle=False)
     assert mem["frechet_inception_distance"] == pytest.approx(disk["frechet_inception_distance"], rel=1e-4)
     ours = ev.metrics_for(fake)["fid"]
     assert ours == pytest.approx(mem["frechet_inception_distance"], rel=1e-4)
@@ -60,20 +60,20 @@ def test_in_memory_equals_folder(tmp_path, inception_weights, sprites):
 
 def test_real_statistics_cache_hits_on_second_run(tmp_path, inception_weights, sprites):
     cfg = make_cfg(tmp_path, inception_weights)
-    ev1 = protocol.Evaluator(cfg, sprites[:24], "cpu")
-    m1 = ev1.metrics_for(sprites[24:48])
-    assert ev1.real_reads == 48                       # rgb and alpha computed the first time
-    ev1.metrics_for(sprites[24:48])
-    assert ev1.real_reads == 48                       # and never again in the run
-    ev2 = protocol.Evaluator(cfg, sprites[:24], "cpu")  # a new run on the same data
-    m2 = ev2.metrics_for(sprites[24:48])
+    ev1 = protocol.Evaluator(cfg, sprites[:16], "cpu")
+    m1 = ev1.metrics_for(sprites[24:40])
+    assert ev1.real_reads == 32                       # rgb and alpha computed the first time
+    ev1.metrics_for(sprites[24:40])
+    assert ev1.real_reads == 32                       # and never again in the run
+    ev2 = protocol.Evaluator(cfg, sprites[:16], "cpu")  # a new run on the same data
+    m2 = ev2.metrics_for(sprites[24:40])
     assert ev2.real_reads == 0                        # rgb and alpha both from the cache
     assert m1 == pytest.approx(m2)
     assert set(m1) >= {"fid", "isc", "kid", "fid_alpha"}
     assert len(ev2._nets) == 1                        # one extractor, built once
     # anything that changes the real features gives another cache entry
     cfg_b = make_cfg(tmp_path, inception_weights, "eval.background=white")
-    assert protocol.Evaluator(cfg_b, sprites[:24], "cpu").real_cache_name("rgb") != ev2.real_cache_name("rgb")
+    assert protocol.Evaluator(cfg_b, sprites[:16], "cpu").real_cache_name("rgb") != ev2.real_cache_name("rgb")
 
 
 def test_metrics_equal_torch_fidelitys_own(tmp_path, inception_weights, sprites):
@@ -81,10 +81,10 @@ def test_metrics_equal_torch_fidelitys_own(tmp_path, inception_weights, sprites)
     torch_fidelity.calculate_metrics on the same images and settings, within 1e-4 relative."""
     import torch_fidelity
     cfg = make_cfg(tmp_path, inception_weights, "eval.metrics=[fid,isc,kid,prc]", "eval.kid_subset_size=10")
-    ev = protocol.Evaluator(cfg, sprites[:24], "cpu")
-    ours = ev.metrics_for(sprites[24:48])
+    ev = protocol.Evaluator(cfg, sprites[:16], "cpu")
+    ours = ev.metrics_for(sprites[24:40])
     ref = torch_fidelity.calculate_metrics(
-        input1=protocol.TensorImages(protocol.composite(sprites[24:48], cfg.eval.background)),
+        input1=protocol.TensorImages(protocol.composite(sprites[24:40], cfg.eval.background)),
         input2=protocol.TensorImages(ev.real), fid=True, isc=True, kid=True, prc=True, cuda=False,
         feature_extractor="inception-v3-compat", feature_extractor_weights_path=inception_weights,
         batch_size=cfg.eval.batch_size, kid_subset_size=10, isc_splits=10, rng_seed=cfg.eval.seed,
