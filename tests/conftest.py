@@ -15,8 +15,9 @@ os.environ["DO_NOT_TRACK"] = "true"               # (both also reach the mlflow 
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("GANLAB_INCEPTION_WEIGHTS", None)
 os.environ["TORCH_HOME"] = tempfile.mkdtemp(prefix="ganlab-torch-home-")   # no InceptionV3 from a hub cache
-if os.environ.get("PYTEST_XDIST_WORKER"):   # parallel workers: one thread each, not every core each
-    torch.set_num_threads(1)
+if os.environ.get("PYTEST_XDIST_WORKER"):   # parallel workers: one thread each, not every core each,
+    torch.set_num_threads(1)                # and so the processes they start (trainings, servers, workers)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from ganlab import config  # noqa: E402
 from ganlab.eval import extractors  # noqa: E402

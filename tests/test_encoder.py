@@ -335,6 +335,16 @@ def test_a_machine_whose_cache_holds_another_encoder_switches_to_the_teams(auto_
     with caplog.at_level(logging.WARNING, logger="ganlab"):
         path, _ = encoder.ensure(team(auto_cfg, tmp_path, "a"))
     assert path.name == team_path.name and any("switching" in r.getMessage() for r in caplog.records)
+    # `ganlab features --register` with tracking off in the experiment does the same for a third cache
+    from ganlab import cli
+    own_c, _ = encoder.ensure(auto_cfg(f"data.cache_dir={tmp_path / 'c'}"))
+    assert own_c.name != team_path.name
+    cfg_c = team(auto_cfg, tmp_path, "c", "tracking.enabled=false")
+    sets = [x for k, v in config.flatten(cfg_c).items() if k != "variant" for x in ("--set", f"{k}={v}")]
+    (tmp_path / "exp.yaml").write_text("name: register\n")
+    assert cli.main(["features", str(tmp_path / "exp.yaml"), *sets, "--register"]) == 0
+    index = next(iter((tmp_path / "c" / "encoders" / "index").glob("*.json")))
+    assert json.loads(index.read_text())["file"] == team_path.name
 
 
 def test_a_damaged_published_encoder_is_marked_and_replaced_not_a_block(auto_cfg, tmp_path, monkeypatch):

@@ -170,6 +170,10 @@ def test_torch_fid_and_kid_equal_torch_fidelitys():
     b = torch.randn(500, 32, generator=g) * 1.3 + 0.2
     want = fid_statistics_to_metric(fid_features_to_statistics(a), fid_features_to_statistics(b), False)["frechet_inception_distance"]
     assert stats.fid(a, b) == pytest.approx(want, rel=1e-4)
+    for n1, n2 in ((40, 30), (30, 40), (20, 300)):     # fewer samples than features: the thin form
+        x, y = torch.randn(n1, 64, generator=g), torch.randn(n2, 64, generator=g) * 1.2 + 0.1
+        want = fid_statistics_to_metric(fid_features_to_statistics(x), fid_features_to_statistics(y), False)
+        assert stats.fid(x, y) == pytest.approx(want["frechet_inception_distance"], rel=1e-4), (n1, n2)
     acc = stats.FeatureStats(32)
     for part in a.split(128):          # accumulated batch by batch: the same statistics
         acc.add(part)
