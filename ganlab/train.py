@@ -197,12 +197,11 @@ class Run:
         self.curves = events.JsonLines(self.run_dir / "metrics.jsonl", resume_step=self.step if resume else None)
         self.run_id = self.tracker.start(self.run_dir, images=self.images, evaluator=self.evaluator,
                                          device=self.device, run_id=self.run_id, experiment_file=experiment_file)
-        if resume:
-            self._forget_abandoned_top()
         if not resume:                 # what a collapse goes back to before there is a best
             checkpoint.save(self.run_dir / "start.pt", self._state())
         else:                          # training on changes generator.pt: its score is stale until scored again
             self.tracker.set_tags({"ganlab.handover_stale": "true"})
+            self._forget_abandoned_top()
         if resume and self.saved_world != self.share.world:
             self.events.emit(self.step, "warning", f"saved by {self.saved_world} process(es), resumed on "
                              f"{self.share.world}: the global batch and data order are the same, but per-rank "
