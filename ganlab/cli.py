@@ -285,8 +285,9 @@ def cmd_features(args):
     path, card = encoder.ensure(cfg, device=pick_device(cfg.train.device), images=images)
     print(f"encoder: {path}  (trained in {card['train_seconds']} s on {card['device']}; card beside it)")
     if cfg.tracking.enabled:
+        from .eval.encoder_store import claim_name
         print(f"the team's encoder for this data and recipe, in {track.tracking_uri(cfg)} "
-              f"(registered model ganlab-encoder-{encoder.cache_key(images, encoder.recipe(cfg))})")
+              f"(registered model {claim_name(encoder.cache_key(images, encoder.recipe(cfg)), 1)})")
 
 
 def cmd_bench(args):

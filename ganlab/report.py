@@ -148,13 +148,17 @@ def handed_over_step(events: list[dict]) -> int | None:
     return next((e["step"] for e in reversed(events) if e["kind"] == "improved"), None)
 
 
+def _handover_event(events: list[dict]) -> dict | None:
+    return next((e for e in reversed(events) if e["kind"] == "handover"), None)
+
+
 def _handover_signature(events: list[dict]) -> str:
-    ho = next((e for e in reversed(events) if e["kind"] == "handover"), None)
+    ho = _handover_event(events)
     return ho.get("signature", "") if ho else ""
 
 
 def _handover_text(events: list[dict], metric: str) -> str:
-    ho = next((e for e in reversed(events) if e["kind"] == "handover"), None)
+    ho = _handover_event(events)
     if ho is None or f"handover_{metric}" not in ho:
         return "-"
     return html.escape(f"{ho[f'handover_{metric}']:.4g} \u00b1 {ho[f'handover_{metric}_se']:.2g}")

@@ -146,6 +146,10 @@ class Selector:
     def best_step(self) -> int:
         return self.state.best_step
 
+    def top_steps(self) -> set:
+        """The steps whose generators selection.keep_top keeps."""
+        return {step for _, step in self.state.top}
+
     @property
     def rollbacks(self) -> int:
         return self.state.rollbacks

@@ -16,7 +16,6 @@ the run folder (one machine), which is how a rollback reads the best checkpoint 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import logging
 import math
@@ -236,11 +235,9 @@ class Run:
         period's first last.pt restores the same ending period, whose archive is there already, and what
         sits in the run folder then (the abandoned attempt's) goes to period<N>.2/, .3/ and so on."""
         names = [n for n in ("best.pt", "generator.pt", "generator.safetensors", "top") if (self.run_dir / n).exists()]
-        dest = self.run_dir / f"period{period}"
-        for attempt in itertools.count(2):
-            if not names or not dest.exists() or not any(dest.iterdir()):
-                break
-            dest = self.run_dir / f"period{period}.{attempt}"
+        dest, attempt = self.run_dir / f"period{period}", 2
+        while names and dest.exists() and any(dest.iterdir()):
+            dest, attempt = self.run_dir / f"period{period}.{attempt}", attempt + 1
         dest.mkdir(exist_ok=True)
         for name in names:
             os.replace(self.run_dir / name, dest / name)
@@ -249,7 +246,7 @@ class Run:
     def _forget_abandoned_top(self):
         """top/ generators kept after the restored step by a run that died before its next last.pt: the
         restored state does not list them, and training again from here keeps its own."""
-        live = {step for _, step in self.selector.state.top}
+        live = self.selector.top_steps()
         for path in sorted((self.run_dir / "top").glob("step_*.pt")):
             step = int(path.stem.removeprefix("step_"))
             if step > self.step and step not in live:
@@ -405,12 +402,14 @@ class Run:
                          values=json.dumps(values))
         self.tracker.log_metrics({f"noise_band_{metric}": band}, self.step)
 
+    def _top_path(self, step: int) -> Path:
+        return self.run_dir / "top" / f"step_{step:07d}.pt"
+
     def _keep_top(self, g, metrics: dict, dec: select.Decision):
         """selection.keep_top: the generators of the K best evaluations, for the re-evaluation at the end."""
-        top = self.run_dir / "top"
         try:
             if dec.keep:
-                export_generator(top / f"step_{self.step:07d}.pt", g, self.cfg, self.step, metrics,
+                export_generator(self._top_path(self.step), g, self.cfg, self.step, metrics,
                                  self.evaluator.signature_hash, safetensors=False)
             self._dropped_unsaved += dec.drop
         except OSError as e:
@@ -489,10 +488,10 @@ class Run:
     def _delete_dropped(self, steps: list):
         """Delete kept generators that left the top, unless the live state lists them again (a rollback
         can evaluate and keep the same step a second time)."""
-        live = {step for _, step in self.selector.state.top}
+        live = self.selector.top_steps()
         for s in steps:
             if s not in live:
-                (self.run_dir / "top" / f"step_{s:07d}.pt").unlink(missing_ok=True)
+                self._top_path(s).unlink(missing_ok=True)
 
     # ---- finish
     def interrupt(self):
@@ -590,7 +589,7 @@ class Run:
         metric, n = cfg.selection.metric, 2 * cfg.eval.num_samples
         rows, unreadable = [], []
         for value, step in sel.state.top:
-            path = self.run_dir / "top" / f"step_{step:07d}.pt"
+            path = self._top_path(step)
             try:
                 g, info = load_generator(path, self.device)
             except Exception as e:     # missing, truncated, corrupt: left out, and said
