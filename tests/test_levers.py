@@ -96,10 +96,16 @@ def test_paired_study_analysis_is_a_paired_t_test_on_log_ratios(tmp_path):
     assert res["t"] == pytest.approx(-0.2 / (0.1 / math.sqrt(3)))
     assert res["p_lower"] == pytest.approx(0.0371, abs=5e-4)            # t = -3.46 on 2 df (t.95 = 2.92, t.975 = 4.30)
     assert paired_study.detectable(0.1, 3) == pytest.approx((2.920 + 1.061) * 0.1 / math.sqrt(3), rel=1e-3)
+    # rows out of order, and a seed with one arm only: pairs are matched by seed, the lone row left out;
+    # the seeds' FIDs differ a lot and their ratios little, so a paired test is sure and an unpaired one is not
+    table = [(3, "new", 1.4, 0.70), (1, "recommended", 2.0, 0.60), (2, "new", 2.1, 0.70), (9, "new", 9.0, 0.1),
+             (2, "recommended", 4.0, 0.62), (1, "new", 1.0, 0.71), (3, "recommended", 3.0, 0.61)]
     rows = tmp_path / "rows.jsonl"
     rows.write_text("\n".join(json.dumps({"seed": s, "arm": a, "handover_fid": f, "handover_fid_se": 0.01, "precision": 0.9,
-                                          "recall": r, "handed_over_step": 3000})
-                              for s, a, f, r in [(1, "recommended", 2.0, 0.6), (1, "new", 1.0, 0.7),
-                                                 (2, "recommended", 2.0, 0.6), (2, "new", 1.0, 0.7)]))
-    text = paired_study.analyse(rows, "recommended")
-    assert "new" in text and "-50.0%" in text
+                                          "recall": r, "handed_over_step": 3000}) for s, a, f, r in table))
+    logs = [math.log(n / r) for n, r in [(1.0, 2.0), (2.1, 4.0), (1.4, 3.0)]]
+    want = paired_study.paired([0.0] * 3, logs)
+    assert want["p_lower"] < 0.005
+    line = next(ln for ln in paired_study.analyse(rows, "recommended").splitlines() if ln.startswith("new"))
+    assert line.split()[:4] == ["new", "3", f"{100 * math.expm1(want['mean']):.1f}%", f"{want['p_lower']:.3f}"]
+    assert line.split()[4] == f"{(0.70 + 0.70 + 0.71 - 0.60 - 0.62 - 0.61) / 3:+.3f}"
