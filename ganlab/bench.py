@@ -127,6 +127,16 @@ CONTENDERS = [
     ("r1-color-bf16", "ganlab recommended + R1/4 + colour bf16", "recommended.yaml",
      BF16 + ["train.r1_gamma=1.0", "train.r1_every=4", "train.diffaug=[color,translation,cutout]"]),
 ]
+# On CUDA the contenders above are captured as CUDA graphs (train.cuda_graph: auto); these are the same
+# steps eager and compiled, measured beside them (on a CPU they equal their plain twins: skipped there)
+EAGER, COMPILE = ["train.cuda_graph=off"], ["train.compile=true"]
+CUDA_CONTENDERS = [
+    ("baseline-eager", "ganlab seed_baseline fp32 eager", "seed_baseline.yaml", FP32 + EAGER),
+    ("baseline-bf16-eager", "ganlab seed_baseline bf16 eager", "seed_baseline.yaml", BF16 + EAGER),
+    ("recommended-eager", "ganlab recommended fp32 eager", "recommended.yaml", FP32 + EAGER),
+    ("recommended-bf16-eager", "ganlab recommended bf16 eager", "recommended.yaml", BF16 + EAGER),
+    ("recommended-bf16-compile", "ganlab recommended bf16 compile", "recommended.yaml", BF16 + COMPILE),
+]
 
 
 class GanlabStep:
@@ -186,14 +196,17 @@ def main(args):
         contenders = []
         if "seed" not in args.skip:
             contenders.append(("seed loop", SeedLoop(src, tmp, device)))
-        for key, name, exp, sets in CONTENDERS:
+        for key, name, exp, sets in CONTENDERS + (CUDA_CONTENDERS if device.type == "cuda" else []):
             if key not in args.skip:
                 contenders.append((name, GanlabStep(name, exp, sets + LOG_EVERY, images, device, tracker)))
         out["results"] = measure(contenders, args.rounds, steps, device)
+        for row, (_, c) in zip([r for r in out["results"] if "error" not in r], contenders):
+            row.update(ops_per_step(c, device))
         seed = next((r for r in out["results"] if r["name"] == "seed loop"), None)
         if seed:
             for r in out["results"]:
-                out["speedup_vs_seed"][r["name"]] = r["images_per_s"] / seed["images_per_s"]
+                if "error" not in r:
+                    out["speedup_vs_seed"][r["name"]] = r["images_per_s"] / seed["images_per_s"]
             loop = contenders[0][1]
             out["seed_loop_io"] = {"checkpoint_loads": loop.loads, "checkpoint_saves": loop.saves,
                                    "checkpoint_mb": sum(p.stat().st_size for p in loop.paths) / 2**20}
@@ -209,11 +222,43 @@ def main(args):
     return out
 
 
+def ops_per_step(c, device, steps: int = 2) -> dict:
+    """What one step launches, from torch.profiler over `steps` warm steps: aten operators (on the CPU,
+    where each is a kernel; nested calls counted too) and, on CUDA, kernels with their GPU time, whose
+    share of the step's wall time is how busy the step keeps the GPU (a captured step shows its kernels
+    under one graph launch)."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            c.step()
+        _sync(device)
+    wall = (time.perf_counter() - t0) / steps
+    events = prof.events()
+    out = {"aten_ops_per_step": sum(e.name.startswith("aten::") for e in events) / steps}
+    if device.type == "cuda":
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.device_time for e in kernels) / 1000 / steps         # us -> ms
+        out.update(kernels_per_step=len(kernels) / steps, gpu_busy_ms_per_step=busy,
+                   gpu_busy_share=busy / (wall * 1000), profiled_ms_per_step=wall * 1000)
+    return out
+
+
 def measure(contenders, rounds: int, steps: int, device) -> list[dict]:
     """Warm up, then time every contender round by round (alternating, so machine noise hits them
     alike); medians per contender, with peak memory."""
-    for _, c in contenders:                       # warm-up: first-call costs, caches, workers
-        time_steps(c, 3, device)
+    from .graph_step import WARMUP
+    warm = 3 if device.type != "cuda" else 4 * WARMUP + 2       # lazy R1's plan (every 4th step) captured too
+    failed = []
+    for n, c in contenders:                       # warm-up: first-call costs, caches, workers, graph capture
+        try:
+            time_steps(c, warm, device)
+        except Exception as e:  # noqa: BLE001 - one contender that cannot run (compile on a new stack) is a row, not an abort
+            failed.append({"name": n, "error": f"{e.__class__.__name__}: {str(e)[:300]}"})
+            print(f"bench: {n} failed ({failed[-1]['error']}); left out", file=sys.stderr, flush=True)
+    contenders[:] = [(n, c) for n, c in contenders if n not in {f["name"] for f in failed}]
     times = {n: [] for n, _ in contenders}
     peak = {n: 0.0 for n, _ in contenders}
     peak_gpu = {n: 0.0 for n, _ in contenders}
@@ -226,7 +271,7 @@ def measure(contenders, rounds: int, steps: int, device) -> list[dict]:
             if device.type == "cuda":
                 peak_gpu[n] = max(peak_gpu[n], torch.cuda.max_memory_allocated() / 2**20)
         print(f"round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
-    rows = []
+    rows = failed
     for n, _ in contenders:
         ms = statistics.median(times[n]) * 1000
         row = {"name": n, "ms_per_step": ms, "images_per_s": 64 / (ms / 1000), "peak_rss_mb": peak[n],
@@ -318,11 +363,16 @@ def machine_info(device) -> dict:
 def print_table(out: dict):
     print(f"\nganlab bench on {out['device']} ({out['machine'].get('gpu') or out['machine'].get('cpu', '?')}), "
           f"batch 64, {out['rounds']} rounds x {out['steps_per_round']} steps, medians")
-    print(f"{'contender':<28}{'img/s':>10}{'ms/step':>10}{'peak RSS MB':>13}{'vs seed':>9}")
+    print(f"{'contender':<34}{'img/s':>10}{'ms/step':>10}{'peak RSS MB':>13}{'vs seed':>9}{'ops/step':>10}{'GPU busy':>10}")
     for r in out["results"]:
+        if "error" in r:
+            print(f"{r['name']:<34} failed: {r['error']}")
+            continue
         sp = out["speedup_vs_seed"].get(r["name"])
-        print(f"{r['name']:<28}{r['images_per_s']:>10.1f}{r['ms_per_step']:>10.1f}{r['peak_rss_mb']:>13.0f}"
-              f"{(f'{sp:.2f}x' if sp else '-'):>9}")
+        busy = f"{100 * r['gpu_busy_share']:.0f}%" if "gpu_busy_share" in r else "-"
+        ops = r.get("kernels_per_step", r.get("aten_ops_per_step"))
+        print(f"{r['name']:<34}{r['images_per_s']:>10.1f}{r['ms_per_step']:>10.1f}{r['peak_rss_mb']:>13.0f}"
+              f"{(f'{sp:.2f}x' if sp else '-'):>9}{(f'{ops:.0f}' if ops is not None else '-'):>10}{busy:>10}")
     d = out["dataset"]
     print(f"dataset: {d['images']} images, {d['uint8_mb']:.1f} MB as uint8; process RSS grew {d['rss_growth_mb']:.1f} MB loading it")
     if "tracking" in out:

@@ -240,6 +240,8 @@ def cmd_best(args):
 def _worker_flags(p):
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
     p.add_argument("--devices", default="", help="GPUs for the workers, e.g. 0,1 (one each; CUDA_VISIBLE_DEVICES)")
+    p.add_argument("--per-device", type=int, default=1, metavar="N",
+                   help="N workers on each GPU (--devices, or every visible GPU): small runs leave a card idle")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)    # a spawned worker
     p.add_argument("--name", default="", help=argparse.SUPPRESS)               # its study
     p.add_argument("--storage", default="", help=argparse.SUPPRESS)
@@ -251,7 +253,8 @@ def cmd_sweep(args):
         spec, _, _, _ = sweep.sweep_spec(args.sweep, args.set, args.only, name=args.name, storage=args.storage)
         tune.work(spec, args.set, quiet=True)
         return
-    sweep.run_sweep(args.sweep, args.set, quiet=args.quiet, only=args.only, workers=args.workers, devices=args.devices)
+    workers, devices = tune.worker_slots(args.workers, args.devices, args.per_device)
+    sweep.run_sweep(args.sweep, args.set, quiet=args.quiet, only=args.only, workers=workers, devices=devices)
 
 
 def cmd_tune(args):
@@ -263,7 +266,8 @@ def cmd_tune(args):
         spec.name, spec.storage = args.name or spec.name, args.storage or spec.storage
         tune.work(spec, args.set, quiet=True)
         return
-    rows = tune.run_study(spec, workers=args.workers, devices=args.devices, extra_sets=args.set, quiet=args.quiet,
+    workers, devices = tune.worker_slots(args.workers, args.devices, args.per_device)
+    rows = tune.run_study(spec, workers=workers, devices=devices, extra_sets=args.set, quiet=args.quiet,
                           worker_args=["--timeout", str(spec.timeout)])
     return 0 if any(r["state"] == "COMPLETE" for r in rows) else 1
 

@@ -90,6 +90,7 @@ class TrainConfig:
     lean_step: bool = _f(True, "without batch norm in D: one D forward on real+fake, spectral norm's power iteration once per D update (false = the reference step: docs/benchmarks.md)")
     channels_last: bool = _f(True, "channels_last memory format (same math; faster convolutions on CPU and GPU)")
     compile: bool = _f(False, "torch.compile the networks")
+    cuda_graph: str = _f("auto", "capture the step as CUDA graphs and replay them (docs/benchmarks.md): auto = on CUDA in a single-process run without train.compile, one line naming why when it is refused; off = eager steps", choices=["auto", "on", "off"])
     sync_bn: bool = _f(False, "with several processes (--nproc, torchrun): batch-norm statistics over the global batch instead of each rank's share")
     device: str = _f("auto", "auto picks cuda, then mps, then cpu", choices=["auto", "cpu", "cuda", "mps"])
     log_every: int = _f(50, "steps between diagnostics (averaged over the interval)", lo=1)

@@ -352,13 +352,19 @@ global batch; with a distributed.Share each rank takes its rows of it. Every bat
                             f"lower train.batch_size or add images")
         self.device = torch.device(device)
         self.data = place(train_u8, self.device, placement)
-        self.resident = self.data.device == self.device
+        self.resident = self.data.device.type == self.device.type   # ("cuda" != "cuda:0": compare types)
         self.batch_size, self.seed, self.alpha = batch_size, seed, alpha
         self.per_epoch = n // batch_size
         self._epoch, self._perm = None, None
         self.share = share             # a distributed.Share: this rank's rows of each global batch (None = all rows)
 
     def __call__(self, i: int) -> torch.Tensor:
+        return self.decode(self.raw(i))
+
+    def raw(self, i: int) -> torch.Tensor:
+        """Batch i before decoding, on the device and always the same shape: its row indices into a
+        resident set, or its uint8 rows fetched from a host-resident one. A captured step (graph_step.py)
+        copies it into a static buffer and decodes it inside the graph."""
         epoch, j = divmod(i, self.per_epoch)
         if epoch != self._epoch:
             # drawn where the set lives: no host draw and blocking copy each epoch on a GPU-resident set
@@ -369,15 +375,19 @@ global batch; with a distributed.Share each rank takes its rows of it. Every bat
         idx = self._perm[j * self.batch_size:(j + 1) * self.batch_size]
         if self.share is not None:
             idx = self.share.rows(idx)
+        if self.resident:
+            return idx
         batch = self.data.index_select(0, idx)
-        if batch.device.type == "cpu" and self.device.type != "cpu":   # ("cuda" != "cuda:0": compare types)
+        if self.device.type == "cuda":
             # host-resident set: the uint8 batch (4x smaller than floats) crosses over, from pinned
             # memory so the copy is asynchronous; the caching host allocator keeps each pinned
             # buffer alive until its copy has finished, so the next batch cannot overwrite it
-            if self.device.type == "cuda":
-                batch = batch.pin_memory()
-            batch = batch.to(self.device, non_blocking=True)
-        return to_model_space(batch, self.alpha)
+            batch = batch.pin_memory()
+        return batch.to(self.device, non_blocking=True)
+
+    def decode(self, raw: torch.Tensor) -> torch.Tensor:
+        """raw() -> the model-space batch."""
+        return to_model_space(self.data.index_select(0, raw) if self.resident else raw, self.alpha)
 
 
 def place(u8: torch.Tensor, device: torch.device, placement: str = "auto") -> torch.Tensor:

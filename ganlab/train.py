@@ -209,7 +209,8 @@ class Run:
         tr, ev = self.trainer, self.evaluator
         procs = f" x {self.share.world} processes{' (sync_bn)' if self.cfg.train.sync_bn else ''}" if self.share.world > 1 else ""
         self.events.emit(self.step, "resume" if resume else "start",
-                         f"{self.images.describe()}; device {self.device}{procs}{' bf16' if tr.use_bf16 else ''}; "
+                         f"{self.images.describe()}; device {self.device}{procs}{' bf16' if tr.use_bf16 else ''}"
+                         f"{'; step captured as CUDA graphs' if tr.graphs is not None else ''}; "
                          f"G {models.count_params(tr.g):,} / D {models.count_params(tr.d):,} params; eval "
                          f"{ev.extractor.name} signature {ev.signature_hash}; run folder {self.run_dir}",
                          device=str(self.device), world_size=self.share.world,
@@ -288,7 +289,7 @@ class Run:
         diag = self.trainer.pop_diagnostics()
         now, t = time.time(), self.cfg.train
         diag["img_per_s"] = t.log_every * t.batch_size / max(now - self.t_log, 1e-9)
-        diag["lr_g"], diag["lr_d"] = (o.param_groups[0]["lr"] for o in (self.trainer.opt_g, self.trainer.opt_d))
+        diag["lr_g"], diag["lr_d"] = self.trainer.learning_rates()
         self.t_log = now
         self.curves.write({"step": self.step, **diag})
         self.tracker.log_metrics(diag, self.step)

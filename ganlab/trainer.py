@@ -16,12 +16,13 @@ import logging
 import math
 import random
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .device import bf16_supported
-from . import data, distributed, losses, models
+from . import data, distributed, graph_step, losses, models
 from .augment import diff_augment
 from .distributed import SINGLE, Share
 from .generator import prepare_for_sampling
@@ -145,9 +146,21 @@ class DiagnosticSums:
 
 # ----------------------------------------------------------------------------------------- trainer
 
+KNOBS = ("lr_g", "lr_d", "sigma", "ema_weight")     # per-step values a captured step reads from the device
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What of a step is decided on the host; a captured step has one graph per plan."""
+    r1: tuple        # per D update: whether lazy R1 is due
+    first: bool      # the run's first step (LeCam's anchors start from its batch)
+
+
 class Trainer:
     def __init__(self, cfg, train_images: torch.Tensor, device: torch.device, share: Share = SINGLE,
-                 holdout_images: torch.Tensor | None = None):
+                 holdout_images: torch.Tensor | None = None, static: bool | None = None):
+        """static: the step on static buffers (None = where it is captured as CUDA graphs; True on a CPU
+        runs the same step uncaptured, which is how the tests compare it with the plain step)."""
         self.cfg, self.device, self.share = cfg, device, share
         t = cfg.train
         distributed.check_split(t.batch_size, share.world)
@@ -158,9 +171,18 @@ class Trainer:
         self.g.to(device)
         self.d.to(device)
         configure_backends(device, t.deterministic)
-        fused = {"fused": True} if device.type == "cuda" else {}
-        self.opt_g = torch.optim.Adam(self.g.parameters(), lr=t.lr_g, betas=(t.beta1, t.beta2), **fused)
-        self.opt_d = torch.optim.Adam(self.d.parameters(), lr=t.lr_d, betas=(t.beta1, t.beta2), **fused)
+        # Static mode: what varies per step (learning rates, noise level, EMA weight, the batch) lives in
+        # device tensors written in place before each step, so that the step can be captured as a CUDA
+        # graph (graph_step.py). Eager and graphed steps run the same update() on them.
+        self.graph_refusal = graph_step.refusal(t, device, share.world)
+        if self.graph_refusal and t.cuda_graph == "on":
+            log.warning("train.cuda_graph is on, but the step is not captured: %s; eager steps", self.graph_refusal)
+        self.static = (not self.graph_refusal) if static is None else static
+        self.knobs = torch.zeros(len(KNOBS), device=device)        # lr_g, lr_d, sigma, ema_weight (static mode)
+        self.sigma, self.ema_weight = (self.knobs[2], self.knobs[3]) if self.static else (0.0, 0.0)
+        self.opt_g = self._adam(self.g, t.lr_g, self.knobs[0])
+        self.opt_d = self._adam(self.d, t.lr_d, self.knobs[1])
+        self.staged: list[torch.Tensor] | None = None               # each D update's raw batch (data.Batches.raw)
         self.batches = data.Batches(train_images, t.batch_size, cfg.seed, cfg.data.alpha, device, cfg.data.placement,
                                     share=share)
         # latents, noise, augment: the same seed on every rank, drawn for the global batch (Share)
@@ -173,6 +195,10 @@ class Trainer:
         if t.channels_last:
             self.g.to(memory_format=self.mem)
             self.d.to(memory_format=self.mem)
+            # G's first layer sees a 1x1 latent, for which both layouts are the same strides: cuDNN then
+            # returns a contiguous weight gradient where Inductor expects channels_last (train.compile on
+            # CUDA crashed, issue 32). Nothing to gain from channels_last there: keep it contiguous.
+            self.g.main[0].to(memory_format=torch.contiguous_format)
         # EMA, like evaluation, is rank 0's: the other ranks would only keep a copy nobody reads. Copied
         # after the layout change, so G and its EMA match tensor for tensor and the lerp is one kernel
         self.g_ema = copy.deepcopy(self.g).requires_grad_(False) if t.ema_halflife and share.main else None
@@ -194,6 +220,14 @@ class Trainer:
         # LeCam's anchors: EMAs of D's mean output on reals and on fakes (no host sync to update them)
         self.lecam_anchors = torch.zeros(2, device=device)
         self.probe = None if holdout_images is None else (self._probe_batch(train_images), self._probe_batch(holdout_images))
+        self.graphs = graph_step.StepGraphs(self.update, self.rng) if self.static and not self.graph_refusal else None
+
+    def _adam(self, net, lr: float, lr_tensor: torch.Tensor) -> torch.optim.Optimizer:
+        """Fused Adam on CUDA; in static mode its learning rate is a device tensor (a view of self.knobs)
+        and, on CUDA, it is capturable (its step count on the device)."""
+        t, cuda = self.cfg.train, self.device.type == "cuda"
+        kw = {"fused": True, "capturable": self.static} if cuda else {}
+        return torch.optim.Adam(net.parameters(), lr=lr_tensor if self.static else lr, betas=(t.beta1, t.beta2), **kw)
 
     def _probe_batch(self, u8: torch.Tensor) -> torch.Tensor:
         """A fixed batch (the first rows of a permutation seeded apart from training) for the overfit probe."""
@@ -208,41 +242,82 @@ class Trainer:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    def _d_input(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
-        if sigma:
-            x = x + sigma * self.share.randn(*x.shape, generator=self.rng, device=x.device)
+    def _d_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.train.instance_noise:  # (drawn also once annealed to 0: a graph cannot skip it)
+            x = x + self.sigma * self.share.randn(*x.shape, generator=self.rng, device=x.device)
         if self.cfg.train.diffaug:
             x = diff_augment(x, self.cfg.train.diffaug, self.rng, self.share)
         return x.contiguous(memory_format=self.mem)
 
     def step(self, step: int):
         """One generator update at global step `step` (0-based), preceded by d_steps D updates."""
+        self._set_schedule(step)
+        self._stage(step)
+        plan = self.plan(step)
+        if self.graphs is not None:
+            self.graphs.run(plan)        # eager for a few warm-up steps, then captured once and replayed
+        else:
+            self.update(plan)
+
+    def plan(self, step: int) -> Plan:
+        t = self.cfg.train
+        return Plan(r1=tuple(bool(self.r1_gamma) and (step * t.d_steps + k) % t.r1_every == 0 for k in range(t.d_steps)),
+                    first=step == 0)
+
+    def _set_schedule(self, step: int):
+        """The step's learning rates, instance-noise level and EMA weight: pure functions of the step,
+        computed on the host; in static mode written into self.knobs in one copy."""
         t = self.cfg.train
         f = lr_factor(step, t) * self.lr_scale
-        for grp in self.opt_g.param_groups:
-            grp["lr"] = t.lr_g * f
-        for grp in self.opt_d.param_groups:
-            grp["lr"] = t.lr_d * f
-        sigma = noise_level(step, t)
+        values = (t.lr_g * f, t.lr_d * f, noise_level(step, t), 1.0 - ema_beta(t, images_seen=step * t.batch_size))
+        if self.static:
+            # from pageable memory: staged by CUDA before the call returns, no wait for the device
+            self.knobs.copy_(torch.tensor(values), non_blocking=True)
+            return
+        for opt, lr in zip((self.opt_g, self.opt_d), values):
+            for grp in opt.param_groups:
+                grp["lr"] = lr
+        self.sigma, self.ema_weight = values[2], values[3]
+
+    def _stage(self, step: int):
+        """Each D update's raw batch where update() reads it: as drawn, or in static mode copied into
+        buffers allocated at the first step (before any capture)."""
+        d_steps = self.cfg.train.d_steps
+        raws = [self.batches.raw(step * d_steps + k) for k in range(d_steps)]
+        if not self.static:
+            self.staged = raws
+        elif self.staged is None:
+            self.staged = [r.clone() for r in raws]
+        else:
+            for buf, r in zip(self.staged, raws):
+                buf.copy_(r, non_blocking=True)
+
+    def learning_rates(self) -> tuple[float, float]:
+        """lr_g, lr_d of the last step, as numbers (a host sync in static mode: for logging only)."""
+        return tuple(float(o.param_groups[0]["lr"]) for o in (self.opt_g, self.opt_d))
+
+    def update(self, plan: Plan):
+        """The step's one definition: len(plan.r1) D updates and one G update on the staged batches at
+        the set schedule. Run eagerly, or captured and replayed as a CUDA graph (graph_step.py)."""
+        t = self.cfg.train
         real_target = 1.0 - t.label_smoothing
         bs = t.batch_size // self.share.world                # this rank's share of the global batch
-        for k in range(t.d_steps):
-            i = step * t.d_steps + k
-            real = self.batches(i)
+        for k, r1_due in enumerate(plan.r1):
+            real = self.batches.decode(self.staged[k])
             z = self.share.randn(bs, self.cfg.model.nz, generator=self.rng, device=self.device)
             with self.autocast():
                 fake = self.g_fwd(z)
-                x_real, x_fake = self._d_input(real, sigma), self._d_input(fake.detach(), sigma)
+                x_real, x_fake = self._d_input(real), self._d_input(fake.detach())
                 d_real, d_fake = self._d_outputs(x_real, x_fake)
                 loss_d = losses.d_loss(t.loss, d_real.float(), d_fake.float(), real_target)
                 if t.lecam_weight:
-                    loss_d = loss_d + t.lecam_weight * self._lecam(d_real.float(), d_fake.float(), first=step == 0 and k == 0)
+                    loss_d = loss_d + t.lecam_weight * self._lecam(d_real.float(), d_fake.float(), first=plan.first and k == 0)
                 with self._sigma_held():       # the penalties see the sigma of the forward above
                     if t.bcr_weight:
                         loss_d = loss_d + t.bcr_weight * self._bcr(x_real, x_fake, d_real, d_fake)
                     if t.loss == "wgan-gp" and t.gp_lambda:
                         loss_d = loss_d + t.gp_lambda * losses.gradient_penalty(self.d_eager, real, fake, self.rng, self.share)
-                    if self.r1_gamma and i % t.r1_every == 0:
+                    if r1_due:
                         loss_d = loss_d + 0.5 * self.r1_gamma * t.r1_every * losses.r1_penalty(self.d_eager, real)
             self.opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
@@ -250,17 +325,16 @@ class Trainer:
             self.opt_d.step()
         # G update on the batch's fake images (as the seed does). D's weights are frozen meanwhile:
         # their gradients would be thrown away, and skipping them saves a third of D's backward.
-        self.d.requires_grad_(False)
-        with self.autocast(), self._sigma_held():
-            d_out = self.d_for_g(self._d_input(fake, sigma))
-            loss_g = losses.g_loss(t.loss, d_out.float())
-        self.opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        self.d.requires_grad_(True)
+        with self._d_frozen():
+            with self.autocast(), self._sigma_held():
+                d_out = self.d_for_g(self._d_input(fake))
+                loss_g = losses.g_loss(t.loss, d_out.float())
+            self.opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
         gn_g = self._clip(self.g, t.clip_norm_g, t.clip_value_g)
         self.opt_g.step()
         if self.g_ema is not None:
-            self._update_ema(ema_beta(t, images_seen=step * t.batch_size))
+            self._update_ema(self.ema_weight)
         real_won, fake_won = losses.past_margin(t.loss, d_real, d_fake, t.label_smoothing)
         accuracy = losses.accuracy(t.loss, d_real, d_fake)
         self.diagnostics.add(self._over_ranks({
@@ -270,6 +344,14 @@ class Trainer:
             "d_real": losses.sigmoid_probs(d_real).mean(), "d_fake": losses.sigmoid_probs(d_fake).mean(),
             "logit_real": d_real.float().mean(), "logit_fake": d_fake.float().mean(),
             "real_past_margin": real_won, "fake_past_margin": fake_won}))
+
+    @contextmanager
+    def _d_frozen(self):
+        self.d.requires_grad_(False)
+        try:
+            yield
+        finally:
+            self.d.requires_grad_(True)
 
     def _d_outputs(self, x_real: torch.Tensor, x_fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """D's logits on the real and the fake batch: one forward on both when the step is lean (no
@@ -300,13 +382,14 @@ class Trainer:
         iterates on every forward in training mode; outside the D update's own forward, its modules
         are put in eval mode, where sigma comes from the vectors the last iteration left."""
         modules = self.sn if modules is None else modules
+        was_training = [m.training for m in modules]
         for m in modules:
             m.eval()
         try:
             yield
         finally:
-            for m in modules:
-                m.train()
+            for m, flag in zip(modules, was_training):   # each module as it was (a D in eval mode stays so)
+                m.train(flag)
 
     def _over_ranks(self, values: dict) -> dict:
         """Each diagnostic as the global batch's: the mean of the ranks' (equal shares). Every rank
@@ -329,9 +412,16 @@ class Trainer:
         return torch.linalg.vector_norm(torch.stack(norms)).float()
 
     @torch.no_grad()
-    def _update_ema(self, beta: float):
-        ps = list(self.g_ema.parameters())
-        torch._foreach_lerp_(ps, [p.detach() for p in self.g.parameters()], 1.0 - beta)
+    def _update_ema(self, weight):
+        """G's EMA moves `weight` (1 - beta) of the way to G: a float, or in static mode a device tensor
+        (lerp would read a tensor weight back to the host, which a graph cannot)."""
+        ps, src = list(self.g_ema.parameters()), [p.detach() for p in self.g.parameters()]
+        if isinstance(weight, torch.Tensor):
+            diffs = torch._foreach_sub(src, ps)
+            torch._foreach_mul_(diffs, weight)
+            torch._foreach_add_(ps, diffs)
+        else:
+            torch._foreach_lerp_(ps, src, weight)
         buffers = list(self.g_ema.buffers())
         if buffers:
             torch._foreach_copy_(buffers, list(self.g.buffers()))
@@ -378,7 +468,7 @@ class Trainer:
         return {
             "g": self.g.state_dict(), "d": self.d.state_dict(),
             "g_ema": self.g_ema.state_dict() if self.g_ema is not None else None,
-            "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+            "opt_g": _portable(self.opt_g.state_dict()), "opt_d": _portable(self.opt_d.state_dict()),
             "lr_scale": self.lr_scale, "rng": self.rng.get_state(), "diagnostics": self.diagnostics.state_dict(),
             "lecam_anchors": self.lecam_anchors.cpu(),
         }
@@ -388,8 +478,10 @@ class Trainer:
         self.d.load_state_dict(s["d"])
         if self.g_ema is not None and s.get("g_ema") is not None:
             self.g_ema.load_state_dict(s["g_ema"])
-        self.opt_g.load_state_dict(s["opt_g"])
-        self.opt_d.load_state_dict(s["opt_d"])
+        _load_optimizer(self.opt_g, s["opt_g"])
+        _load_optimizer(self.opt_d, s["opt_d"])
+        if self.graphs is not None:
+            self.graphs.forget()       # the graphs hold the optimizer's old state tensors
         self.lr_scale = float(s["lr_scale"])
         if "lecam_anchors" in s:
             self.lecam_anchors.copy_(s["lecam_anchors"])
@@ -401,6 +493,28 @@ class Trainer:
 
     def reseed(self, seed: int):
         self.rng.manual_seed(seed)
+
+
+def _portable(opt_state: dict) -> dict:
+    """An optimizer's state_dict with plain-number learning rates (static mode keeps a device tensor)."""
+    for grp in opt_state["param_groups"]:
+        grp["lr"] = float(grp["lr"])
+    return opt_state
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, state: dict):
+    """Load `state` but keep this optimizer's own implementation (fused, capturable, foreach) and its
+    learning-rate tensor: a checkpoint from another device or mode carries its own, and the step count
+    must sit where this implementation reads it (on the device when fused or capturable)."""
+    own = [{k: grp[k] for k in ("lr", "fused", "capturable", "foreach")} for grp in opt.param_groups]
+    opt.load_state_dict(state)
+    for grp, flags in zip(opt.param_groups, own):
+        grp.update(flags)
+        on_device = bool(grp["fused"] or grp["capturable"])
+        for p in grp["params"]:
+            st = opt.state.get(p, {})
+            if "step" in st:
+                st["step"] = st["step"].to(p.device if on_device else "cpu", torch.float32)
 
 
 # ------------------------------------------------------------------------------------- RNG states

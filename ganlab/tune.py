@@ -542,6 +542,24 @@ def _parent_run(study, spec: Spec, cfg, run_name: str, tags: dict) -> str | None
     return run.info.run_id
 
 
+def worker_slots(workers: int, devices: str, per_device: int, gpus: int | None = None) -> tuple[int, str]:
+    """--workers, --devices and --per-device N as (worker count, one GPU per worker, comma-separated):
+    N workers on each GPU named (all visible ones when none is named), so a study fills a card that
+    one small run leaves idle (docs/benchmarks.md). Without a GPU, N workers share the CPU."""
+    if per_device <= 1:
+        return workers, devices
+    devs = [d.strip() for d in devices.split(",") if d.strip()]
+    if not devs:
+        if gpus is None:
+            import torch
+            gpus = torch.cuda.device_count()
+        devs = [str(i) for i in range(gpus)]
+    if not devs:
+        return max(workers, per_device), ""
+    slots = devs * per_device                      # round robin: worker i on devs[i % len(devs)]
+    return max(workers, len(slots)), ",".join(slots)
+
+
 def _spawn(spec: Spec, workers: int, devices: str, args: list):
     """N worker processes on this machine (`ganlab tune|sweep FILE --worker`), one GPU each with --devices."""
     devs = [d.strip() for d in devices.split(",") if d.strip()] if devices else []

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The prepared GPU check, in one call on a lent machine with no network: installs what the machine
 # lacks from the wheelhouse (.whl/, built here by `python scripts/gpu_wheelhouse.py build` and carried),
-# uses the machine's own python3 and torch, runs scripts/gpu_check.py, one JSON in OUT_DIR.
-#   bash scripts/gpu_check.sh [OUT_DIR] [gpu_check.py options]     (OUT_DIR defaults to $OUT)
-# device tool: run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=540)
+# uses the machine's own python3 and torch, runs scripts/gpu_check.py within a budget that counts the
+# install too; OUT_DIR/gpu_check.json is rewritten after every part.
+#   bash scripts/gpu_check.sh [OUT_DIR] [gpu_check.py options, e.g. --budget 330]   (OUT_DIR defaults to $OUT)
+# device tool: run(command="bash scripts/gpu_check.sh", carry=[".whl", ".gpu_data"], timeout_s=380)
 set -euo pipefail
+started=$(date +%s)
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-out/gpu_check}}"
 shift || true
@@ -16,6 +18,9 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
 else
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"        # dependencies already importable (a dev machine)
 fi
+echo "install: $(( $(date +%s) - started )) s"
 export PYTHONUNBUFFERED=1 GANLAB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/nvidia-smi.csv" 2>&1 || true
-$py scripts/gpu_check.py --out "$out" "$@" 2>&1 | tee "$out/gpu_check.log"
+data=()
+[ -d .gpu_data/twemoji64 ] && data=(--study-data "$PWD/.gpu_data/twemoji64")   # the study's data, when carried
+$py scripts/gpu_check.py --out "$out" --started "$started" "${data[@]}" "$@" 2>&1 | tee "$out/gpu_check.log"

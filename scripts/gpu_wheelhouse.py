@@ -38,8 +38,10 @@ nvidia-ml-py nvidia-nccl-cu13 nvidia-nvjitlink nvidia-nvshmem-cu13 nvidia-nvtx p
 portalocker prometheus-client propcache protobuf psutil pyarrow pygments pyparsing python-dateutil pyyaml regex
 requests rich safetensors scikit-learn scipy setuptools six sortedcontainers sympy tabulate threadpoolctl torch
 torchaudio torchvision tqdm triton typing-extensions urllib3 werkzeug wheel wrapt yarl zipp
+pytest pytest-xdist execnet pytest-timeout
 """.split())
-DEV_ONLY = {"pytest", "playwright", "pyee", "greenlet-playwright"}   # the GPU check runs no test suite
+# the report test's browser driver: the GPU check runs the CUDA tests (the machine's pytest), not that one
+DEV_ONLY = {"playwright", "pyee", "greenlet-playwright"}
 
 
 def norm(name: str) -> str:

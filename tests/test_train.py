@@ -142,12 +142,12 @@ def test_held_out_images_never_reach_training(tiny_cfg, monkeypatch):
     """Every batch the trainer draws comes from the training split: none is a held-out image."""
     from ganlab import data
     drawn = []
-    orig = data.Batches.__call__
-    def spy(self, i):
-        idx_batch = orig(self, i)
-        drawn.append(idx_batch)
-        return idx_batch
-    monkeypatch.setattr(data.Batches, "__call__", spy)
+    orig = data.Batches.decode           # every batch the step trains on is decoded here
+    def spy(self, raw):
+        batch = orig(self, raw)
+        drawn.append(batch)
+        return batch
+    monkeypatch.setattr(data.Batches, "decode", spy)
     cfg = tiny_cfg("train.steps=20", "eval.every=0")
     images = data.load_images(cfg.data)
     held = {bytes(data.to_model_space(h[None], cfg.data.alpha).numpy().tobytes()) for h in images.holdout}

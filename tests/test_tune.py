@@ -509,3 +509,21 @@ def test_a_study_whose_workers_fail_ends_its_parent_run_failed(tmp_path, script_
     parents = [r for r in client.search_runs([client.get_experiment_by_name("tunes").experiment_id])
                if r.data.tags.get("ganlab.study") == "broken"]
     assert [p.info.status for p in parents] == ["FAILED"] and "caught fire" in parents[0].data.tags["ganlab.end_reason"]
+
+
+def test_per_device_puts_n_workers_on_each_gpu():
+    """--per-device N: N workers on every GPU named (or visible), spread round robin, at least --workers."""
+    assert tune.worker_slots(1, "0,1", 2) == (4, "0,1,0,1")
+    assert tune.worker_slots(1, "", 4, gpus=1) == (4, "0,0,0,0")
+    assert tune.worker_slots(6, "3", 2) == (6, "3,3")           # 6 workers share GPU 3 (i % 2 slots)
+    assert tune.worker_slots(2, "", 3, gpus=0) == (3, "")       # no GPU: N workers share the CPU
+    assert tune.worker_slots(2, "0", 1) == (2, "0")             # the default changes nothing
+
+
+def test_the_per_device_flag_reaches_the_workers(tmp_path, monkeypatch):
+    """`ganlab sweep FILE --per-device 2 --devices 5`: two workers started, both on GPU 5."""
+    from ganlab import cli, sweep
+    seen = {}
+    monkeypatch.setattr(sweep, "run_sweep", lambda *a, **k: seen.update(k))
+    cli.main(["sweep", "x.yaml", "--per-device", "2", "--devices", "5"])
+    assert seen["workers"] == 2 and seen["devices"] == "5,5"
