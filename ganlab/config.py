@@ -370,6 +370,8 @@ def _check_value(key: str, hint, meta: dict, value, src: str):
     elif hint is str:
         if value is None:
             value = ""
+        if isinstance(value, bool) and {"on", "off"} <= set(meta.get("choices") or ()):
+            value = "on" if value else "off"          # YAML reads a bare on / off as true / false
         if not isinstance(value, str):
             raise ConfigError(f"{where} must be a string, got {value!r}")
     elif hint is list:

@@ -77,8 +77,14 @@ def training(a, experiment: str) -> dict:
             "start_line": start["detail"], "run_dir": str(res.run_dir)}
 
 
-def bench(a, seed: bool) -> dict:
-    path = a.out / ("bench_seed.json" if seed else "bench_steps.json")
+COMPILE_ONLY = ["baseline", "baseline-bf16", "recommended-ref", "recommended", "recommended-bf16-ref", "r1-color-bf16",
+                "baseline-eager", "baseline-bf16-eager", "recommended-eager"]
+
+
+def bench(a, seed: bool, compile_: bool = False) -> dict:
+    """`ganlab bench`: the steps (captured, eager; compile apart: its compilation takes a minute), or the
+    seed's loop beside the captured recommended step."""
+    path = a.out / ("bench_seed.json" if seed else "bench_compile.json" if compile_ else "bench_steps.json")
     cmd = [sys.executable, "-m", "ganlab.cli", "bench", "--device", a.device, "--json", str(path), "--skip", "eval",
            "--skip", "tracking"]
     if seed:                                  # the seed's loop beside ganlab's captured step, 20 steps a round
@@ -87,7 +93,9 @@ def bench(a, seed: bool) -> dict:
                                                                  "recommended-bf16-eager", "recommended-bf16-compile",
                                                                  "baseline-eager", "baseline-bf16-eager") for x in ("--skip", k)]
     else:
-        cmd += ["--skip", "seed", "--rounds", "3"] + (["--steps", "2", "--rounds", "1"] if a.quick else ["--steps", "50"])
+        skip = COMPILE_ONLY if compile_ else ["recommended-bf16-compile"]
+        cmd += ["--skip", "seed", "--rounds", "3"] + [x for k in skip for x in ("--skip", k)]
+        cmd += ["--steps", "2", "--rounds", "1"] if a.quick else ["--steps", "50"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if r.returncode:
         raise RuntimeError(r.stderr[-2000:])
@@ -142,23 +150,43 @@ def exact_resume(a, placement: str) -> dict:
             "bit_identical": not diffs, "differing": diffs[:10]}
 
 
-def shared_card(a, runs: int = 4) -> dict:
-    """`runs` trainings of recommended.yaml at once on one card (a sweep's situation): each one's img/s."""
+def median_rate(runs_dir: Path) -> float | None:
+    """A run's median training img/s over its log intervals (the first left out: warm-up and capture)."""
+    import sqlite3
+    db = sqlite3.connect(runs_dir / "mlflow.db")
+    rate = [v for (v,) in db.execute("select value from metrics where key='img_per_s' order by step")]
+    rate = sorted(rate[1:] or rate)
+    return rate[len(rate) // 2] if rate else None
+
+
+def shared_card(a, runs: int = 4, mps: bool = False) -> dict:
+    """`runs` trainings of recommended.yaml at once on one card (a sweep's situation): each one's median
+    img/s while they all train, and their sum. With mps: under CUDA's Multi-Process Service, which lets
+    kernels of several processes run at once (without it the card time-slices between them)."""
+    from ganlab.distributed import cpu_share
     steps = 8 if a.quick else a.shared_steps
-    procs = []
-    for k in range(runs):
-        sets = run_sets(a, steps, tag=f"-shared{k}") + [f"seed={k}", "selection.keep_top=1"]
-        cmd = [sys.executable, "-m", "ganlab.cli", "train", str(ROOT / "experiments" / "recommended.yaml"), "--quiet"]
-        for x in sets:
-            cmd += ["--set", x]
-        procs.append(subprocess.Popen(cmd, cwd=a.out, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    t0, outs = time.time(), [p.communicate()[0] for p in procs]
+    if mps:
+        subprocess.run(["nvidia-cuda-mps-control", "-d"], check=True, capture_output=True)
+    procs, tag = [], "-mps" if mps else ""
+    try:
+        for k in range(runs):
+            sets = run_sets(a, steps, tag=f"-shared{tag}{k}") + [f"seed={k}", "selection.keep_top=1",
+                                                                 "tracking.register_model=false"]
+            cmd = [sys.executable, "-m", "ganlab.cli", "train", str(ROOT / "experiments" / "recommended.yaml"), "--quiet"]
+            for x in sets:
+                cmd += ["--set", x]
+            procs.append(subprocess.Popen(cmd, cwd=a.out, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                          env=cpu_share(dict(os.environ), runs)))
+        t0, outs = time.time(), [p.communicate()[0] for p in procs]
+    finally:
+        if mps:
+            subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", text=True, capture_output=True)
     wall = time.time() - t0
     if any(p.returncode for p in procs):
         raise RuntimeError(next(o for p, o in zip(procs, outs) if p.returncode)[-1500:])
-    batch = 16 if a.quick else 64
-    each = steps * batch / wall
-    return {"runs": runs, "steps": steps, "wall_s": wall, "img_per_s_each": each, "img_per_s_total": each * runs}
+    each = [median_rate(a.out / f"mlruns-shared{tag}{k}") for k in range(runs)]
+    return {"runs": runs, "steps": steps, "mps": mps, "wall_s": wall, "img_per_s_each": each,
+            "img_per_s_total": sum(x or 0 for x in each)}
 
 
 def study(a) -> dict:
@@ -181,10 +209,12 @@ PARTS = {  # name: (seconds on an H200, function, args); the budget skips a part
     "train_seed_baseline": (60, training, ("seed_baseline.yaml",)),
     "train_recommended": (60, training, ("recommended.yaml",)),
     "bench_steps": (75, bench, (False,)),
+    "bench_compile": (90, bench, (False, True)),
     "eval_10k": (25, eval_10k, ()),
     "exact_resume_device": (30, exact_resume, ("device",)),
     "exact_resume_host": (30, exact_resume, ("host",)),
     "shared_card": (60, shared_card, ()),
+    "shared_card_mps": (60, shared_card, (4, True)),
     "study": (150, study, ()),
     "bench_seed": (45, bench, (True,)),
 }
@@ -230,7 +260,7 @@ def part_main(a):
 def summary_lines(res: dict) -> list[str]:
     """`<GPU> | <what> | <img/s> | <more>`, one per figure."""
     gpu, lines = res.get("gpu", res["device"]), []
-    for r in res.get("bench_steps", {}).get("results", []) + res.get("bench_seed", {}).get("results", []):
+    for r in [r for k in ("bench_steps", "bench_compile", "bench_seed") for r in res.get(k, {}).get("results", [])]:
         if "error" in r:
             lines.append(f"{gpu} | step only: {r['name']} | FAILED: {r['error'][:200]}")
             continue
@@ -244,9 +274,12 @@ def summary_lines(res: dict) -> list[str]:
     e = res.get("eval_10k", {})
     if e.get("ok"):
         lines.append(f"{gpu} | FID on {e['num_samples']} samples ({e['extractor']}) | cold {e['cold_s']:.1f} s, warm {e['warm_s']:.1f} s")
-    sh = res.get("shared_card", {})
-    if sh.get("ok"):
-        lines.append(f"{gpu} | {sh['runs']} runs sharing the card | {sh['img_per_s_each']:.0f} img/s each, {sh['img_per_s_total']:.0f} total")
+    for key in ("shared_card", "shared_card_mps"):
+        sh = res.get(key, {})
+        if sh.get("ok"):
+            each = ", ".join(f"{x:.0f}" for x in sh["img_per_s_each"] if x)
+            lines.append(f"{gpu} | {sh['runs']} runs sharing the card{' (MPS)' if sh['mps'] else ''} | {each} img/s each "
+                         f"(medians), {sh['img_per_s_total']:.0f} total")
     for name, r in res.items():
         if isinstance(r, dict) and r.get("skipped"):
             lines.append(f"{gpu} | {name} | skipped: {r['skipped']}")
