@@ -88,10 +88,31 @@ def keep_as_previous(path: Path):
             os.link(path, tmp)
         except OSError:
             shutil.copy2(path, tmp)
+            _fsync_file(tmp)           # a copy is new data: durable before it replaces the old .prev
         os.replace(tmp, prev)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _fsync_file(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_leftover_temps(folder: Path) -> list[str]:
+    """Delete the temporary files of writes a kill -9 interrupted (`.last.pt.XXXX.tmp`, a whole state
+    each; `.last.pt.prev.<pid>.tmp`): never renamed into place, they would only fill the disk. Called
+    when a run starts or resumes in `folder`, before it writes anything. Returns their names."""
+    gone = []
+    for sub in (folder, folder / "top"):
+        for tmp in sorted(sub.glob(".*.tmp")) if sub.is_dir() else []:
+            tmp.unlink(missing_ok=True)
+            gone.append(str(tmp.relative_to(folder)))
+    return gone
 
 
 def previous_path(path: str | Path) -> Path:

@@ -190,6 +190,9 @@ class Run:
         if not self.share.main:        # the event log, curves and checkpoints are rank 0's
             self.events = self.curves = Silent()
             return
+        leftovers = checkpoint.remove_leftover_temps(self.run_dir)
+        if leftovers:
+            log.info("removed %d temporary file(s) of writes a kill interrupted: %s", len(leftovers), ", ".join(leftovers))
         (self.run_dir / "config.yaml").write_text(config_mod.to_yaml(self.cfg))
         self.events = events.Events(self.run_dir / "events.jsonl", quiet=self.quiet,
                                    resume_step=self.step if resume else None)
@@ -465,22 +468,26 @@ class Run:
         def write():
             try:
                 checkpoint.save(self.run_dir / "last.pt", state, keep_previous=True)
-            except OSError as e:
-                box["error"] = e
+                box["ok"] = True               # success is marked, never assumed from a silent end
+            except BaseException as e:         # noqa: BLE001 - MemoryError too: every failure is an outcome
+                box["error"] = f"{e.__class__.__name__}: {e}"
         self._writer = (threading.Thread(target=write, name="ganlab-checkpoint"), box, self.step, drops)
         self._writer[0].start()
         if wait:
             self.wait_for_checkpoint()
 
     def wait_for_checkpoint(self):
-        """Join the last.pt write in flight, if any, and say if it failed."""
+        """Join the last.pt write in flight, if any, and say if it failed. A writer never started (a
+        signal between its creation and start) wrote nothing: its dropped generators stay listed."""
         if self._writer is None:
             return
         thread, box, step, drops = self._writer
-        thread.join()
+        if thread.ident is not None:
+            thread.join()
         self._writer = None
-        if "error" in box:
-            self.events.emit(step, "error", f"could not write last.pt ({box['error']}); the previous checkpoint is kept")
+        if not box.get("ok"):
+            why = box.get("error") or ("its thread never started" if thread.ident is None else "its thread ended without an outcome")
+            self.events.emit(step, "error", f"could not write last.pt ({why}); the previous checkpoint is kept")
             self._dropped_unsaved = drops + self._dropped_unsaved
             return
         self._delete_dropped(self._dropped_in_last)    # last.pt.prev is now a state written after they left
@@ -497,9 +504,11 @@ class Run:
     # ---- finish
     def interrupt(self):
         self.progress.close()
-        self.save_last(wait=True)
-        self.events.emit(self.step, "error", f"interrupted at step {self.step}; resume with: ganlab train --resume {self.run_dir}")
-        self.end_tracking("KILLED", f"interrupted at step {self.step}")
+        try:
+            self.save_last(wait=True)
+        finally:                       # whatever the last save did, the run is ended and said so
+            self.events.emit(self.step, "error", f"interrupted at step {self.step}; resume with: ganlab train --resume {self.run_dir}")
+            self.end_tracking("KILLED", f"interrupted at step {self.step}")
         raise KeyboardInterrupt
 
     def fail(self, e: BaseException):

@@ -355,3 +355,50 @@ def test_last_checkpoint_is_written_in_the_background_from_a_snapshot(tiny_cfg, 
     assert saved["step"] == 1
     assert all(torch.equal(saved["trainer"]["g"][k], v) for k, v in at_save.items())
     assert any(not torch.equal(run.trainer.g.state_dict()[k].cpu(), v) for k, v in at_save.items())
+
+
+def test_a_background_write_that_fails_with_any_error_is_an_outcome(tiny_cfg, monkeypatch):
+    """A MemoryError in the writer thread (not an OSError) is an error event, and the top/ clean-up keeps
+    the generators the older last.pt still lists; before, the thread died silently and counted as success."""
+    cfg = tiny_cfg("train.steps=16", "train.checkpoint_every=4", "eval.every=4", "selection.keep_top=1")
+    save = checkpoint.save
+    def no_memory(path, state, **kw):
+        if Path(path).name == "last.pt":
+            raise MemoryError("cannot allocate the host copy")
+        return save(path, state, **kw)
+    monkeypatch.setattr(checkpoint, "save", no_memory)
+    res = train.train(cfg, quiet=True)
+    errors = [e["detail"] for e in read_events(res.run_dir) if e["kind"] == "error"]
+    assert any("could not write last.pt (MemoryError: cannot allocate" in d for d in errors), errors
+    assert not (res.run_dir / "last.pt").exists() or checkpoint.load(res.run_dir / "last.pt")["step"] < 16
+
+
+def test_a_writer_never_started_neither_raises_nor_counts_as_written(tiny_cfg, tmp_path):
+    """A signal between creating the writer thread and starting it: the interrupt still saves, says so
+    and ends tracking (joining an unstarted thread raised, and the MLflow run stayed RUNNING)."""
+    import threading
+    import mlflow
+    from ganlab import track
+    cfg = tiny_cfg("tracking.enabled=true", "tracking.system_metrics=false", "tracking.register_model=false",
+                   f"tracking.uri=sqlite:///{tmp_path}/runs.db")
+    run = train.Run(cfg, tmp_path / "r", quiet=True, tracker=track.Tracker(cfg))
+    run.begin(resume=False, new_period=False, experiment_file="")
+    run.train_step()
+    run._writer = (threading.Thread(target=lambda: None), {}, run.step, [8])    # created, never started
+    with pytest.raises(KeyboardInterrupt):
+        run.interrupt()
+    kinds = [(e["kind"], e["detail"]) for e in read_events(tmp_path / "r")]
+    assert any(k == "error" and "never started" in d for k, d in kinds), kinds
+    assert any(k == "error" and d.startswith("interrupted at step 1") for k, d in kinds)
+    assert checkpoint.load(tmp_path / "r" / "last.pt")["step"] == 1       # the interrupt's own save landed
+    assert mlflow.MlflowClient(tracking_uri(cfg)).get_run(run.run_id).info.status == "KILLED"
+
+
+def test_temporary_files_of_a_killed_write_are_removed_on_start_and_resume(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("train.steps=8", "train.checkpoint_every=4", "eval.every=4")
+    res = train.train(cfg, quiet=True, stop_at=4)
+    for name in (".last.pt.abc123.tmp", ".last.pt.prev.4242.tmp", "top/.step_4.pt.x.tmp"):
+        (res.run_dir / name).parent.mkdir(exist_ok=True)
+        (res.run_dir / name).write_bytes(b"\0" * 1000)
+    train.train(cfg, run_dir=res.run_dir, resume=True, quiet=True)
+    assert not list(res.run_dir.glob(".*.tmp")) and not list(res.run_dir.glob("top/.*.tmp"))
