@@ -403,3 +403,32 @@ def test_an_encoder_published_before_claims_is_adopted(auto_cfg, tmp_path, monke
     other_cpu(monkeypatch)
     path, _ = encoder.ensure(cfg)
     assert path.name == old.name
+
+
+def test_claims_on_a_file_store_at_once_have_one_winner(tmp_path, monkeypatch):
+    """MLflow's file store creates registered models without a lock: 6 claimants at once for each of 4
+    keys (threads, each with its own client) all end on one claim per key, and none fails. Without the
+    lock beside the store, some got "Yaml file exists" (reported as an unreachable store) or both won."""
+    import threading
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")     # MLflow 3.x refuses file stores without it
+    uri = (tmp_path / "store").as_uri()
+    keys, n = [f"k{i}" for i in range(4)], 6
+    got, errors = {k: [] for k in keys}, []
+    barrier = threading.Barrier(n)
+
+    def claimant(i):
+        client = mlflow.MlflowClient(uri)
+        for key in keys:
+            barrier.wait()
+            try:
+                got[key].append(encoder_store.claim(client, key, 1, f"run{i}", f"file{i}", uri)["ganlab.encoder_run"])
+            except Exception as e:  # noqa: BLE001
+                errors.append(f"{e.__class__.__name__}: {e}")
+    threads = [threading.Thread(target=claimant, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert all(len(got[k]) == n and len(set(got[k])) == 1 for k in keys), got
+    assert (tmp_path / "store" / ".ganlab-claims.lock").exists()

@@ -10,14 +10,22 @@ Every use reads the claim again, so a machine whose local cache holds another en
 
 A published file whose weights do not match the hash in its name (a broken upload) is tagged
 `ganlab.encoder_damaged` on its claim, and the next upload claims `ganlab-encoder-<key>.2` (then .3):
-one bad upload never blocks the team for good.
+one bad upload never blocks the team for good; a file that fails its check is downloaded once more
+before it is marked (one truncated download must not move the whole team to a new feature space).
+
+MLflow's SQL stores create a registered model atomically; its file store does not (two creations at
+once can both succeed, or one fail with "Yaml file exists"), so on a file store every claim is made
+under an exclusive lock on a file beside the store (`.ganlab-claims.lock`).
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import tempfile
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from urllib.parse import urlparse
 from typing import Callable
 
 from .. import track
@@ -65,8 +73,42 @@ def current_claim(client, key: str) -> tuple[int, dict | None]:
         generation += 1
 
 
-def claim(client, key: str, generation: int, run_id: str, file: str) -> dict:
+def file_store_root(uri: str) -> Path | None:
+    """The folder of an MLflow file store (file:///path or a plain path), else None."""
+    if uri.startswith("file:"):
+        return Path(urlparse(uri).path)
+    return Path(uri) if "://" not in uri and not uri.startswith("sqlite:") else None
+
+
+@contextmanager
+def claim_lock(uri: str):
+    """Exclusive across processes and threads (flock on a file beside a file store); nothing on SQL stores."""
+    root = file_store_root(uri)
+    if root is None:
+        yield
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".ganlab-claims.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def claim(client, key: str, generation: int, run_id: str, file: str, uri: str = "") -> dict:
     """Claim `generation` for this upload. Returns the claim's tags: ours, or the first claimant's."""
+    with claim_lock(uri) if uri else nullcontext():
+        try:
+            model = track.with_retry(client.get_registered_model, claim_name(key, generation))
+            return dict(model.tags)                    # claimed already (under the lock: by whoever came first)
+        except Exception as e:
+            if not track._is(e, "RESOURCE_DOES_NOT_EXIST", "not found"):
+                raise
+        return _create_claim(client, key, generation, run_id, file)
+
+
+def _create_claim(client, key: str, generation: int, run_id: str, file: str) -> dict:
     tags = {"ganlab.encoder_key": key, "ganlab.encoder_file": file, "ganlab.encoder_run": run_id}
     try:
         track.with_retry(client.create_registered_model, claim_name(key, generation), tags=tags,
@@ -125,6 +167,7 @@ def team_encoder(cfg, key: str, root: Path, local: Path | None, train: Callable[
     """The team's encoder for key, as a file in root. When nobody has claimed one, this machine's
     (`local`, else `train()`) is uploaded and claimed; when another machine claims first, its file is
     fetched instead. A store that cannot be reached is a StoreUnreachable (one line)."""
+    uri = track.tracking_uri(cfg)
     try:
         client, exp_id = _store(cfg)
         for _ in range(TURNS):
@@ -132,14 +175,14 @@ def team_encoder(cfg, key: str, root: Path, local: Path | None, train: Callable[
             if tags is None:
                 old = _legacy(client, exp_id, key) if generation == 1 else None
                 if old is not None:
-                    tags = claim(client, key, generation, old.info.run_id, old.data.tags["ganlab.encoder_file"])
+                    tags = claim(client, key, generation, old.info.run_id, old.data.tags["ganlab.encoder_file"], uri)
                 else:
                     try:
                         local = local or train()
                     except Exception as e:       # not the store's doing: raised as it is, below
                         raise _Local() from e
                     run_id = upload(client, exp_id, key, local)
-                    tags = claim(client, key, generation, run_id, local.name)
+                    tags = claim(client, key, generation, run_id, local.name, uri)
                     if tags["ganlab.encoder_run"] == run_id:
                         log.info("domain encoder %s published to the tracking store (experiment %s, claim %s)",
                                  local.name, ENCODERS, claim_name(key, generation))
@@ -148,6 +191,8 @@ def team_encoder(cfg, key: str, root: Path, local: Path | None, train: Callable[
             if local is not None and tags["ganlab.encoder_file"] == local.name:
                 return local             # named by its weights' hash: the same file
             path, why = download(client, tags, root, damaged)
+            if why:                      # once more before blaming the file: a download can break too
+                path, why = download(client, tags, root, damaged)
             if not why:
                 log.info("domain encoder %s from the tracking store (run %s)", path.name, tags["ganlab.encoder_run"])
                 return path
