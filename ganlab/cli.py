@@ -170,7 +170,7 @@ def cmd_train(args):
     cfg = _train_config(args)          # checked here: a mistake is one line, not one per process
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         from . import distributed
-        distributed.check_split(cfg.train.batch_size, args.nproc)
+        distributed.check_split(cfg.train.batch_size, args.nproc, cfg.model.pack, cfg.model.mbstd_group)
         return _launch_train(args)
     if args.resume:
         res = train.train(cfg, run_dir=Path(args.resume), resume=True, quiet=args.quiet, new_period=args.new_period,

@@ -300,10 +300,19 @@ def _check_selection_metric(cfg: Config, src: str):
                           f"(it computes {', '.join(have) or 'nothing'}); add {how} or pick one of those")
 
 
+def eval_interval(cfg: Config) -> int:
+    """Steps between periodic evaluations (0 = only at the end): eval.every_images when set, else eval.every.
+    The run and tune's pruner (its resource unit) both read it here."""
+    if cfg.eval.every_images:
+        return max(1, cfg.eval.every_images // cfg.train.batch_size)
+    return cfg.eval.every
+
+
 def _check_pack(cfg: Config, src: str):
-    if cfg.train.batch_size % cfg.model.pack:
-        raise ConfigError(f"{src}: key 'model.pack' is {cfg.model.pack}, which does not divide train.batch_size "
-                          f"{cfg.train.batch_size}: D judges batch_size / pack stacks of samples")
+    unit = cfg.model.pack * max(1, cfg.model.mbstd_group)
+    if cfg.train.batch_size % unit:
+        raise ConfigError(f"{src}: model.pack {cfg.model.pack} x model.mbstd_group {cfg.model.mbstd_group} = {unit} does not "
+                          f"divide train.batch_size {cfg.train.batch_size}: D judges whole packs in whole groups")
 
 
 def _check_handover_seeds(cfg: Config, src: str):

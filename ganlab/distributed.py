@@ -78,10 +78,14 @@ def join(device: torch.device) -> tuple[Share, torch.device]:
     return Share(dist.get_rank(), dist.get_world_size()), device
 
 
-def check_split(batch_size: int, world: int):
-    if batch_size % world:
-        raise ConfigError(f"train.batch_size {batch_size} does not split evenly over {world} processes: "
-                          f"use a multiple of {world}")
+def check_split(batch_size: int, world: int, pack: int = 1, group: int = 0):
+    """Each process's share of the batch must hold whole packs (model.pack) of whole minibatch-std groups
+    (model.mbstd_group): a pack that straddled the lean step's real and fake halves would mix them."""
+    unit = world * pack * max(1, group)
+    if batch_size % unit:
+        what = f"{world} process(es)" + (f" x model.pack {pack}" if pack > 1 else "") + \
+            (f" x model.mbstd_group {group}" if group > 1 else "")
+        raise ConfigError(f"train.batch_size {batch_size} does not split evenly over {what}: use a multiple of {unit}")
 
 
 def leave(share: Share):

@@ -35,22 +35,28 @@ def g_loss(kind: str, fake: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unknown loss {kind!r}")
 
 
-def r1_penalty(d, real: torch.Tensor) -> torch.Tensor:
-    """R1 (Mescheder et al. 2018): squared gradient norm of D on real data; the caller scales by gamma/2."""
+def r1_penalty(d, real: torch.Tensor, pack: int = 1) -> torch.Tensor:
+    """R1 (Mescheder et al. 2018): squared gradient norm of D on real data, per input D judges (a pack
+    of `pack` samples under PacGAN, whose squared norm is the sum of its samples'), averaged; the caller
+    scales by gamma/2. Per sample it would be gamma/pack."""
     real = real.detach().requires_grad_(True)
     out = d(real)
     (grad,) = torch.autograd.grad(out.sum(), real, create_graph=True)
-    return grad.pow(2).flatten(1).sum(1).mean()
+    return grad.pow(2).reshape(real.shape[0] // pack, -1).sum(1).mean()
 
 
-def gradient_penalty(d, real: torch.Tensor, fake: torch.Tensor, generator=None, share: Share = SINGLE) -> torch.Tensor:
-    """WGAN-GP (Gulrajani et al. 2017): (||grad D(x_hat)|| - 1)^2 on random interpolates (their
-    weights drawn for the global batch: see distributed.Share)."""
-    eps = share.rand(real.shape[0], 1, 1, 1, generator=generator, device=real.device)
+def gradient_penalty(d, real: torch.Tensor, fake: torch.Tensor, generator=None, share: Share = SINGLE,
+                     pack: int = 1) -> torch.Tensor:
+    """WGAN-GP (Gulrajani et al. 2017): (||grad D(x_hat)|| - 1)^2 on random interpolates, per input D
+    judges: one interpolation weight per pack of `pack` samples (drawn for the global batch: see
+    distributed.Share) and the norm of the pack's gradient."""
+    n = real.shape[0]
+    eps = share.rand(n // pack, 1, 1, 1, 1, generator=generator, device=real.device).expand(-1, pack, -1, -1, -1)
+    eps = eps.reshape(n, 1, 1, 1)
     x = (eps * real.detach() + (1 - eps) * fake.detach()).requires_grad_(True)
     out = d(x)
     (grad,) = torch.autograd.grad(out.sum(), x, create_graph=True)
-    return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
+    return ((grad.reshape(n // pack, -1).norm(dim=1) - 1) ** 2).mean()
 
 
 def sigmoid_probs(logits: torch.Tensor) -> torch.Tensor:
@@ -88,6 +94,12 @@ def past_margin(kind: str, real: torch.Tensor, fake: torch.Tensor, label_smoothi
 # The output at which D's decision flips from fake to real: 0 on logits and critic values, the midpoint
 # of lsgan's targets 1 / 0.
 DECISION = {"bce": 0.0, "hinge": 0.0, "lsgan": 0.5, "wgan-gp": 0.0}
+
+
+def ada_rt(kind: str, real: torch.Tensor) -> torch.Tensor:
+    """StyleGAN2-ADA's overfitting heuristic E[sign(D(x))] on reals, about the loss's own decision point
+    (lsgan's 0.5, not 0: against 0 it stays near 1 whatever D does)."""
+    return torch.sign(real.float() - DECISION[kind]).mean()
 
 
 def accuracy(kind: str, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:

@@ -171,7 +171,7 @@ class Run:
         if not main:
             tracker = track.NullTracker()
         self.tracker = tracker if tracker is not None else track.Tracker.from_config(cfg)
-        self.eval_every = max(1, cfg.eval.every_images // t.batch_size) if cfg.eval.every_images else cfg.eval.every
+        self.eval_every = config_mod.eval_interval(cfg)
         self.progress = Progress(t.steps, self.quiet)
         self.step, self.last_eval, self.rolled_back_at = 0, -1, -1
         self.stopped = ""              # why the run ends early ("" = it goes on)

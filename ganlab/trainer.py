@@ -88,8 +88,8 @@ def r1_gamma(cfg) -> float:
 # Summed over an interval and reported as means. d_real / d_fake: sigmoid of D's output (the seed's
 # D(x) / D(G(z))). logit_*: D's raw output. *_past_margin: the share of samples on which D has won
 # past its loss's margin (losses.MARGINS): what collapse detection reads, whatever the loss.
-# D's health (issue 27): ada_rt = E[sign(D(real))] on the reals D trains on (StyleGAN2-ADA's
-# overfitting heuristic: 0 when D cannot tell, towards 1 as D memorises the training set);
+# D's health (issue 27): ada_rt = E[sign(D(real) - the loss's decision point)] on the reals D trains on
+# (StyleGAN2-ADA's overfitting heuristic: 0 when D cannot tell, towards 1 as D memorises the training set);
 # d_accuracy = share of reals and fakes on the right side of the loss's decision threshold;
 # d_chance = share of steps with d_accuracy at most CHANCE_ACCURACY (D at chance, or fooled).
 DIAGNOSTICS = ("loss_d", "loss_g", "d_real", "d_fake", "logit_real", "logit_fake",
@@ -163,7 +163,7 @@ class Trainer:
         runs the same step uncaptured, which is how the tests compare it with the plain step)."""
         self.cfg, self.device, self.share = cfg, device, share
         t = cfg.train
-        distributed.check_split(t.batch_size, share.world)
+        distributed.check_split(t.batch_size, share.world, cfg.model.pack, cfg.model.mbstd_group)
         self.g, self.d = models.build(cfg.model, cfg.data.image_size, seed=cfg.seed)   # the same on every rank
         if t.sync_bn and share.world > 1:
             distributed.sync_batchnorm(self.g)
@@ -316,9 +316,10 @@ class Trainer:
                     if t.bcr_weight:
                         loss_d = loss_d + t.bcr_weight * self._bcr(x_real, x_fake, d_real, d_fake)
                     if t.loss == "wgan-gp" and t.gp_lambda:
-                        loss_d = loss_d + t.gp_lambda * losses.gradient_penalty(self.d_eager, real, fake, self.rng, self.share)
+                        loss_d = loss_d + t.gp_lambda * losses.gradient_penalty(self.d_eager, real, fake, self.rng, self.share,
+                                                                                   self.cfg.model.pack)
                     if r1_due:
-                        loss_d = loss_d + 0.5 * self.r1_gamma * t.r1_every * losses.r1_penalty(self.d_eager, real)
+                        loss_d = loss_d + 0.5 * self.r1_gamma * t.r1_every * losses.r1_penalty(self.d_eager, real, self.cfg.model.pack)
             self.opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             gn_d = self._clip(self.d, t.clip_norm_d, t.clip_value_d)
@@ -338,7 +339,7 @@ class Trainer:
         real_won, fake_won = losses.past_margin(t.loss, d_real, d_fake, t.label_smoothing)
         accuracy = losses.accuracy(t.loss, d_real, d_fake)
         self.diagnostics.add(self._over_ranks({
-            "ada_rt": torch.sign(d_real.float()).mean(), "d_accuracy": accuracy,
+            "ada_rt": losses.ada_rt(t.loss, d_real), "d_accuracy": accuracy,
             "d_chance": (accuracy <= CHANCE_ACCURACY).float(),
             "loss_d": loss_d, "loss_g": loss_g, "grad_norm_g": gn_g, "grad_norm_d": gn_d,
             "d_real": losses.sigmoid_probs(d_real).mean(), "d_fake": losses.sigmoid_probs(d_fake).mean(),

@@ -202,6 +202,16 @@ def storage_url(spec: Spec, cfg) -> str:
     return f"sqlite:///{root / 'optuna.db'}"
 
 
+def make_pruner(name: str, cfg):
+    """The study's pruner; Hyperband's smallest resource is one evaluation interval of the trials' runs
+    (config.eval_interval: eval.every_images when set), the largest a whole run."""
+    import optuna
+    interval = config_mod.eval_interval(cfg) or cfg.train.steps
+    return {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
+            "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=max(1, interval), max_resource=cfg.train.steps),
+            "none": lambda: optuna.pruners.NopPruner()}[name]()
+
+
 def open_study(spec: Spec, cfg, create: bool):
     """The study in its RDB storage, with heartbeats (a dead worker's trial becomes FAIL)."""
     import optuna
@@ -227,10 +237,7 @@ def open_study(spec: Spec, cfg, create: bool):
                "random": lambda: optuna.samplers.RandomSampler(seed=seed),
                "grid": lambda: optuna.samplers.GridSampler({k: [choice_label(c) for c in v] for k, v in spec.space.items()},
                                                         seed=spec.seed)}[spec.sampler]()
-    pruner = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
-              "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=max(1, cfg.eval.every),
-                                                                 max_resource=cfg.train.steps),
-              "none": lambda: optuna.pruners.NopPruner()}[spec.pruner]()
+    pruner = make_pruner(spec.pruner, cfg)
     direction = "minimize" if metrics_mod.mode_of(cfg.selection.metric, cfg.selection.mode) == "min" else "maximize"
     if create:                         # exactly one launcher creates the study (the storage's unique name decides)
         try:

@@ -39,3 +39,19 @@ def test_a_cut_check_keeps_every_finished_part(tmp_path):
         proc.wait()
     res = json.loads((tmp_path / "gpu_check.json").read_text())
     assert res["exact_resume_host"]["ok"] and "shared_card" not in res
+
+
+def test_the_wheelhouse_check_passes_on_what_it_builds(tmp_path):
+    """pytest-xdist travels or is on the machine, and it needs pytest: the check must not call that
+    missing (it did while pytest was left out as dev-only)."""
+    import importlib.util
+    import zipfile
+    spec = importlib.util.spec_from_file_location("gpu_wheelhouse", ROOT / "scripts" / "gpu_wheelhouse.py")
+    wh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wh)
+    with zipfile.ZipFile(tmp_path / "pytest_xdist-3.8.0-py3-none-any.whl", "w") as z:
+        z.writestr("pytest_xdist-3.8.0.dist-info/METADATA",
+                   "Name: pytest-xdist\nRequires-Dist: execnet>=2.1\nRequires-Dist: pytest>=7.0.0\n"
+                   "Requires-Dist: psutil>=3.0; extra == \"psutil\"\n")
+    assert wh.check(tmp_path) == []
+    assert "pytest" not in wh.wanted()                         # on the machine: never carried over its own

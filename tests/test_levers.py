@@ -109,3 +109,46 @@ def test_paired_study_analysis_is_a_paired_t_test_on_log_ratios(tmp_path):
     line = next(ln for ln in paired_study.analyse(rows, "recommended").splitlines() if ln.startswith("new"))
     assert line.split()[:4] == ["new", "3", f"{100 * math.expm1(want['mean']):.1f}%", f"{want['p_lower']:.3f}"]
     assert line.split()[4] == f"{(0.70 + 0.70 + 0.71 - 0.60 - 0.62 - 0.61) / 3:+.3f}"
+
+
+def test_r1_and_the_gradient_penalty_are_per_pack_under_pacgan():
+    """Under PacGAN D judges packs: R1 is the squared gradient norm per pack (per sample it was exactly
+    gamma/pack), and WGAN-GP interpolates each pack with one weight and pushes the pack's norm to 1."""
+    from ganlab import losses, models
+    torch.manual_seed(0)
+    d = models.Discriminator(width=8, image_size=32, norm="none", pack=2)
+    real, fake = torch.randn(8, 4, 32, 32), torch.randn(8, 4, 32, 32)
+    packed = real.reshape(4, 8, 32, 32).requires_grad_(True)         # what D's first layer sees
+    (g,) = torch.autograd.grad(d.main(packed).sum(), packed)
+    want = g.pow(2).flatten(1).sum(1).mean()
+    assert torch.allclose(losses.r1_penalty(d, real, pack=2), want, rtol=1e-5)
+    assert torch.allclose(losses.r1_penalty(d, real, pack=1), want / 2, rtol=1e-5)    # the old, per-sample value
+    gen = torch.Generator().manual_seed(3)
+    eps = torch.rand(4, 1, 1, 1, 1, generator=torch.Generator().manual_seed(3)).expand(-1, 2, -1, -1, -1).reshape(8, 1, 1, 1)
+    x = (eps * real + (1 - eps) * fake).reshape(4, 8, 32, 32).requires_grad_(True)
+    (gx,) = torch.autograd.grad(d.main(x).sum(), x)
+    want_gp = ((gx.flatten(1).norm(dim=1) - 1) ** 2).mean()
+    assert torch.allclose(losses.gradient_penalty(d, real, fake, gen, pack=2), want_gp, rtol=1e-5)
+
+
+def test_lsgan_ada_rt_reads_lsgan_s_decision_point():
+    """An lsgan D at chance outputs about 0.5 on everything: ada_rt is then about 0, not 1."""
+    from ganlab import losses
+    at_chance = 0.5 + 0.01 * torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    assert abs(losses.ada_rt("lsgan", at_chance).item()) < 0.15
+    assert losses.ada_rt("lsgan", torch.full((10,), 0.9)).item() == 1.0
+    assert losses.ada_rt("hinge", at_chance).item() == 1.0           # a logit of 0.5 is on the real side
+
+
+def test_the_overfit_probe_leaves_a_d_in_eval_mode_in_eval_mode(tiny_cfg):
+    """_sigma_held restores each spectral-norm module's own flag (it used to set train mode on exit)."""
+    from ganlab import data, trainer
+    cfg = tiny_cfg("model.spectral_norm=true", "model.d_norm=none")
+    images = data.load_images(cfg.data)
+    tr = trainer.Trainer(cfg, images.train, torch.device("cpu"), holdout_images=images.holdout)
+    tr.d.eval()
+    tr.overfit_probe()
+    assert tr.sn_all and not any(m.training for m in tr.sn_all)
+    tr.d.train()
+    tr.overfit_probe()
+    assert all(m.training for m in tr.sn_all)

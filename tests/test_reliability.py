@@ -402,3 +402,16 @@ def test_temporary_files_of_a_killed_write_are_removed_on_start_and_resume(tiny_
         (res.run_dir / name).write_bytes(b"\0" * 1000)
     train.train(cfg, run_dir=res.run_dir, resume=True, quiet=True)
     assert not list(res.run_dir.glob(".*.tmp")) and not list(res.run_dir.glob("top/.*.tmp"))
+
+
+def test_packs_and_groups_must_fill_each_process_share_of_the_batch(capsys):
+    """A global batch of 12 on 2 processes with pack 4: each process's 6 images are 1.5 packs, and the lean
+    step's halves would be 2 and 1 packs with one pack mixing real and fake. Refused in one line, before
+    any process starts; so is a batch that packs and minibatch-std groups do not divide on one process."""
+    exp = str(Path(__file__).resolve().parent.parent / "experiments" / "default.yaml")
+    msg = _one_line_error(capsys, ["train", exp, "--nproc", "2", "--set", "train.batch_size=12", "--set", "model.pack=4",
+                                   "--set", "model.d_norm=none"])
+    assert "train.batch_size 12 does not split evenly over 2 process(es) x model.pack 4: use a multiple of 8" in msg
+    msg = _one_line_error(capsys, ["train", exp, "--set", "train.batch_size=24", "--set", "model.pack=2",
+                                   "--set", "model.mbstd_group=8", "--set", "model.d_norm=none"])
+    assert "model.pack 2 x model.mbstd_group 8 = 16 does not divide train.batch_size 24" in msg

@@ -527,3 +527,13 @@ def test_the_per_device_flag_reaches_the_workers(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, "run_sweep", lambda *a, **k: seen.update(k))
     cli.main(["sweep", "x.yaml", "--per-device", "2", "--devices", "5"])
     assert seen["workers"] == 2 and seen["devices"] == "5,5"
+
+
+def test_hyperband_s_smallest_resource_is_the_run_s_evaluation_interval():
+    """eval.every_images (with every: 0) sets the run's interval; the pruner reads the same function."""
+    from ganlab import config
+    cfg = config.load(None, ["eval.every=0", "eval.every_images=6400", "train.batch_size=64", "train.steps=2000"])
+    assert config.eval_interval(cfg) == 100
+    assert tune.make_pruner("hyperband", cfg)._min_resource == 100
+    cfg = config.load(None, ["eval.every=0", "train.steps=2000"])
+    assert tune.make_pruner("hyperband", cfg)._min_resource == 2000     # only at the end: one rung, the whole run
