@@ -215,7 +215,8 @@ class Run:
                          f"{self.images.describe()}; device {self.device}{procs}{' bf16' if tr.use_bf16 else ''}"
                          f"{'; step captured as CUDA graphs' if tr.graphs is not None else ''}; "
                          f"G {models.count_params(tr.g):,} / D {models.count_params(tr.d):,} params; eval "
-                         f"{ev.extractor.name} signature {ev.signature_hash}; run folder {self.run_dir}",
+                         f"{ev.extractor.name}{f' ({ev.extractor.why})' if ev.extractor.why else ''} signature "
+                         f"{ev.signature_hash}; run folder {self.run_dir}",
                          device=str(self.device), world_size=self.share.world,
                          n_train=len(self.images.train), n_holdout=len(self.images.holdout),
                          experiment_file=str(Path(experiment_file).resolve()) if experiment_file else "")

@@ -3,6 +3,10 @@ folder (so the first use trains the sprites' domain encoder), --runs times one a
 else running. Prints each wall time, the median and the CPU; docs/benchmarks.md quotes it.
 
     python scripts/bench_main_job.py --runs 3 --out /tmp/mainjob
+    python scripts/bench_main_job.py --runs 3 --out /tmp/mainjob --with-inception   # as a user with internet
+
+--with-inception: InceptionV3's weights present, as they are for a user with internet (a random-weights
+file in torch-fidelity's format stands in: the same network, the same cost), through GANLAB_INCEPTION_WEIGHTS.
 """
 from __future__ import annotations
 
@@ -31,7 +35,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("mainjob-bench"))
+    ap.add_argument("--with-inception", action="store_true", help="InceptionV3 weights present (a random-weights stand-in)")
     a = ap.parse_args()
+    env = dict(__import__("os").environ)
+    if a.with_inception:
+        from ganlab.eval.extractors import random_inception_weights
+        env["GANLAB_INCEPTION_WEIGHTS"] = str(random_inception_weights(a.out.resolve() / "inception-random.pth"))
     walls = []
     for i in range(a.runs):
         work = a.out / f"run{i}"
@@ -39,12 +48,12 @@ def main():
         work.mkdir(parents=True)
         t0 = time.perf_counter()
         p = subprocess.run([sys.executable, "-m", "ganlab.cli", "train", str(ROOT / "experiments" / "default.yaml"), "--quiet"],
-                           cwd=work, capture_output=True, text=True)
+                           cwd=work, capture_output=True, text=True, env=env)
         walls.append(time.perf_counter() - t0)
         if p.returncode != 0:
             sys.exit(f"run {i} failed: {p.stderr[-2000:]}")
         print(f"run {i}: {walls[-1]:.1f} s  ({p.stdout.strip().splitlines()[-1]})", flush=True)
-    out = {"cpu": cpu_name(), "cores": __import__("os").cpu_count(), "walls_s": walls, "median_s": statistics.median(walls)}
+    out = {"with_inception_weights": a.with_inception, "cpu": cpu_name(), "cores": __import__("os").cpu_count(), "walls_s": walls, "median_s": statistics.median(walls)}
     print(json.dumps(out, indent=2))
 
 

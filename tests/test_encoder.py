@@ -227,7 +227,7 @@ def test_standard_fid_is_reported_beside_another_extractor_when_inception_weight
     """eval.standard_fid: auto adds fid_standard (InceptionV3, torch-fidelity's compat path) beside the
     primary extractor when the weights are present; its weights join the signature."""
     base = [f"eval.feature_extractor={script_extractor}", "eval.metrics=fid", "eval.fid_alpha=false", "eval.num_samples=8"]
-    ev = protocol.Evaluator(auto_cfg(*base, f"eval.weights={inception_weights}"), sprites[:12], "cpu")
+    ev = protocol.Evaluator(auto_cfg(*base, f"eval.weights={inception_weights}", "eval.standard_fid=always"), sprites[:12], "cpu")
     noisy = (sprites[:12].float() + 80 * torch.randn(sprites[:12].shape)).clamp(0, 255).to(torch.uint8)
     m = ev.metrics_for(noisy)
     assert set(m) == {"fid", "fid_standard"} and m["fid"] != m["fid_standard"] and m["fid_standard"] > 0
@@ -236,6 +236,10 @@ def test_standard_fid_is_reported_beside_another_extractor_when_inception_weight
     assert "standard_weights" not in ev.signature and ev.describe()["eval.standard_weights"] == extractors.file_hash(inception_weights)
     no_weights = protocol.Evaluator(auto_cfg(*base), sprites[:12], "cpu")
     assert no_weights.signature_hash == ev.signature_hash
+    # auto: on a CPU never (InceptionV3 would cost more than the run), on a GPU when the weights are here
+    on_cpu = protocol.Evaluator(auto_cfg(*base, f"eval.weights={inception_weights}"), sprites[:12], "cpu")
+    assert on_cpu.standard is None
+    assert extractors.standard(auto_cfg(*base, f"eval.weights={inception_weights}"), on_cpu.extractor, "cuda") is not None
     off = protocol.Evaluator(auto_cfg(*base, f"eval.weights={inception_weights}", "eval.standard_fid=never"), sprites[:12], "cpu")
     assert set(off.metrics_for(noisy)) == {"fid"} and "standard_weights" not in off.signature
     with pytest.raises(extractors.EvalError, match="standard_fid is always"):
@@ -432,3 +436,14 @@ def test_claims_on_a_file_store_at_once_have_one_winner(tmp_path, monkeypatch):
     assert not errors, errors[:3]
     assert all(len(got[k]) == n and len(set(got[k])) == 1 for k in keys), got
     assert (tmp_path / "store" / ".ganlab-claims.lock").exists()
+
+
+def test_auto_is_decided_for_the_device(auto_cfg, inception_weights, monkeypatch):
+    """With InceptionV3's weights present, auto picks the domain encoder on a CPU (and says why on the
+    start line) and InceptionV3 on a GPU (decided without touching the GPU)."""
+    monkeypatch.setenv("GANLAB_INCEPTION_WEIGHTS", inception_weights)
+    cfg = auto_cfg("eval.feature_extractor=auto")
+    cpu = extractors.resolve(cfg, "cpu")
+    assert cpu.name.startswith("domain") and "auto on a CPU" in cpu.why and "inception-v3-compat" in cpu.why
+    gpu = extractors.resolve(cfg, "cuda")
+    assert gpu.name == extractors.COMPAT and gpu.weights == inception_weights and "GPU" in gpu.why

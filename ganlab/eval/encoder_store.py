@@ -28,7 +28,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 from typing import Callable
 
-from .. import track
+from .. import store            # the MLflow store's helpers; evaluation never imports tracking
 from ..checkpoint import atomic_write_bytes
 from ..errors import UserError
 
@@ -52,9 +52,9 @@ def claim_name(key: str, generation: int) -> str:
 
 
 def _store(cfg):
-    uri = track.tracking_uri(cfg)
-    client = track.open_client(uri)
-    return client, track.ensure_experiment(client, ENCODERS, uri, cfg.tracking.runs_dir)
+    uri = store.tracking_uri(cfg)
+    client = store.open_client(uri)
+    return client, store.ensure_experiment(client, ENCODERS, uri, cfg.tracking.runs_dir)
 
 
 def current_claim(client, key: str) -> tuple[int, dict | None]:
@@ -63,9 +63,9 @@ def current_claim(client, key: str) -> tuple[int, dict | None]:
     generation = 1
     while True:
         try:
-            model = track.with_retry(client.get_registered_model, claim_name(key, generation))
+            model = store.with_retry(client.get_registered_model, claim_name(key, generation))
         except Exception as e:
-            if track._is(e, "RESOURCE_DOES_NOT_EXIST", "not found"):
+            if store.is_error(e, "RESOURCE_DOES_NOT_EXIST", "not found"):
                 return generation, None
             raise
         if DAMAGED not in model.tags:
@@ -100,10 +100,10 @@ def claim(client, key: str, generation: int, run_id: str, file: str, uri: str = 
     """Claim `generation` for this upload. Returns the claim's tags: ours, or the first claimant's."""
     with claim_lock(uri) if uri else nullcontext():
         try:
-            model = track.with_retry(client.get_registered_model, claim_name(key, generation))
+            model = store.with_retry(client.get_registered_model, claim_name(key, generation))
             return dict(model.tags)                    # claimed already (under the lock: by whoever came first)
         except Exception as e:
-            if not track._is(e, "RESOURCE_DOES_NOT_EXIST", "not found"):
+            if not store.is_error(e, "RESOURCE_DOES_NOT_EXIST", "not found"):
                 raise
         return _create_claim(client, key, generation, run_id, file)
 
@@ -111,14 +111,14 @@ def claim(client, key: str, generation: int, run_id: str, file: str, uri: str = 
 def _create_claim(client, key: str, generation: int, run_id: str, file: str) -> dict:
     tags = {"ganlab.encoder_key": key, "ganlab.encoder_file": file, "ganlab.encoder_run": run_id}
     try:
-        track.with_retry(client.create_registered_model, claim_name(key, generation), tags=tags,
+        store.with_retry(client.create_registered_model, claim_name(key, generation), tags=tags,
                    description="ganlab's domain encoder for one data set and recipe: the file its tags name, "
                                f"uploaded by run {run_id} in the experiment {ENCODERS}")
         return tags
     except Exception as e:
-        if not track._is(e, "RESOURCE_ALREADY_EXISTS", "already exists"):
+        if not store.is_error(e, "RESOURCE_ALREADY_EXISTS", "already exists"):
             raise
-    return dict(track.with_retry(client.get_registered_model, claim_name(key, generation)).tags)
+    return dict(store.with_retry(client.get_registered_model, claim_name(key, generation)).tags)
 
 
 def upload(client, exp_id: str, key: str, path: Path) -> str:
@@ -167,7 +167,7 @@ def team_encoder(cfg, key: str, root: Path, local: Path | None, train: Callable[
     """The team's encoder for key, as a file in root. When nobody has claimed one, this machine's
     (`local`, else `train()`) is uploaded and claimed; when another machine claims first, its file is
     fetched instead. A store that cannot be reached is a StoreUnreachable (one line)."""
-    uri = track.tracking_uri(cfg)
+    uri = store.tracking_uri(cfg)
     try:
         client, exp_id = _store(cfg)
         for _ in range(TURNS):
@@ -187,7 +187,7 @@ def team_encoder(cfg, key: str, root: Path, local: Path | None, train: Callable[
                         log.info("domain encoder %s published to the tracking store (experiment %s, claim %s)",
                                  local.name, ENCODERS, claim_name(key, generation))
                     else:
-                        track.with_retry(client.set_tag, run_id, "ganlab.encoder_adopted", "false: another machine claimed first")
+                        store.with_retry(client.set_tag, run_id, "ganlab.encoder_adopted", "false: another machine claimed first")
             if local is not None and tags["ganlab.encoder_file"] == local.name:
                 return local             # named by its weights' hash: the same file
             path, why = download(client, tags, root, damaged)
@@ -198,7 +198,7 @@ def team_encoder(cfg, key: str, root: Path, local: Path | None, train: Callable[
                 return path
             log.warning("the team's domain encoder %s (run %s) is %s: marked damaged; the next upload takes its place",
                         tags["ganlab.encoder_file"], tags["ganlab.encoder_run"], why)
-            track.with_retry(client.set_registered_model_tag, claim_name(key, generation), DAMAGED, why[:500])
+            store.with_retry(client.set_registered_model_tag, claim_name(key, generation), DAMAGED, why[:500])
     except _Local as e:
         raise e.__cause__
     except UserError:
@@ -206,8 +206,8 @@ def team_encoder(cfg, key: str, root: Path, local: Path | None, train: Callable[
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise StoreUnreachable(
-            f"tracking store {track.tracking_uri(cfg)}: could not look up or publish the team's domain encoder "
+            f"tracking store {store.tracking_uri(cfg)}: could not look up or publish the team's domain encoder "
             f"({e.__class__.__name__}: {first}); bring the store back and run again, or set tracking.enabled=false "
             f"to evaluate with this machine's own encoder (another feature space than the team's)") from e
-    raise StoreUnreachable(f"tracking store {track.tracking_uri(cfg)}: {TURNS} claims of the domain encoder {key} in a row "
+    raise StoreUnreachable(f"tracking store {store.tracking_uri(cfg)}: {TURNS} claims of the domain encoder {key} in a row "
                            f"were damaged or lost; see the registered models {claim_name(key, 1)}*")

@@ -1,8 +1,12 @@
 """Feature extractors: which one evaluation uses, and building each without a download when its
 weights are local. `resolve(cfg)` decides once, before any training:
 
-- `auto`: InceptionV3 (standard FID) when its weights are present or can be downloaded; otherwise the
-  domain encoder for this dataset (ganlab/eval/encoder.py: trained on first use, cached by data hash).
+- `auto`: decided for the device (issue 33). On a GPU, InceptionV3 (standard FID) when its weights are
+  present or can be downloaded, else the domain encoder. On a CPU (or MPS), the domain encoder always:
+  InceptionV3 at 299 px costs a CPU minutes per evaluation, more than the main job's whole training.
+  InceptionV3's FID of a handed-over generator stays one command away on any device:
+  `ganlab eval RUN --set eval.feature_extractor=inception-v3-compat`.
+- the domain encoder for this dataset (ganlab/eval/encoder.py: trained on first use, cached by data hash).
 - `domain`: the domain encoder, even when InceptionV3's weights are present.
 - `inception-v3-compat`: standard InceptionV3; an error without weights.
 - `inception-v3-random`: InceptionV3 with random weights. Only when named: it cannot rank good
@@ -55,6 +59,7 @@ class Extractor:
     weights_kwarg: str | None = None   # torch-fidelity's feature_extractor_weights_path, where it takes one
     recipe: dict | None = None         # the domain encoder's training recipe (joins the signature)
     files: tuple = ()                  # files to log with the run (the domain encoder and its card)
+    why: str = ""                      # how `auto` chose it (said on the run's start line)
 
 
 class EvalError(UserError):
@@ -250,11 +255,14 @@ def _inception(weights: str) -> Extractor | None:
     return Extractor(COMPAT, str(found), file_hash(found), weights_kwarg=str(found))
 
 
-def standard(cfg, primary: Extractor) -> Extractor | None:
+def standard(cfg, primary: Extractor, device="cpu") -> Extractor | None:
     """InceptionV3 for fid_standard beside a primary extractor that is not InceptionV3, or None:
-    eval.standard_fid auto = when the weights are present (never downloaded for this), always = required."""
+    eval.standard_fid auto = on a GPU when the weights are present (never downloaded for this; on a CPU
+    it would cost more than the run), always = required, on any device."""
     e = cfg.eval
     if e.standard_fid == "never" or primary.name in (COMPAT, RANDOM) or primary.weights_kwarg:
+        return None
+    if e.standard_fid == "auto" and torch.device(device).type != "cuda":
         return None
     pretrained = e.feature_extractor in DINOV2_MODELS or e.feature_extractor in CLIP_MODELS   # eval.weights is theirs
     weights = ("" if pretrained else e.weights) or os.environ.get("GANLAB_INCEPTION_WEIGHTS", "")
@@ -285,8 +293,17 @@ def _compat(cfg, device, images=None) -> Extractor:
 
 
 def _auto(cfg, device, images=None) -> Extractor:
-    """Standard InceptionV3 when its weights are here (or can be downloaded), else the domain encoder."""
-    return _inception(cfg.eval.weights or os.environ.get("GANLAB_INCEPTION_WEIGHTS", "")) or _domain(cfg, device, images)
+    """On a GPU: standard InceptionV3 when its weights are here (or can be downloaded), else the domain
+    encoder. Elsewhere: the domain encoder (InceptionV3 would cost more than the training it judges)."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        found = _inception(cfg.eval.weights or os.environ.get("GANLAB_INCEPTION_WEIGHTS", ""))
+        if found is not None:
+            return dataclasses.replace(found, why="auto on a GPU: InceptionV3")
+        return dataclasses.replace(_domain(cfg, device, images), why="auto: no InceptionV3 weights, the domain encoder")
+    return dataclasses.replace(_domain(cfg, device, images), why=(
+        f"auto on a {kind.upper()}: the domain encoder (InceptionV3 at 299 px would cost more than the run; its FID "
+        f"of the hand-over: ganlab eval RUN --set eval.feature_extractor={COMPAT})"))
 
 
 # eval.feature_extractor -> builder(cfg, device, images) -> Extractor. DINOv2 and CLIP names are torch-fidelity's;

@@ -109,7 +109,7 @@ class Evaluator:
         }
         if self.extractor.recipe is not None:     # the domain encoder: how it was trained, and on what
             self.signature["extractor_recipe"] = self.extractor.recipe
-        self.standard = standard(cfg, self.extractor)   # InceptionV3 for fid_standard, or None
+        self.standard = standard(cfg, self.extractor, self.device)   # InceptionV3 for fid_standard, or None
         # fid_standard (never selected on: metrics.SELECTABLE) depends on whether this machine has
         # InceptionV3's weights; in the signature it would split identical runs on two machines into two
         # signatures: its weights are a tag (describe) instead
