@@ -99,9 +99,7 @@ def train(
             if run.final_eval_due():
                 run.evaluate_and_select()
         except KeyboardInterrupt:      # a second Ctrl-C, SIGTERM, or any Ctrl-C under several processes
-            if run.share.main and hasattr(run, "events"):
-                run.wait_for_checkpoint()
-            run.end_tracking("KILLED", f"interrupted at step {run.step}")
+            run.killed()
             raise
         except BaseException as e:
             run.fail(e)
@@ -511,6 +509,12 @@ class Run:
             self.events.emit(self.step, "error", f"interrupted at step {self.step}; resume with: ganlab train --resume {self.run_dir}")
             self.end_tracking("KILLED", f"interrupted at step {self.step}")
         raise KeyboardInterrupt
+
+    def killed(self):
+        """Stopped without waiting for a step boundary: the write in flight is joined, the run ends KILLED."""
+        if self.share.main and hasattr(self, "events"):
+            self.wait_for_checkpoint()
+        self.end_tracking("KILLED", f"interrupted at step {self.step}")
 
     def fail(self, e: BaseException):
         self.progress.close()

@@ -206,21 +206,25 @@ class Trainer:
         self.lean = t.lean_step and not models.batch_dependent(self.d)
         self.sn_all = models.spectral_norms(self.d)             # the overfit probe holds all of them
         self.sn = self.sn_all if self.lean else []
-        compiled = torch.compile if t.compile else (lambda net: net)
-        self.g_fwd = compiled(distributed.wrap(self.g, device, share))
-        # the penalties (R1, gradient penalty) differentiate D's gradient: AOTAutograd refuses that
-        # double backward, so they run D eagerly (the same module, in the same DDP wrapper)
-        self.d_eager = distributed.wrap(self.d, device, share)
-        self.d_fwd = compiled(self.d_eager)
-        # D as G's loss sees it: frozen, so outside DDP (it has no gradients to average, and a DDP
-        # forward would wait for a backward that never reaches D's weights)
-        self.d_for_g = compiled(self.d) if share.world > 1 else self.d_fwd
+        self._wrap_networks()
         self.diagnostics = DiagnosticSums(device)
         self.r1_gamma = r1_gamma(cfg)
         # LeCam's anchors: EMAs of D's mean output on reals and on fakes (no host sync to update them)
         self.lecam_anchors = torch.zeros(2, device=device)
         self.probe = None if holdout_images is None else (self._probe_batch(train_images), self._probe_batch(holdout_images))
         self.graphs = graph_step.StepGraphs(self.update, self.rng) if self.static and not self.graph_refusal else None
+
+    def _wrap_networks(self):
+        """The callables the step runs G and D through: DDP across processes, torch.compile when asked."""
+        compiled = torch.compile if self.cfg.train.compile else (lambda net: net)
+        self.g_fwd = compiled(distributed.wrap(self.g, self.device, self.share))
+        # the penalties (R1, gradient penalty) differentiate D's gradient: AOTAutograd refuses that
+        # double backward, so they run D eagerly (the same module, in the same DDP wrapper)
+        self.d_eager = distributed.wrap(self.d, self.device, self.share)
+        self.d_fwd = compiled(self.d_eager)
+        # D as G's loss sees it: frozen, so outside DDP (it has no gradients to average, and a DDP
+        # forward would wait for a backward that never reaches D's weights)
+        self.d_for_g = compiled(self.d) if self.share.world > 1 else self.d_fwd
 
     def _adam(self, net, lr: float, lr_tensor: torch.Tensor) -> torch.optim.Optimizer:
         """Fused Adam on CUDA; in static mode its learning rate is a device tensor (a view of self.knobs)

@@ -282,50 +282,11 @@ def objective(spec: Spec, parent: str | None, extra_sets=(), quiet=True):
             # nothing is left, and a sampled point would repeat one (a spare, left out of summaries)
             trial.set_user_attr("spare", True)
             raise optuna.TrialPruned("spare: every grid point was taken by another worker")
-        params = suggest(trial, spec.space)
-        cfg = spec.trial_config(params, trial.number, extra_sets)
-        metric = cfg.selection.metric
+        cfg = spec.trial_config(suggest(trial, spec.space), trial.number, extra_sets)
         trial.set_user_attr("sampler_seed", worker_seed(spec.seed))
-
-        def started(run_id, run_dir):
-            trial.set_user_attr("run_id", run_id or "")
-            trial.set_user_attr("run_dir", str(run_dir))
-            worker = f"{socket.gethostname()}:{os.getpid()}"
-            trial.set_user_attr("worker", worker)
-            if run_id:
-                from . import track
-                # retried like every other write: several workers on one sqlite store meet "database is locked"
-                track.with_retry(track.open_client(track.tracking_uri(cfg)).set_tag, run_id, "ganlab.worker", worker)
-
-        def evaluated(step, m, last):
-            trial.report(m[metric], step)
-            if last or not trial.should_prune():         # a fully trained trial completes
-                return False
-            # the median pruner compares with COMPLETE trials' values at this step
-            others = [t.number for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-                      if step in t.intermediate_values]
-            trial.set_user_attr("pruned_at_step", step)
-            trial.set_user_attr("pruned_against", others)
-            return True
-
         res = train.train(cfg, quiet=quiet, experiment_file=str(spec.path), parent_run_id=parent,
-                          on_start=started, on_eval=evaluated)
-        trial.set_user_attr("best_step", res.best_step)
-        trial.set_user_attr("stopped", res.stopped)
-        if res.stopped == "pruned":
-            raise optuna.TrialPruned(f"pruned at step {trial.user_attrs['pruned_at_step']}")
-        score, se = res.score(metric)
-        if score is None:
-            raise RuntimeError(f"trial {trial.number}: no generator to hand over ({res.stopped})")
-        pinned = trial.study.user_attrs.get(PINNED)
-        if pinned and spec.pin_signature and res.handover_signature != pinned:
-            raise RuntimeError(f"trial {trial.number}: scored under hand-over signature {res.handover_signature}, "
-                               f"not the study's {pinned}: its value is not comparable")
-        trial.set_user_attr("handover_se", se)
-        trial.set_user_attr("handover_signature", res.handover_signature)
-        trial.set_user_attr("handed_over_step", res.handed_over_step)
-        trial.set_user_attr("selection_best", res.best)
-        return score
+                          on_start=_on_start(trial, cfg), on_eval=_on_eval(trial, cfg.selection.metric))
+        return _trial_value(trial, res, spec, cfg.selection.metric)
 
     def recorded(trial):               # the reason a trial failed, where summaries and the worker read it
         try:
@@ -336,6 +297,58 @@ def objective(spec: Spec, parent: str | None, extra_sets=(), quiet=True):
             trial.set_user_attr("error", f"{e.__class__.__name__}: {e}"[-1000:])
             raise
     return recorded
+
+
+def _on_start(trial, cfg):
+    """The run's on_start hook: the trial records its run, folder and worker; the run is tagged with the worker."""
+    def started(run_id, run_dir):
+        trial.set_user_attr("run_id", run_id or "")
+        trial.set_user_attr("run_dir", str(run_dir))
+        worker = f"{socket.gethostname()}:{os.getpid()}"
+        trial.set_user_attr("worker", worker)
+        if run_id:
+            from . import track
+            # retried like every other write: several workers on one sqlite store meet "database is locked"
+            track.with_retry(track.open_client(track.tracking_uri(cfg)).set_tag, run_id, "ganlab.worker", worker)
+    return started
+
+
+def _on_eval(trial, metric: str):
+    """The run's on_eval hook: report each evaluation to Optuna; True (stop the run) when it prunes."""
+    import optuna
+
+    def evaluated(step, m, last):
+        trial.report(m[metric], step)
+        if last or not trial.should_prune():         # a fully trained trial completes
+            return False
+        # the median pruner compares with COMPLETE trials' values at this step
+        others = [t.number for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                  if step in t.intermediate_values]
+        trial.set_user_attr("pruned_at_step", step)
+        trial.set_user_attr("pruned_against", others)
+        return True
+    return evaluated
+
+
+def _trial_value(trial, res, spec: Spec, metric: str) -> float:
+    """The finished run's hand-over score as the trial's value, with what summaries read beside it."""
+    import optuna
+    trial.set_user_attr("best_step", res.best_step)
+    trial.set_user_attr("stopped", res.stopped)
+    if res.stopped == "pruned":
+        raise optuna.TrialPruned(f"pruned at step {trial.user_attrs['pruned_at_step']}")
+    score, se = res.score(metric)
+    if score is None:
+        raise RuntimeError(f"trial {trial.number}: no generator to hand over ({res.stopped})")
+    pinned = trial.study.user_attrs.get(PINNED)
+    if pinned and spec.pin_signature and res.handover_signature != pinned:
+        raise RuntimeError(f"trial {trial.number}: scored under hand-over signature {res.handover_signature}, "
+                           f"not the study's {pinned}: its value is not comparable")
+    trial.set_user_attr("handover_se", se)
+    trial.set_user_attr("handover_signature", res.handover_signature)
+    trial.set_user_attr("handed_over_step", res.handed_over_step)
+    trial.set_user_attr("selection_best", res.best)
+    return score
 
 
 def _grid_points(spec: Spec) -> list[dict]:

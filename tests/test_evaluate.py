@@ -199,3 +199,30 @@ def test_long_feature_passes_say_how_far_they_are(tmp_path, script_extractor, sp
         ev.metrics_for(sprites[40:48])
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("held-out features (rgb)")]
     assert lines[0].startswith("held-out features (rgb): 0/40 images") and lines[-1].startswith("held-out features (rgb): 40 images done")
+
+
+def test_every_eval_key_is_classified_and_the_signatures_follow_the_table(tmp_path, script_extractor, sprites):
+    """protocol.EVAL_KEYS says for every eval.* key which signature it joins; a new key missing from it,
+    or a signature that disagrees with it, fails here (they were three hand-kept lists)."""
+    import dataclasses
+    from conftest import tiny_overrides
+    keys = {f.name for f in dataclasses.fields(config.EvalConfig)}
+    assert keys == set(protocol.EVAL_KEYS), keys ^ set(protocol.EVAL_KEYS)
+    ev = protocol.Evaluator(config.load(None, tiny_overrides(tmp_path, script_extractor)), sprites[:24], "cpu")
+    for key, role in protocol.EVAL_KEYS.items():
+        if role == "extractor":        # joins as the extractor's name and weights hash ("weights"), not as itself
+            continue
+        assert (key in ev.signature) == (role in ("both", "selection")), key
+        assert (key in ev.handover) == (role in ("both", "handover")), key
+
+    def hashes(*sets):
+        e = protocol.Evaluator(config.load(None, tiny_overrides(tmp_path, script_extractor) + list(sets)), sprites[:24], "cpu")
+        return e.signature_hash, e.handover_hash
+    base = hashes()
+    assert hashes("eval.every=3") == base                                       # none: neither moves
+    sel, hand = hashes("eval.seed=99")                                          # selection only
+    assert sel != base[0] and hand == base[1]
+    sel, hand = hashes("eval.background=white")                                 # both
+    assert sel != base[0] and hand != base[1]
+    sel, hand = hashes("eval.handover_draws=4")                                 # hand-over only
+    assert sel == base[0] and hand != base[1]

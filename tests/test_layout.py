@@ -29,3 +29,14 @@ def test_the_readme_layout_names_every_module_and_only_modules_that_exist():
     modules = {str(p.relative_to(ROOT)) for p in (ROOT / "ganlab").rglob("*.py") if p.name != "__init__.py"}
     unlisted = sorted(modules - named)
     assert not unlisted, f"modules missing from README's layout: {unlisted}"
+
+
+def test_no_function_in_the_package_is_over_60_lines():
+    """Functions short enough to read at once (issue 33): a longer one is split, not waved through."""
+    import ast
+    long = []
+    for f in sorted((ROOT / "ganlab").rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60:
+                long.append(f"{f.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long

@@ -78,6 +78,21 @@ class TensorImages(torch.utils.data.Dataset):
 
 KID_SUBSETS = 100                # torch-fidelity's default
 
+# Every eval.* key and which signature it joins, in one table (a key missing here fails
+# tests/test_evaluate.py): "both" = the selection signature (the run's fixed-latent protocol) and the
+# hand-over signature; "selection" = the selection signature only; "handover" = the hand-over's only;
+# "extractor" = through the extractor's name, weights hash or recipe; "none" = when, whether or beside
+# what to evaluate, never what a number means (fid_standard's weights are a tag: see describe()).
+EVAL_KEYS = {
+    "every": "none", "every_images": "none", "max_share": "none", "fid_alpha": "none", "standard_fid": "none",
+    "copy_quantile": "none",
+    "num_samples": "selection", "seed": "selection", "metrics": "selection",
+    "batch_size": "both", "background": "both", "bn_stats": "both", "kid_subset_size": "both",
+    "feature_extractor": "extractor", "weights": "extractor", "encoder_steps": "extractor",
+    "encoder_batch_size": "extractor", "encoder_seed": "extractor",
+    "handover_samples": "handover", "handover_draws": "handover", "handover_seed": "handover",
+}
+
 
 def _hash(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
@@ -118,7 +133,7 @@ class Evaluator:
         # its own sample count, several draws. It does not use the run's fixed latents, so their count
         # and seed leave its signature: runs with other selection protocols are still comparable here.
         n = e.handover_samples or 2 * e.num_samples
-        self.handover = {k: v for k, v in self.signature.items() if k not in ("num_samples", "seed", "metrics", "kid_subset_size")}
+        self.handover = {k: v for k, v in self.signature.items() if EVAL_KEYS.get(k) != "selection"}
         self.handover.update(handover_samples=n, handover_draws=e.handover_draws, handover_seed=e.handover_seed,
                              kid_subset_size=self.kid_subset_size(n, len(holdout_u8)))
         self.handover_hash = _hash(self.handover)
