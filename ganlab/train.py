@@ -181,12 +181,14 @@ class Run:
         # them: a crash between an evaluation and the next last.pt restores a state that still does
         self._dropped_unsaved, self._dropped_in_last = [], []
         self.t_start = self.t_log = time.time()
+        self.events = self.curves = Silent()           # rank 0's event log and curves open in begin()
+        self.last_metrics: dict = {}                   # the last evaluation's metrics
+        self.saved_world = self.share.world            # processes that wrote the restored checkpoint
 
     # ---- resume or start
     def begin(self, resume: bool, new_period: bool, experiment_file: str):
         changed = self._load_last(new_period) if resume else ""
         if not self.share.main:        # the event log, curves and checkpoints are rank 0's
-            self.events = self.curves = Silent()
             return
         leftovers = checkpoint.remove_leftover_temps(self.run_dir)
         if leftovers:
@@ -512,16 +514,13 @@ class Run:
 
     def killed(self):
         """Stopped without waiting for a step boundary: the write in flight is joined, the run ends KILLED."""
-        if self.share.main and hasattr(self, "events"):
-            self.wait_for_checkpoint()
+        self.wait_for_checkpoint()
         self.end_tracking("KILLED", f"interrupted at step {self.step}")
 
     def fail(self, e: BaseException):
         self.progress.close()
-        if self.share.main and hasattr(self, "events"):
-            self.wait_for_checkpoint()
-        if hasattr(self, "events"):    # begin() may have failed before the event log existed
-            self.events.emit(self.step, "error", f"{e.__class__.__name__}: {e}")
+        self.wait_for_checkpoint()     # (no write in flight before begin(), nor on other ranks)
+        self.events.emit(self.step, "error", f"{e.__class__.__name__}: {e}")   # (silent before begin())
         self.end_tracking("FAILED", f"{e.__class__.__name__}: {e}")
 
     def end_tracking(self, status: str, reason: str):
@@ -688,7 +687,7 @@ def snapshot(obj):
 
 
 class Silent:
-    """What a rank other than 0 has in place of the event log and the metrics file: rank 0 writes them."""
+    """The event log and metrics file of a rank other than 0 (rank 0 writes them), and of rank 0 before begin()."""
 
     def emit(self, *args, **kwargs):
         pass

@@ -41,7 +41,7 @@ torchaudio torchvision tqdm triton typing-extensions urllib3 werkzeug wheel wrap
 pytest pytest-xdist execnet pytest-timeout
 """.split())
 # the report test's browser driver: the GPU check runs the CUDA tests (the machine's pytest), not that one
-DEV_ONLY = {"playwright", "pyee", "greenlet-playwright"}
+DEV_ONLY = {"playwright", "pyee", "greenlet-playwright", "ruff"}   # ruff: CI's linter
 
 
 def norm(name: str) -> str:

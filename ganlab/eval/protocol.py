@@ -41,21 +41,21 @@ log = logging.getLogger("ganlab")
 
 # ------------------------------------------------------------------------------------- images
 
-def grid_image(rgb_u8: torch.Tensor, pad: int = 2):
-    """N x 3 x H x W uint8 -> a square-ish grid as an H' x W' x 3 numpy array."""
+def grid_image(rgb_u8: torch.Tensor, pad: int = 2, nrow: int | None = None):
+    """N x 3 x H x W uint8 -> a grid (square-ish unless nrow images a row) as an H' x W' x 3 numpy array."""
     import math
     import torchvision
-    nrow = max(1, int(math.ceil(math.sqrt(len(rgb_u8)))))
+    nrow = nrow or max(1, int(math.ceil(math.sqrt(len(rgb_u8)))))
     grid = torchvision.utils.make_grid(rgb_u8, nrow=nrow, padding=pad, pad_value=255)
     return grid.permute(1, 2, 0).contiguous().numpy()
 
 
-def save_grid(rgba_u8: torch.Tensor, path: Path) -> Path:
+def save_grid(rgba_u8: torch.Tensor, path: Path, nrow: int | None = None) -> Path:
     """Straight uint8 RGBA images as one PNG grid over a checkerboard (alpha stays visible)."""
     from PIL import Image
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid_image(composite(rgba_u8.cpu(), "checker"))).save(path)
+    Image.fromarray(grid_image(composite(rgba_u8.cpu(), "checker"), nrow=nrow)).save(path)
     return path
 
 
