@@ -184,6 +184,7 @@ class Run:
         self.events = self.curves = Silent()           # rank 0's event log and curves open in begin()
         self.last_metrics: dict = {}                   # the last evaluation's metrics
         self.saved_world = self.share.world            # processes that wrote the restored checkpoint
+        self.said_refusal = False                      # a refused CUDA-graph capture is in the event log
 
     # ---- resume or start
     def begin(self, resume: bool, new_period: bool, experiment_file: str):
@@ -290,6 +291,10 @@ class Run:
         self.step += 1
 
     def log_diagnostics(self):
+        graphs = self.trainer.graphs
+        if graphs is not None and graphs.refused and not self.said_refusal:
+            self.said_refusal = True   # capture is tried once per plan after warm-up: said in the event log once
+            self.events.emit(self.step, "warning", f"train.cuda_graph: capture refused ({graphs.refused}); eager steps")
         diag = self.trainer.pop_diagnostics()
         now, t = time.time(), self.cfg.train
         diag["img_per_s"] = t.log_every * t.batch_size / max(now - self.t_log, 1e-9)
