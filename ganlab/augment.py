@@ -2,6 +2,7 @@
 real and fake alike. Empty space is filled with transparent black (-1 in model space). Colour ops
 touch RGB only: alpha is shape, not colour. Random parameters are drawn per sample through a
 distributed.Share, so a rank of a multi-process run draws its rows of the global batch's draw."""
+
 from __future__ import annotations
 
 import torch
@@ -13,7 +14,7 @@ from .distributed import SINGLE, Share
 def diff_augment(x: torch.Tensor, ops: list[str], generator=None, share: Share = SINGLE) -> torch.Tensor:
     n, device = x.shape[0], x.device
 
-    def rand(*shape):                  # one uniform number per sample (per row of the batch)
+    def rand(*shape):  # one uniform number per sample (per row of the batch)
         return share.rand(n, *shape, generator=generator, device=device)
 
     for op in ops:
@@ -23,11 +24,11 @@ def diff_augment(x: torch.Tensor, ops: list[str], generator=None, share: Share =
 
 def color(x, rand):
     rgb, a = x[:, :3], x[:, 3:]
-    rgb = rgb + (rand(1, 1, 1) - 0.5)                            # brightness
+    rgb = rgb + (rand(1, 1, 1) - 0.5)  # brightness
     mean = rgb.mean(dim=1, keepdim=True)
-    rgb = (rgb - mean) * (rand(1, 1, 1) * 2) + mean              # saturation
+    rgb = (rgb - mean) * (rand(1, 1, 1) * 2) + mean  # saturation
     mean = rgb.mean(dim=[1, 2, 3], keepdim=True)
-    rgb = (rgb - mean) * (rand(1, 1, 1) + 0.5) + mean            # contrast
+    rgb = (rgb - mean) * (rand(1, 1, 1) + 0.5) + mean  # contrast
     return torch.cat([rgb, a], 1)
 
 

@@ -3,6 +3,7 @@
 Contenders run in alternating rounds (seed, baseline, baseline-bf16, recommended, seed, ...) so that
 machine noise hits them alike; each reports the median over rounds. A benchmark, never a timed test.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import config as config_mod, data, models
-from .generator import prepare_for_sampling
+from . import config as config_mod
+from . import data, models
 from .device import bf16_supported, pick_device
+from .generator import prepare_for_sampling
 from .trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,12 +31,14 @@ EXPERIMENTS = ROOT / "experiments"
 def rss_mb() -> float:
     try:
         import psutil
+
         return psutil.Process().memory_info().rss / 2**20
     except ImportError:
         return float("nan")
 
 
 # -------------------------------------------------------------------------------- the seed's loop
+
 
 class SeedLoop:
     """The user's gans.py, re-implemented faithfully as the baseline: PIL decoding of every PNG through
@@ -46,12 +50,18 @@ class SeedLoop:
         import torchvision.datasets as dset
         import torchvision.transforms as T
         from PIL import Image
+
         self.device, self.workdir = device, Path(workdir)
         tf = T.Compose([T.Resize((64, 64)), T.ToTensor(), T.Normalize((0.5,) * 4, (0.5,) * 4)])
         loader = lambda p: Image.open(open(p, "rb")).convert("RGBA")
         self.dataset = dset.ImageFolder(root=str(folder), transform=tf, loader=loader)
-        self.loader = torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, shuffle=True,
-                                                  num_workers=num_workers, persistent_workers=num_workers > 0)
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=batch_size,
+            shuffle=True,
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
+        )
         cfg = config_mod.load(EXPERIMENTS / "seed_baseline.yaml", check_paths=False)
         self.g, d = models.build(cfg.model, 64, seed=0)
         self.d = nn.Sequential(d, nn.Sigmoid())
@@ -94,16 +104,25 @@ class SeedLoop:
         err_g = self.crit(self.d(fake).view(-1), torch.ones(n, device=self.device))
         err_g.backward()
         self.opt_g.step()
-        self.lines.append("Loss_D: %.4f Loss_G: %.4f" % (err_d.data, err_g.data))   # host sync, as printed
+        self.lines.append("Loss_D: %.4f Loss_G: %.4f" % (err_d.data, err_g.data))  # host sync, as printed
         del self.lines[:-10]
         for path, net, opt, err in zip(self.paths, (self.g, self.d), (self.opt_g, self.opt_d), (err_g, err_d)):
             if path.exists():
                 os.remove(path)
-            torch.save({"epoch": 0, "model_state_dict": net.state_dict(), "optimizer_state_dict": opt.state_dict(),
-                        "loss": err, "noise": noise}, path)
+            torch.save(
+                {
+                    "epoch": 0,
+                    "model_state_dict": net.state_dict(),
+                    "optimizer_state_dict": opt.state_dict(),
+                    "loss": err,
+                    "noise": noise,
+                },
+                path,
+            )
             self.saves += 1
         if self.i % 100 == 0:
             import torchvision.utils as vutils
+
             vutils.save_image(fake.data, str(self.workdir / "fake_samples.png"), normalize=True)
         self.i += 1
         return n
@@ -112,7 +131,7 @@ class SeedLoop:
 # ------------------------------------------------------------------------------------- contenders
 
 FP32, BF16, REFERENCE = ["train.precision=fp32"], ["train.precision=bf16"], ["train.lean_step=false"]
-LOG_EVERY = ["train.log_every=4"]      # diagnostics and MLflow writes inside the timed window
+LOG_EVERY = ["train.log_every=4"]  # diagnostics and MLflow writes inside the timed window
 # (key for --skip, name, experiment, overrides). "reference" is the step before issue 26 (two D forwards,
 # a power iteration on every D forward): each lean contender has its reference beside it, measured in
 # the same alternating rounds, so their ratio is a paired before/after.
@@ -124,8 +143,12 @@ CONTENDERS = [
     ("recommended-bf16-ref", "ganlab recommended bf16 reference", "recommended.yaml", BF16 + REFERENCE),
     ("recommended-bf16", "ganlab recommended bf16", "recommended.yaml", BF16),
     # issue 22's best candidate: lazy R1 costs a double backward every 4th D step
-    ("r1-color-bf16", "ganlab recommended + R1/4 + colour bf16", "recommended.yaml",
-     BF16 + ["train.r1_gamma=1.0", "train.r1_every=4", "train.diffaug=[color,translation,cutout]"]),
+    (
+        "r1-color-bf16",
+        "ganlab recommended + R1/4 + colour bf16",
+        "recommended.yaml",
+        BF16 + ["train.r1_gamma=1.0", "train.r1_every=4", "train.diffaug=[color,translation,cutout]"],
+    ),
 ]
 # On CUDA the contenders above are captured as CUDA graphs (train.cuda_graph: auto); these are the same
 # steps eager and compiled, measured beside them (on a CPU they equal their plain twins: skipped there)
@@ -176,22 +199,30 @@ def time_steps(c, steps, device) -> float:
 
 # ------------------------------------------------------------------------------------------- main
 
+
 def main(args):
     device = pick_device(args.device)
     torch.manual_seed(0)
     steps = args.steps or (50 if device.type == "cuda" else 8)
-    out = {"command": "ganlab " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("ganlab") else "ganlab bench",
-           "machine": machine_info(device), "device": str(device), "batch_size": 64, "steps_per_round": steps,
-           "rounds": args.rounds, "results": [], "speedup_vs_seed": {}}
+    out = {
+        "command": "ganlab " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("ganlab") else "ganlab bench",
+        "machine": machine_info(device),
+        "device": str(device),
+        "batch_size": 64,
+        "steps_per_round": steps,
+        "rounds": args.rounds,
+        "results": [],
+        "speedup_vs_seed": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         src = data_folder(args.data, tmp)
-        cfg_data = config_mod.load(EXPERIMENTS / "seed_baseline.yaml", [f"data.root={src}",
-                                   f"data.cache_dir={tmp / 'cache'}"]).data
+        cfg_data = config_mod.load(
+            EXPERIMENTS / "seed_baseline.yaml", [f"data.root={src}", f"data.cache_dir={tmp / 'cache'}"]
+        ).data
         before = rss_mb()
         images = data.load_images(cfg_data).train
-        out["dataset"] = {"images": len(images), "uint8_mb": images.numel() / 2**20,
-                          "rss_growth_mb": rss_mb() - before}
+        out["dataset"] = {"images": len(images), "uint8_mb": images.numel() / 2**20, "rss_growth_mb": rss_mb() - before}
         tracker = bench_tracker(tmp) if "tracking" not in args.skip else None
         contenders = []
         if "seed" not in args.skip:
@@ -209,8 +240,11 @@ def main(args):
                 if "error" not in r:
                     out["speedup_vs_seed"][r["name"]] = r["images_per_s"] / seed["images_per_s"]
             loop = contenders[0][1]
-            out["seed_loop_io"] = {"checkpoint_loads": loop.loads, "checkpoint_saves": loop.saves,
-                                   "checkpoint_mb": sum(p.stat().st_size for p in loop.paths) / 2**20}
+            out["seed_loop_io"] = {
+                "checkpoint_loads": loop.loads,
+                "checkpoint_saves": loop.saves,
+                "checkpoint_mb": sum(p.stat().st_size for p in loop.paths) / 2**20,
+            }
         if tracker is not None:
             out["tracking"] = tracking_cost(tracker, args.rounds)
         if "eval" not in args.skip:
@@ -229,6 +263,7 @@ def ops_per_step(c, device, steps: int = 2) -> dict:
     share of the step's wall time is how busy the step keeps the GPU (a captured step shows its kernels
     under one graph launch)."""
     from torch.profiler import ProfilerActivity, profile
+
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     _sync(device)
     t0 = time.perf_counter()
@@ -241,7 +276,7 @@ def ops_per_step(c, device, steps: int = 2) -> dict:
     out = {"aten_ops_per_step": sum(e.name.startswith("aten::") for e in events) / steps}
     if device.type == "cuda":
         kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-        busy = sum(e.device_time for e in kernels) / 1000 / steps         # us -> ms
+        busy = sum(e.device_time for e in kernels) / 1000 / steps  # us -> ms
         out.update(kernels_per_step=len(kernels) / steps, gpu_busy_ms_per_step=busy, profiled_ms_per_step=wall * 1000)
     return out
 
@@ -258,9 +293,10 @@ def measure(contenders, rounds: int, steps: int, device) -> list[dict]:
     """Warm up, then time every contender round by round (alternating, so machine noise hits them
     alike); medians per contender, with peak memory."""
     from .graph_step import WARMUP
-    warm = 3 if device.type != "cuda" else 4 * WARMUP + 2       # lazy R1's plan (every 4th step) captured too
+
+    warm = 3 if device.type != "cuda" else 4 * WARMUP + 2  # lazy R1's plan (every 4th step) captured too
     failed = []
-    for n, c in contenders:                       # warm-up: first-call costs, caches, workers, graph capture
+    for n, c in contenders:  # warm-up: first-call costs, caches, workers, graph capture
         try:
             time_steps(c, warm, device)
         except Exception as e:  # noqa: BLE001 - one contender that cannot run (compile on a new stack) is a row, not an abort
@@ -282,8 +318,13 @@ def measure(contenders, rounds: int, steps: int, device) -> list[dict]:
     rows = failed
     for n, _ in contenders:
         ms = statistics.median(times[n]) * 1000
-        row = {"name": n, "ms_per_step": ms, "images_per_s": 64 / (ms / 1000), "peak_rss_mb": peak[n],
-               "rounds_ms": [t * 1000 for t in times[n]]}
+        row = {
+            "name": n,
+            "ms_per_step": ms,
+            "images_per_s": 64 / (ms / 1000),
+            "peak_rss_mb": peak[n],
+            "rounds_ms": [t * 1000 for t in times[n]],
+        }
         if device.type == "cuda":
             row["peak_gpu_mb"] = peak_gpu[n]
         rows.append(row)
@@ -295,6 +336,7 @@ def data_folder(src: str, tmp: Path) -> Path:
     if src not in ("", data.BUILTIN):
         return Path(src)
     from PIL import Image
+
     folder = tmp / "sprites"
     (folder / "sprites").mkdir(parents=True)
     imgs = data.make_sprites(2048, 64, seed=12345)
@@ -305,6 +347,7 @@ def data_folder(src: str, tmp: Path) -> Path:
 
 def bench_tracker(tmp: Path):
     from . import track
+
     cfg = config_mod.load(None, [f"tracking.runs_dir={tmp / 'mlruns'}", "name=bench", "tracking.system_metrics=false"])
     t = track.Tracker(cfg)
     t.start(tmp / "run")
@@ -325,14 +368,20 @@ def tracking_cost(tracker, rounds: int) -> dict:
     flush = time.perf_counter() - t0
     per_call = statistics.median(calls) * 1000
     log_every = config_mod.TrainConfig().log_every
-    return {"ms_per_log_call": per_call, "ms_per_step_at_default_log_every": per_call / log_every,
-            "default_log_every": log_every, "flush_ms": flush * 1000, "calls": len(calls)}
+    return {
+        "ms_per_log_call": per_call,
+        "ms_per_step_at_default_log_every": per_call / log_every,
+        "default_log_every": log_every,
+        "flush_ms": flush * 1000,
+        "calls": len(calls),
+    }
 
 
 def eval_cost(tmp: Path, device) -> dict:
     """Evaluation at experiments/default.yaml's protocol: generation + extractor images/s, and the
     seconds of one evaluation with the real-statistics cache cold and warm."""
     from .eval import protocol
+
     cfg = config_mod.load(EXPERIMENTS / "default.yaml", [f"data.cache_dir={tmp / 'evalcache'}"])
     images = data.load_images(cfg.data)
     g, _ = models.build(cfg.model, cfg.data.image_size, seed=0, with_d=False)
@@ -347,15 +396,27 @@ def eval_cost(tmp: Path, device) -> dict:
     ev(g)
     warm = time.perf_counter() - t0
     passes = cfg.eval.num_samples * (2 if cfg.eval.fid_alpha else 1)
-    return {"protocol": "experiments/default.yaml", "extractor": ev.extractor.name, "num_samples": cfg.eval.num_samples,
-            "n_holdout": len(images.holdout), "setup_s": setup, "cold_cache_s": cold, "warm_cache_s": warm,
-            "generated_images_per_s": passes / warm}
+    return {
+        "protocol": "experiments/default.yaml",
+        "extractor": ev.extractor.name,
+        "num_samples": cfg.eval.num_samples,
+        "n_holdout": len(images.holdout),
+        "setup_s": setup,
+        "cold_cache_s": cold,
+        "warm_cache_s": warm,
+        "generated_images_per_s": passes / warm,
+    }
 
 
 def machine_info(device) -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
-            "platform": platform.platform(), "threads": torch.get_num_threads(),
-            "bf16_native": bf16_supported(device)}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "threads": torch.get_num_threads(),
+        "bf16_native": bf16_supported(device),
+    }
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
@@ -369,9 +430,13 @@ def machine_info(device) -> dict:
 
 
 def print_table(out: dict):
-    print(f"\nganlab bench on {out['device']} ({out['machine'].get('gpu') or out['machine'].get('cpu', '?')}), "
-          f"batch 64, {out['rounds']} rounds x {out['steps_per_round']} steps, medians")
-    print(f"{'contender':<34}{'img/s':>10}{'ms/step':>10}{'peak RSS MB':>13}{'vs seed':>9}{'ops/step':>10}{'GPU busy':>10}")
+    print(
+        f"\nganlab bench on {out['device']} ({out['machine'].get('gpu') or out['machine'].get('cpu', '?')}), "
+        f"batch 64, {out['rounds']} rounds x {out['steps_per_round']} steps, medians"
+    )
+    print(
+        f"{'contender':<34}{'img/s':>10}{'ms/step':>10}{'peak RSS MB':>13}{'vs seed':>9}{'ops/step':>10}{'GPU busy':>10}"
+    )
     for r in out["results"]:
         if "error" in r:
             print(f"{r['name']:<34} failed: {r['error']}")
@@ -379,15 +444,23 @@ def print_table(out: dict):
         sp = out["speedup_vs_seed"].get(r["name"])
         busy = f"{100 * r['gpu_busy_share']:.0f}%" if "gpu_busy_share" in r else "-"
         ops = r.get("kernels_per_step", r.get("aten_ops_per_step"))
-        print(f"{r['name']:<34}{r['images_per_s']:>10.1f}{r['ms_per_step']:>10.1f}{r['peak_rss_mb']:>13.0f}"
-              f"{(f'{sp:.2f}x' if sp else '-'):>9}{(f'{ops:.0f}' if ops is not None else '-'):>10}{busy:>10}")
+        print(
+            f"{r['name']:<34}{r['images_per_s']:>10.1f}{r['ms_per_step']:>10.1f}{r['peak_rss_mb']:>13.0f}"
+            f"{(f'{sp:.2f}x' if sp else '-'):>9}{(f'{ops:.0f}' if ops is not None else '-'):>10}{busy:>10}"
+        )
     d = out["dataset"]
-    print(f"dataset: {d['images']} images, {d['uint8_mb']:.1f} MB as uint8; process RSS grew {d['rss_growth_mb']:.1f} MB loading it")
+    print(
+        f"dataset: {d['images']} images, {d['uint8_mb']:.1f} MB as uint8; process RSS grew {d['rss_growth_mb']:.1f} MB loading it"
+    )
     if "tracking" in out:
         t = out["tracking"]
-        print(f"tracking: {t['ms_per_log_call']:.3f} ms per diagnostics write = {t['ms_per_step_at_default_log_every']:.4f} "
-              f"ms per step at log_every={t['default_log_every']}; flush {t['flush_ms']:.1f} ms")
+        print(
+            f"tracking: {t['ms_per_log_call']:.3f} ms per diagnostics write = {t['ms_per_step_at_default_log_every']:.4f} "
+            f"ms per step at log_every={t['default_log_every']}; flush {t['flush_ms']:.1f} ms"
+        )
     if "eval" in out:
         e = out["eval"]
-        print(f"eval ({e['protocol']}, {e['extractor']}, {e['num_samples']} samples): cold cache {e['cold_cache_s']:.1f} s, "
-              f"warm {e['warm_cache_s']:.1f} s, {e['generated_images_per_s']:.1f} extractor images/s")
+        print(
+            f"eval ({e['protocol']}, {e['extractor']}, {e['num_samples']} samples): cold cache {e['cold_cache_s']:.1f} s, "
+            f"warm {e['warm_cache_s']:.1f} s, {e['generated_images_per_s']:.1f} extractor images/s"
+        )

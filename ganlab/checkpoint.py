@@ -5,6 +5,7 @@ tensor and sha256 its checksum, so truncation or bit rot is detected before anyt
 state holds only tensors and plain types (no pickled objects), so a hostile file cannot run code.
 Knows nothing about what the state means.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -44,7 +45,7 @@ def atomic_write_bytes(path: str | Path, data: bytes):
         except OSError:
             pass
         raise
-    try:                                 # make the rename itself durable
+    try:  # make the rename itself durable
         dfd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dfd)
@@ -66,8 +67,14 @@ def save(path: str | Path, state: dict, keep_previous: bool = False):
     torch.save(state, buf)
     blob = buf.getvalue()
     env = io.BytesIO()
-    torch.save({"format": FORMAT_VERSION, "sha256": hashlib.sha256(blob).hexdigest(),
-                "blob": torch.frombuffer(bytearray(blob), dtype=torch.uint8)}, env)
+    torch.save(
+        {
+            "format": FORMAT_VERSION,
+            "sha256": hashlib.sha256(blob).hexdigest(),
+            "blob": torch.frombuffer(bytearray(blob), dtype=torch.uint8),
+        },
+        env,
+    )
     path = Path(path)
     if keep_previous and path.exists():
         keep_as_previous(path)
@@ -80,7 +87,7 @@ def keep_as_previous(path: Path):
     the new file's rename (moving it aside would leave that window open for a whole write and fsync)."""
     prev = previous_path(path)
     if prev.exists() and os.path.samefile(path, prev):
-        return                         # already (the last write failed): and rename() of a link onto its twin is a no-op
+        return  # already (the last write failed): and rename() of a link onto its twin is a no-op
     tmp = prev.with_name(f".{prev.name}.{os.getpid()}.tmp")
     try:
         tmp.unlink(missing_ok=True)
@@ -88,7 +95,7 @@ def keep_as_previous(path: Path):
             os.link(path, tmp)
         except OSError:
             shutil.copy2(path, tmp)
-            _fsync_file(tmp)           # a copy is new data: durable before it replaces the old .prev
+            _fsync_file(tmp)  # a copy is new data: durable before it replaces the old .prev
         os.replace(tmp, prev)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -128,8 +135,10 @@ def load(path: str | Path, map_location="cpu") -> dict:
     try:
         env = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refused, it holds objects other than tensors and plain data "
-                              f"(not loaded: {str(e).splitlines()[0][:120]})") from None
+        raise CheckpointError(
+            f"{path}: refused, it holds objects other than tensors and plain data "
+            f"(not loaded: {str(e).splitlines()[0][:120]})"
+        ) from None
     except Exception as e:
         raise CheckpointError(f"{path}: unreadable or truncated ({e.__class__.__name__})") from None
     if not isinstance(env, dict) or "blob" not in env or "sha256" not in env:
@@ -142,8 +151,10 @@ def load(path: str | Path, map_location="cpu") -> dict:
     try:
         return torch.load(io.BytesIO(blob), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refused, the state holds objects other than tensors and plain data "
-                              f"({str(e).splitlines()[0][:120]})") from None
+        raise CheckpointError(
+            f"{path}: refused, the state holds objects other than tensors and plain data "
+            f"({str(e).splitlines()[0][:120]})"
+        ) from None
 
 
 def load_latest_good(path: str | Path, map_location="cpu", warn=print) -> tuple[dict, Path]:
@@ -156,4 +167,3 @@ def load_latest_good(path: str | Path, map_location="cpu", warn=print) -> tuple[
             warn(f"{e}; using the previous checkpoint {prev}")
             return load(prev, map_location), prev
         raise
-

@@ -4,6 +4,7 @@ The decoded set is kept as one uint8 N x 4 x H x W tensor (on the GPU when it fi
 needs no worker processes and memory grows only by the uint8 size of the set. Conversion to floats
 (and premultiplication) happens one batch at a time on the device.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,8 +27,8 @@ from .errors import UserError
 log = logging.getLogger("ganlab")
 
 EXTENSIONS = {".png", ".webp", ".gif", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
-MAX_PIXELS = 64_000_000          # larger images are skipped: a decompression bomb, or not a sprite
-DECODER_VERSION = 1              # bump when decoding changes, so stale caches are not reused
+MAX_PIXELS = 64_000_000  # larger images are skipped: a decompression bomb, or not a sprite
+DECODER_VERSION = 1  # bump when decoding changes, so stale caches are not reused
 BUILTIN = "builtin:sprites"
 
 
@@ -41,6 +42,7 @@ class BadImage(ValueError):
 
 # ------------------------------------------------------------------------------------------- decode
 
+
 def decode_image(src, size: int, fit: str = "pad") -> np.ndarray:
     """A file path or bytes -> size x size x 4 straight-alpha uint8 array. Raises BadImage."""
     try:
@@ -50,7 +52,7 @@ def decode_image(src, size: int, fit: str = "pad") -> np.ndarray:
             if img.width * img.height > MAX_PIXELS:
                 raise BadImage(f"{img.width}x{img.height} is over the {MAX_PIXELS:,}-pixel limit")
             if getattr(img, "n_frames", 1) > 1:
-                img.seek(0)                      # animated GIF/WebP: the first frame
+                img.seek(0)  # animated GIF/WebP: the first frame
             img.load()
             img = ImageOps.exif_transpose(img)
             rgba = to_rgba(img)
@@ -58,8 +60,18 @@ def decode_image(src, size: int, fit: str = "pad") -> np.ndarray:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadImage(f"too large ({e})") from None
-    except (OSError, ValueError, SyntaxError, EOFError, TypeError, KeyError, IndexError,
-            ZeroDivisionError, MemoryError, Image.UnidentifiedImageError) as e:
+    except (
+        OSError,
+        ValueError,
+        SyntaxError,
+        EOFError,
+        TypeError,
+        KeyError,
+        IndexError,
+        ZeroDivisionError,
+        MemoryError,
+        Image.UnidentifiedImageError,
+    ) as e:
         raise BadImage(f"{e.__class__.__name__}: {e}") from None
     return fit_square(rgba, size, fit)
 
@@ -78,7 +90,7 @@ def to_rgba(img: Image.Image) -> Image.Image:
         img = img.convert("PA")
     elif mode == "1":
         img = img.convert("L")
-    for via in (None, "LA", "RGB"):            # Pillow converts some modes (La, HSV...) only by way of another
+    for via in (None, "LA", "RGB"):  # Pillow converts some modes (La, HSV...) only by way of another
         try:
             return (img.convert(via) if via else img).convert("RGBA")
         except ValueError:
@@ -107,6 +119,7 @@ def fit_square(img: Image.Image, size: int, fit: str) -> np.ndarray:
 
 # -------------------------------------------------------------------------------------------- find
 
+
 def find_images(root: str | Path) -> list[Path]:
     """All image files under root, recursively, following links but never around a loop."""
     root = Path(root).expanduser()
@@ -126,6 +139,7 @@ def find_images(root: str | Path) -> list[Path]:
 
 # ---------------------------------------------------------------------------------------- built-in
 
+
 def make_sprites(n: int, size: int, seed: int = 0) -> torch.Tensor:
     """Procedural RGBA sprites: discs, rings, squares, triangles and diamonds in two-colour gradients,
     with soft, partly transparent edges on a transparent background. Deterministic in (n, size, seed)."""
@@ -136,7 +150,7 @@ def make_sprites(n: int, size: int, seed: int = 0) -> torch.Tensor:
     cx, cy = (u(n) - 0.5) * 0.5, (u(n) - 0.5) * 0.5
     r = 0.35 + 0.4 * u(n)
     rot = u(n) * math.pi
-    soft = 0.02 + 0.12 * u(n)                       # edge softness, in units of the half-width
+    soft = 0.02 + 0.12 * u(n)  # edge softness, in units of the half-width
     opacity = 0.6 + 0.4 * u(n)
     c1, c2 = u(n, 3), u(n, 3)
     out = torch.empty(n, 4, size, size, dtype=torch.uint8)
@@ -146,17 +160,17 @@ def make_sprites(n: int, size: int, seed: int = 0) -> torch.Tensor:
         xr, yr = c * x + s * y, -s * x + c * y
         k = int(kind[i])
         if k == 0:
-            d = torch.sqrt(xr ** 2 + yr ** 2) - r[i]                      # disc
+            d = torch.sqrt(xr**2 + yr**2) - r[i]  # disc
         elif k == 1:
-            d = (torch.sqrt(xr ** 2 + yr ** 2) - r[i] * 0.75).abs() - r[i] * 0.25   # ring
+            d = (torch.sqrt(xr**2 + yr**2) - r[i] * 0.75).abs() - r[i] * 0.25  # ring
         elif k == 2:
-            d = torch.maximum(xr.abs(), yr.abs()) - r[i] * 0.8              # square
+            d = torch.maximum(xr.abs(), yr.abs()) - r[i] * 0.8  # square
         elif k == 3:
             d = torch.maximum(-yr - r[i] * 0.5, (yr * 0.5 + xr.abs() * 0.866) - r[i] * 0.5)  # triangle
         else:
-            d = xr.abs() + yr.abs() - r[i]                                  # diamond
+            d = xr.abs() + yr.abs() - r[i]  # diamond
         alpha = torch.sigmoid(-d / soft[i]) * opacity[i]
-        t = ((yr / (r[i] + 1e-6)).clamp(-1, 1) + 1) / 2                    # gradient along the shape
+        t = ((yr / (r[i] + 1e-6)).clamp(-1, 1) + 1) / 2  # gradient along the shape
         rgb = c1[i][:, None, None] * (1 - t) + c2[i][:, None, None] * t
         img = torch.cat([rgb, alpha[None]], 0)
         out[i] = (img * 255 + 0.5).clamp(0, 255).to(torch.uint8)
@@ -164,6 +178,7 @@ def make_sprites(n: int, size: int, seed: int = 0) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------- split
+
 
 def holdout_groups(images: torch.Tensor) -> list[list[int]]:
     """Indices grouped by decoded content (exact duplicates together), the groups sorted by a hash of
@@ -179,22 +194,23 @@ def holdout_groups(images: torch.Tensor) -> list[list[int]]:
 
 def holdout_count(n: int, frac: float, minimum: int) -> int:
     k = int(round(n * frac))
-    k = max(k, min(minimum, n // 2))    # at least `minimum` when the set allows, never more than half
+    k = max(k, min(minimum, n // 2))  # at least `minimum` when the set allows, never more than half
     return max(1, min(k, n - 1))
 
 
 # ------------------------------------------------------------------------------------------ the set
 
+
 @dataclass
 class ImageSet:
-    train: torch.Tensor                    # uint8 N x 4 x H x W, straight alpha
-    holdout: torch.Tensor                  # uint8 M x 4 x H x W, never trained on
+    train: torch.Tensor  # uint8 N x 4 x H x W, straight alpha
+    holdout: torch.Tensor  # uint8 M x 4 x H x W, never trained on
     source: str
-    content_hash: str                      # of everything decoded (files' bytes + decode settings)
-    holdout_hash: str                      # of the held-out pixels
-    skipped: list = field(default_factory=list)   # (path, reason)
+    content_hash: str  # of everything decoded (files' bytes + decode settings)
+    holdout_hash: str  # of the held-out pixels
+    skipped: list = field(default_factory=list)  # (path, reason)
     train_names: list = field(default_factory=list)  # relative paths of the training images, in order
-    duplicates: int = 0                    # images that are an exact copy of another (kept on one side)
+    duplicates: int = 0  # images that are an exact copy of another (kept on one side)
 
     def describe(self) -> str:
         s = f"{self.source}: {len(self.train)} train / {len(self.holdout)} held-out images"
@@ -241,8 +257,10 @@ def load_images(cfg_data, seed: int = 0) -> ImageSet:
         first = "; ".join(f"{p} ({why})" for p, why in skipped[:5])
         log.warning("skipped %d unreadable image file(s), first: %s", len(skipped), first)
     if len(kept) < 2:
-        raise DataError(f"data.root {str(root)!r}: {len(kept)} usable image(s) of {len(files)} files "
-                        f"({len(skipped)} skipped); need at least 2")
+        raise DataError(
+            f"data.root {str(root)!r}: {len(kept)} usable image(s) of {len(files)} files "
+            f"({len(skipped)} skipped); need at least 2"
+        )
     return _split(images, kept, str(root), key, skipped, cfg_data)
 
 
@@ -268,13 +286,17 @@ def _decode_all(blobs, size, fit):
             return name, decode_image(blob, size, fit), None
         except BadImage as e:
             return name, None, str(e)
+
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2))) as ex:
         results = list(ex.map(one, blobs))
     kept = [name for name, arr, _ in results if arr is not None]
     bad = [(name, why) for name, arr, why in results if arr is None]
     arrs = [arr for _, arr, _ in results if arr is not None]
-    images = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous() if arrs else \
-        torch.zeros(0, 4, size, size, dtype=torch.uint8)
+    images = (
+        torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
+        if arrs
+        else torch.zeros(0, 4, size, size, dtype=torch.uint8)
+    )
     return images, kept, bad
 
 
@@ -283,7 +305,7 @@ def _load_cache(path: Path):
         return None
     try:
         return torch.load(path, weights_only=True)
-    except Exception as e:              # a damaged cache is only a cache: decode again
+    except Exception as e:  # a damaged cache is only a cache: decode again
         log.warning("ignoring unreadable cache %s (%s)", path, e)
         return None
 
@@ -293,7 +315,7 @@ def _save_cache(path: Path, obj):
     torch.save(obj, buf)
     try:
         atomic_write_bytes(path, buf.getvalue())
-    except OSError as e:                # a cache that cannot be written only costs time next run
+    except OSError as e:  # a cache that cannot be written only costs time next run
         log.warning("could not write the dataset cache %s (%s)", path, e)
 
 
@@ -301,7 +323,7 @@ def _split(images, names, source, key, skipped, cfg_data) -> ImageSet:
     groups = holdout_groups(images)
     k = holdout_count(len(names), cfg_data.holdout, cfg_data.min_holdout)
     held, taken = [], 0
-    for g in groups:                   # whole groups: duplicates stay on one side
+    for g in groups:  # whole groups: duplicates stay on one side
         if taken >= k or taken + len(g) > len(names) - 1:
             break
         held += g
@@ -310,15 +332,27 @@ def _split(images, names, source, key, skipped, cfg_data) -> ImageSet:
     train = sorted(set(range(len(names))) - set(held))
     duplicates = len(names) - len(groups)
     if duplicates:
-        log.warning("%s: %d image(s) are exact duplicates of another (same decoded pixels); each set of "
-                    "duplicates is kept on one side of the held-out split", source, duplicates)
+        log.warning(
+            "%s: %d image(s) are exact duplicates of another (same decoded pixels); each set of "
+            "duplicates is kept on one side of the held-out split",
+            source,
+            duplicates,
+        )
     hold_t = images[held]
-    return ImageSet(train=images[train].contiguous(), holdout=hold_t.contiguous(), source=source,
-                    content_hash=key, holdout_hash=tensor_hash(hold_t), skipped=skipped,
-                    train_names=[names[i] for i in train], duplicates=duplicates)
+    return ImageSet(
+        train=images[train].contiguous(),
+        holdout=hold_t.contiguous(),
+        source=source,
+        content_hash=key,
+        holdout_hash=tensor_hash(hold_t),
+        skipped=skipped,
+        train_names=[names[i] for i in train],
+        duplicates=duplicates,
+    )
 
 
 # ---------------------------------------------------------------------------------- tensors, batches
+
 
 def to_model_space(u8: torch.Tensor, alpha: str) -> torch.Tensor:
     """uint8 straight RGBA -> float in [-1, 1]; premultiplied zeroes the colour under transparency."""
@@ -330,7 +364,7 @@ def to_model_space(u8: torch.Tensor, alpha: str) -> torch.Tensor:
 
 def to_straight_u8(x: torch.Tensor, alpha: str) -> torch.Tensor:
     """Model output in [-1, 1] -> uint8 straight RGBA (what PNGs hold)."""
-    x = ((x.float().clamp(-1, 1) + 1) / 2)
+    x = (x.float().clamp(-1, 1) + 1) / 2
     if alpha == "premultiplied":
         a = x[:, 3:4]
         rgb = torch.where(a > 1e-4, (x[:, :3] / a.clamp_min(1e-4)).clamp(0, 1), torch.zeros_like(x[:, :3]))
@@ -340,23 +374,32 @@ def to_straight_u8(x: torch.Tensor, alpha: str) -> torch.Tensor:
 
 class Batches:
     """Batch i of the training stream is a pure function of (seed, i): a fresh permutation per epoch,
-    seeded by the epoch, so resuming at step s needs no saved data-loader state. `batch_size` is the
-global batch; with a distributed.Share each rank takes its rows of it. Every batch is
-    returned on `device`, whether the set is resident there or kept in host memory."""
+        seeded by the epoch, so resuming at step s needs no saved data-loader state. `batch_size` is the
+    global batch; with a distributed.Share each rank takes its rows of it. Every batch is
+        returned on `device`, whether the set is resident there or kept in host memory."""
 
-    def __init__(self, train_u8: torch.Tensor, batch_size: int, seed: int, alpha: str, device,
-                 placement: str = "auto", share=None):
+    def __init__(
+        self,
+        train_u8: torch.Tensor,
+        batch_size: int,
+        seed: int,
+        alpha: str,
+        device,
+        placement: str = "auto",
+        share=None,
+    ):
         n = len(train_u8)
         if n < batch_size:
-            raise DataError(f"only {n} training images, fewer than one batch of {batch_size}: "
-                            f"lower train.batch_size or add images")
+            raise DataError(
+                f"only {n} training images, fewer than one batch of {batch_size}: lower train.batch_size or add images"
+            )
         self.device = torch.device(device)
         self.data = place(train_u8, self.device, placement)
-        self.resident = self.data.device.type == self.device.type   # ("cuda" != "cuda:0": compare types)
+        self.resident = self.data.device.type == self.device.type  # ("cuda" != "cuda:0": compare types)
         self.batch_size, self.seed, self.alpha = batch_size, seed, alpha
         self.per_epoch = n // batch_size
         self._epoch, self._perm = None, None
-        self.share = share             # a distributed.Share: this rank's rows of each global batch (None = all rows)
+        self.share = share  # a distributed.Share: this rank's rows of each global batch (None = all rows)
 
     def __call__(self, i: int) -> torch.Tensor:
         return self.decode(self.raw(i))
@@ -372,7 +415,7 @@ global batch; with a distributed.Share each rank takes its rows of it. Every bat
             g = torch.Generator(device=self.data.device).manual_seed(self.seed * 1_000_003 + epoch)
             self._perm = torch.randperm(len(self.data), generator=g, device=self.data.device)
             self._epoch = epoch
-        idx = self._perm[j * self.batch_size:(j + 1) * self.batch_size]
+        idx = self._perm[j * self.batch_size : (j + 1) * self.batch_size]
         if self.share is not None:
             idx = self.share.rows(idx)
         if self.resident:

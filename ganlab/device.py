@@ -1,5 +1,6 @@
 """Which device a run uses, and whether it has native bf16: what the trainer, evaluation, `ganlab eval`
 and the tune workers ask before anything else (none of them needs the trainer for it)."""
+
 from __future__ import annotations
 
 import torch

@@ -12,6 +12,7 @@ by default (train.sync_bn: true makes them the global batch's, on any backend).
 With one process (no torchrun) every function here is a no-op and `Share()` draws exactly what the
 single-process code always drew.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,16 +37,17 @@ TIMEOUT = timedelta(hours=6)
 class Share:
     """This process's place in the run: rank `rank` of `world`, holding rows [rank*n, (rank+1)*n) of
     every global batch of n*world rows."""
+
     rank: int = 0
     world: int = 1
 
     @property
-    def main(self) -> bool:            # the rank that evaluates, checkpoints, tracks and prints
+    def main(self) -> bool:  # the rank that evaluates, checkpoints, tracks and prints
         return self.rank == 0
 
     def rows(self, t: torch.Tensor) -> torch.Tensor:
         n = t.shape[0] // self.world
-        return t[self.rank * n:(self.rank + 1) * n]
+        return t[self.rank * n : (self.rank + 1) * n]
 
     def rand(self, n: int, *shape, generator, device) -> torch.Tensor:
         """n rows of uniform noise: this rank's rows of a draw for the whole global batch."""
@@ -60,6 +62,7 @@ SINGLE = Share()
 
 # ------------------------------------------------------------------------------- joining the run
 
+
 def join(device: torch.device) -> tuple[Share, torch.device]:
     """Join the process group torchrun described in the environment (WORLD_SIZE, RANK, LOCAL_RANK,
     MASTER_ADDR/PORT). Returns this rank's Share and its device: cuda:LOCAL_RANK on GPUs (one GPU per
@@ -73,8 +76,11 @@ def join(device: torch.device) -> tuple[Share, torch.device]:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT,
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            timeout=TIMEOUT,
+            device_id=device if device.type == "cuda" else None,
+        )
     return Share(dist.get_rank(), dist.get_world_size()), device
 
 
@@ -83,8 +89,11 @@ def check_split(batch_size: int, world: int, pack: int = 1, group: int = 0):
     (model.mbstd_group): a pack that straddled the lean step's real and fake halves would mix them."""
     unit = world * pack * max(1, group)
     if batch_size % unit:
-        what = f"{world} process(es)" + (f" x model.pack {pack}" if pack > 1 else "") + \
-            (f" x model.mbstd_group {group}" if group > 1 else "")
+        what = (
+            f"{world} process(es)"
+            + (f" x model.pack {pack}" if pack > 1 else "")
+            + (f" x model.mbstd_group {group}" if group > 1 else "")
+        )
         raise ConfigError(f"train.batch_size {batch_size} does not split evenly over {what}: use a multiple of {unit}")
 
 
@@ -132,6 +141,7 @@ def wrap(net: nn.Module, device: torch.device, share: Share) -> nn.Module:
     if share.world == 1:
         return net
     from torch.nn.parallel import DistributedDataParallel
+
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(net, device_ids=ids, **{no_buffer_sync_kwarg(): False})
 
@@ -140,12 +150,15 @@ def no_buffer_sync_kwarg() -> str:
     """DDP's switch for syncing buffers at each forward: `forward_sync_buffers` in newer torch,
     `broadcast_buffers` before (torch 2.11 on the lent GPU machine): read from the signature, not the version."""
     import inspect
+
     from torch.nn.parallel import DistributedDataParallel
+
     params = inspect.signature(DistributedDataParallel.__init__).parameters
     return "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
 
 
 # ---------------------------------------------------------------------------- batch norm across ranks
+
 
 class _SumOverRanks(torch.autograd.Function):
     """x summed over the ranks. Its gradient is the sum over the ranks of the gradients (each rank's
@@ -177,7 +190,7 @@ class CrossRankBatchNorm2d(nn.BatchNorm2d):
         count = xf.numel() // xf.shape[1] * dist.get_world_size()
         mean = _SumOverRanks.apply(xf.sum((0, 2, 3))) / count
         centred = xf - mean[None, :, None, None]
-        var = _SumOverRanks.apply(centred.pow(2).sum((0, 2, 3))) / count   # two passes: no cancellation
+        var = _SumOverRanks.apply(centred.pow(2).sum((0, 2, 3))) / count  # two passes: no cancellation
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
@@ -210,6 +223,7 @@ def local_batchnorm(net: nn.Module) -> nn.Module:
 
 # ----------------------------------------------------------------------------------------- launch
 
+
 def cpu_share(env: dict, processes: int) -> dict:
     """`env` with OMP_NUM_THREADS = this machine's cores / processes, unless the user set it: N
     processes of torch's default (all cores each) would fight over the same cores."""
@@ -225,7 +239,17 @@ def launch(nproc: int, argv: list[str]) -> int:
     env = cpu_share(dict(os.environ), nproc)
     if sys.platform.startswith("linux"):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
-           "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", "--local-addr=127.0.0.1",
-           "-m", "ganlab.cli", *argv]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        f"--nproc_per_node={nproc}",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=127.0.0.1:0",
+        "--local-addr=127.0.0.1",
+        "-m",
+        "ganlab.cli",
+        *argv,
+    ]
     return subprocess.call(cmd, env=env)

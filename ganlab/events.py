@@ -1,6 +1,7 @@
 """The run folder's own records: events.jsonl (one JSON object per decision, and a readable line in the
 log) and metrics.jsonl. Apart from MLflow: `ganlab report` and anything else that reads a run folder
 needs only these."""
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,11 @@ class Events(JsonLines):
     def emit(self, step: int, kind: str, detail: str, **extra):
         self.write({"step": step, "kind": kind, "detail": detail, "time": time.time(), **extra})
         if not self.quiet or kind in ("error", "rollback", "early_stop", "collapse_signal", "finished"):
-            print(f"\n[{kind}] step {step}: {detail}" if not self.quiet else f"[{kind}] step {step}: {detail}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"\n[{kind}] step {step}: {detail}" if not self.quiet else f"[{kind}] step {step}: {detail}",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def _step_of(line: str) -> int:

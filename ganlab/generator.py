@@ -6,6 +6,7 @@ writes the file a run hands over (generator.pt, plus generator.safetensors for o
 `load_generator` reads it, or a best/last checkpoint, back. Knows nothing about training loops,
 evaluation or tracking.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,9 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from . import checkpoint, config as config_mod, data, models
+
+from . import checkpoint, data, models
+from . import config as config_mod
 
 
 def prepare_for_sampling(g: nn.Module, cfg, device) -> nn.Module:
@@ -27,7 +30,9 @@ def prepare_for_sampling(g: nn.Module, cfg, device) -> nn.Module:
 
 
 @torch.no_grad()
-def generate(g: nn.Module, latents: torch.Tensor, alpha: str, device, batch_size: int = 256, to_cpu: bool = True) -> torch.Tensor:
+def generate(
+    g: nn.Module, latents: torch.Tensor, alpha: str, device, batch_size: int = 256, to_cpu: bool = True
+) -> torch.Tensor:
     """latents (N x nz, any device) through g -> straight uint8 RGBA N x 4 x H x W on the CPU (or left
     on `device`: evaluation composites and extracts there)."""
     device = torch.device(device)
@@ -36,16 +41,31 @@ def generate(g: nn.Module, latents: torch.Tensor, alpha: str, device, batch_size
     return out.cpu() if to_cpu else out
 
 
-def export_generator(path: Path, g: nn.Module, cfg, step: int, metrics: dict, signature: str, safetensors: bool = True,
-                     handover_signature: str = ""):
+def export_generator(
+    path: Path,
+    g: nn.Module,
+    cfg,
+    step: int,
+    metrics: dict,
+    signature: str,
+    safetensors: bool = True,
+    handover_signature: str = "",
+):
     """The generator a run hands over: sampling-ready weights (EMA, batch-norm prepared), its step and
     metrics, and what is needed to rebuild it. Loads with weights_only. A safetensors copy of the
     weights (with the same facts as string metadata) is written beside it for other tools."""
     path = Path(path)
     weights = {k: v.detach().cpu().contiguous() for k, v in g.state_dict().items()}
-    state = {"kind": "ganlab-generator", "step": step, "metrics": metrics, "signature": signature,
-             "handover_signature": handover_signature,     # set once the run's hand-over score is in metrics
-             "config": config_mod.to_yaml(cfg), "state_dict": weights, "bn_train_mode": cfg.eval.bn_stats == "batch"}
+    state = {
+        "kind": "ganlab-generator",
+        "step": step,
+        "metrics": metrics,
+        "signature": signature,
+        "handover_signature": handover_signature,  # set once the run's hand-over score is in metrics
+        "config": config_mod.to_yaml(cfg),
+        "state_dict": weights,
+        "bn_train_mode": cfg.eval.bn_stats == "batch",
+    }
     checkpoint.save(path, state)
     if safetensors:
         _write_safetensors(path.with_suffix(".safetensors"), weights, state)
@@ -53,10 +73,16 @@ def export_generator(path: Path, g: nn.Module, cfg, step: int, metrics: dict, si
 
 def _write_safetensors(path: Path, weights: dict, state: dict):
     from safetensors.torch import save as st_save
-    meta = {"kind": state["kind"], "step": str(state["step"]), "signature": str(state["signature"]),
-            "handover_signature": state["handover_signature"],
-            "metrics": json.dumps(state["metrics"]), "config": state["config"],
-            "bn_train_mode": str(state["bn_train_mode"]).lower()}
+
+    meta = {
+        "kind": state["kind"],
+        "step": str(state["step"]),
+        "signature": str(state["signature"]),
+        "handover_signature": state["handover_signature"],
+        "metrics": json.dumps(state["metrics"]),
+        "config": state["config"],
+        "bn_train_mode": str(state["bn_train_mode"]).lower(),
+    }
     checkpoint.atomic_write_bytes(path, st_save(weights, metadata=meta))
 
 
@@ -72,20 +98,30 @@ def load_generator(path: str | Path, device="cpu") -> tuple[nn.Module, dict]:
     if state.get("kind") == "ganlab-generator":
         g.load_state_dict(state["state_dict"])
         g.to(device).train(bool(state.get("bn_train_mode")))
-        info = {"step": state["step"], "metrics": state["metrics"], "config": cfg, "signature": state.get("signature"),
-                "handover_signature": state.get("handover_signature", "")}
+        info = {
+            "step": state["step"],
+            "metrics": state["metrics"],
+            "config": cfg,
+            "signature": state.get("signature"),
+            "handover_signature": state.get("handover_signature", ""),
+        }
         return g, info
     tr = state["trainer"]
     g.load_state_dict(tr["g_ema"] if tr.get("g_ema") is not None else tr["g"])
     g = prepare_for_sampling(g.to(device), cfg, torch.device(device))
     best = state.get("best") or {}
-    return g, {"step": state["step"], "metrics": best.get("metrics", {}), "config": cfg,
-               "signature": state.get("signature")}
+    return g, {
+        "step": state["step"],
+        "metrics": best.get("metrics", {}),
+        "config": cfg,
+        "signature": state.get("signature"),
+    }
 
 
 def _load_safetensors(path: Path, device) -> tuple[nn.Module, dict]:
     from safetensors import safe_open
     from safetensors.torch import load_file
+
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
@@ -98,5 +134,10 @@ def _load_safetensors(path: Path, device) -> tuple[nn.Module, dict]:
     g, _ = models.build(cfg.model, cfg.data.image_size, with_d=False)
     g.load_state_dict(weights)
     g.to(device).train(meta.get("bn_train_mode") == "true")
-    return g, {"step": int(meta["step"]), "metrics": json.loads(meta["metrics"]), "config": cfg,
-               "signature": meta["signature"], "handover_signature": meta.get("handover_signature", "")}
+    return g, {
+        "step": int(meta["step"]),
+        "metrics": json.loads(meta["metrics"]),
+        "config": cfg,
+        "signature": meta["signature"],
+        "handover_signature": meta.get("handover_signature", ""),
+    }

@@ -16,6 +16,7 @@ The run's torch.Generator is registered with every graph: each replay advances i
 the eager step would, so replays draw new latents and augmentations, from the same stream as eager
 steps (checked on CUDA by tests/test_graph_step.py inside scripts/gpu_check.py).
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,7 +26,7 @@ import torch
 
 log = logging.getLogger("ganlab")
 
-WARMUP = 3          # eager steps of each plan before it is captured: optimizer state, cuDNN's autotuner, lazy init
+WARMUP = 3  # eager steps of each plan before it is captured: optimizer state, cuDNN's autotuner, lazy init
 
 
 def refusal(cfg_train, device: torch.device, world: int) -> str:
@@ -47,13 +48,13 @@ class StepGraphs:
     """Runs `update(plan)` eagerly for each plan's first WARMUP steps, then captures it and replays."""
 
     def __init__(self, update, generator: torch.Generator, warmup: int = WARMUP):
-        self.update = update                  # Trainer.update: the step's one definition
-        self.generator = generator            # the run's RNG, registered with each graph
+        self.update = update  # Trainer.update: the step's one definition
+        self.generator = generator  # the run's RNG, registered with each graph
         self.warmup = warmup
         self.graphs: dict = {}
-        self.pool = None                      # one memory pool for every plan's graph
+        self.pool = None  # one memory pool for every plan's graph
         self.seen = Counter()
-        self.refused = ""                     # set once: why capture failed (then every step is eager)
+        self.refused = ""  # set once: why capture failed (then every step is eager)
         self.captures = 0
 
     def run(self, plan):
@@ -66,7 +67,7 @@ class StepGraphs:
             self.update(plan)
             return
         if self._capture(plan):
-            self.graphs[plan].replay()        # capturing records the work without running it
+            self.graphs[plan].replay()  # capturing records the work without running it
         else:
             self.update(plan)
 

@@ -3,6 +3,7 @@
 bce is the seed's loss (BCE on sigmoid with 1/0 targets; G's loss is the non-saturating
 -log D(G(z))), computed on logits so it cannot saturate in float32.
 """
+
 from __future__ import annotations
 
 import math
@@ -12,14 +13,16 @@ import torch.nn.functional as F
 
 from .distributed import SINGLE, Share
 
+
 def d_loss(kind: str, real: torch.Tensor, fake: torch.Tensor, real_target: float = 1.0) -> torch.Tensor:
     if kind == "bce":
-        return (F.binary_cross_entropy_with_logits(real, torch.full_like(real, real_target))
-                + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
+        return F.binary_cross_entropy_with_logits(
+            real, torch.full_like(real, real_target)
+        ) + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
     if kind == "hinge":
         return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
     if kind == "lsgan":
-        return 0.5 * ((real - real_target) ** 2).mean() + 0.5 * (fake ** 2).mean()
+        return 0.5 * ((real - real_target) ** 2).mean() + 0.5 * (fake**2).mean()
     if kind == "wgan-gp":
         return fake.mean() - real.mean()
     raise ValueError(f"unknown loss {kind!r}")
@@ -45,8 +48,9 @@ def r1_penalty(d, real: torch.Tensor, pack: int = 1) -> torch.Tensor:
     return grad.pow(2).reshape(real.shape[0] // pack, -1).sum(1).mean()
 
 
-def gradient_penalty(d, real: torch.Tensor, fake: torch.Tensor, generator=None, share: Share = SINGLE,
-                     pack: int = 1) -> torch.Tensor:
+def gradient_penalty(
+    d, real: torch.Tensor, fake: torch.Tensor, generator=None, share: Share = SINGLE, pack: int = 1
+) -> torch.Tensor:
     """WGAN-GP (Gulrajani et al. 2017): (||grad D(x_hat)|| - 1)^2 on random interpolates, per input D
     judges: one interpolation weight per pack of `pack` samples (drawn for the global batch: see
     distributed.Share) and the norm of the pack's gradient."""
@@ -85,7 +89,9 @@ def margins(kind: str, label_smoothing: float = 0.0) -> tuple[float, float]:
     return hi, lo
 
 
-def past_margin(kind: str, real: torch.Tensor, fake: torch.Tensor, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def past_margin(
+    kind: str, real: torch.Tensor, fake: torch.Tensor, label_smoothing: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Share of real outputs above, and of fake outputs below, the loss's margin (tensors, no sync)."""
     hi, lo = margins(kind, label_smoothing)
     return (real.float() > hi).float().mean(), (fake.float() < lo).float().mean()

@@ -2,6 +2,7 @@
 torch-fidelity's key for it, and which way is better. Config validation, evaluation, selection and
 ranking all read it from here (as stylegan2-ada's metric_main does). Knows nothing about torch.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,10 +10,10 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Metric:
-    name: str           # key in ganlab's metrics dict, MLflow metric name
-    request: str        # the eval.metrics entry (or eval flag) that computes it
-    fidelity_key: str   # torch-fidelity's result key ("" = computed by ganlab)
-    mode: str           # "min" or "max": which way is better; "" = a spread, not selectable
+    name: str  # key in ganlab's metrics dict, MLflow metric name
+    request: str  # the eval.metrics entry (or eval flag) that computes it
+    fidelity_key: str  # torch-fidelity's result key ("" = computed by ganlab)
+    mode: str  # "min" or "max": which way is better; "" = a spread, not selectable
 
 
 TABLE = (
@@ -31,7 +32,9 @@ TABLE = (
     Metric("copy_nn_ratio", "copy_quantile", "", ""),
 )
 METRICS = {m.name: m for m in TABLE}
-REQUESTS = sorted({m.request for m in TABLE if m.request not in ("fid_alpha", "standard_fid", "copy_quantile")})   # eval.metrics choices
+REQUESTS = sorted(
+    {m.request for m in TABLE if m.request not in ("fid_alpha", "standard_fid", "copy_quantile")}
+)  # eval.metrics choices
 # fid_standard exists only where InceptionV3's weights do, which a config cannot promise: reported, not selected on
 SELECTABLE = [m.name for m in TABLE if m.mode and m.name != "fid_standard"]
 

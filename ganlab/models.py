@@ -5,6 +5,7 @@ layer for layer the user's: G has 3,577,728 parameters and D 2,766,592. D return
 seed's final Sigmoid lives inside the loss (BCE on logits), which is the same function without the
 saturation of log(sigmoid) in float32.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,7 +29,7 @@ class Generator(nn.Module):
         super().__init__()
         self.nz = nz
         n = _n_up(image_size)
-        ch = [width * 2 ** (n - 1 - i) for i in range(n)]        # 64px, width 64: 512, 256, 128, 64
+        ch = [width * 2 ** (n - 1 - i) for i in range(n)]  # 64px, width 64: 512, 256, 128, 64
         layers = [nn.ConvTranspose2d(nz, ch[0], 4, 1, 0, bias=False), nn.BatchNorm2d(ch[0]), nn.ReLU(True)]
         for a, b in zip(ch, ch[1:]):
             layers += [nn.ConvTranspose2d(a, b, 4, 2, 1, bias=False), nn.BatchNorm2d(b), nn.ReLU(True)]
@@ -55,7 +56,7 @@ class MinibatchStd(nn.Module):
         if n % g:
             raise ValueError(f"minibatch std: batch {n} does not divide into groups of {g}")
         y = x.float().reshape(g, -1, c, h, w)
-        y = (y - y.mean(0)).square().mean(0).add(1e-8).sqrt()      # std over the group, per feature
+        y = (y - y.mean(0)).square().mean(0).add(1e-8).sqrt()  # std over the group, per feature
         y = y.mean(dim=[1, 2, 3]).reshape(-1, 1, 1, 1).repeat(g, 1, h, w)
         return torch.cat([x, y.to(x.dtype)], 1)
 
@@ -65,7 +66,7 @@ class Discriminator(nn.Module):
         super().__init__()
         n = _n_up(image_size)
         self.pack = pack
-        ch = [width * 2 ** i for i in range(n)]                   # 64px, width 64: 64, 128, 256, 512
+        ch = [width * 2**i for i in range(n)]  # 64px, width 64: 64, 128, 256, 512
         layers = [nn.Conv2d(CHANNELS * pack, ch[0], 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]
         for a, b in zip(ch, ch[1:]):
             layers += [nn.Conv2d(a, b, 4, 2, 1, bias=False)]
@@ -78,9 +79,9 @@ class Discriminator(nn.Module):
         self.main = nn.Sequential(*layers)
 
     def forward(self, x):
-        if self.pack > 1:               # PacGAN: m consecutive samples become one input of m x 4 channels
+        if self.pack > 1:  # PacGAN: m consecutive samples become one input of m x 4 channels
             x = x.reshape(x.shape[0] // self.pack, self.pack * x.shape[1], *x.shape[2:])
-        return self.main(x).view(-1)    # logits: one per sample, or per pack
+        return self.main(x).view(-1)  # logits: one per sample, or per pack
 
 
 def init_weights(net: nn.Module, scheme: str):
@@ -116,14 +117,20 @@ def add_spectral_norm(net: nn.Module):
             spectral_norm(m, dim=1 if isinstance(m, nn.ConvTranspose2d) else 0)
 
 
-def build(cfg_model, image_size: int, seed: int | None = None, with_d: bool = True) -> tuple[Generator, Discriminator | None]:
+def build(
+    cfg_model, image_size: int, seed: int | None = None, with_d: bool = True
+) -> tuple[Generator, Discriminator | None]:
     """G and D as configured, initialised. with_d=False builds G alone (loading a generator: its
     weights come from a file, so the init is only overwritten). The order below (construct both,
     init both, then spectral norm) is the order the documented runs consumed the RNG in."""
     if seed is not None:
         torch.manual_seed(seed)
     g = Generator(cfg_model.nz, cfg_model.g_width, image_size)
-    d = Discriminator(cfg_model.d_width, image_size, cfg_model.d_norm, cfg_model.mbstd_group, cfg_model.pack) if with_d else None
+    d = (
+        Discriminator(cfg_model.d_width, image_size, cfg_model.d_norm, cfg_model.mbstd_group, cfg_model.pack)
+        if with_d
+        else None
+    )
     for net in (g, d):
         if net is not None:
             init_weights(net, cfg_model.init)
@@ -148,6 +155,7 @@ def spectral_norms(net: nn.Module) -> list[nn.Module]:
     """The spectral-norm parametrization modules of `net` (their training flag decides whether a
     forward runs a power iteration)."""
     from torch.nn.utils.parametrizations import _SpectralNorm
+
     return [m for m in net.modules() if isinstance(m, _SpectralNorm)]
 
 
@@ -168,7 +176,7 @@ def standing_stats(g: nn.Module, nz: int, device, batches: int = 8, batch_size: 
     saved = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
-        m.momentum = None                # cumulative average over the passes below
+        m.momentum = None  # cumulative average over the passes below
     gen = torch.Generator(device=device).manual_seed(seed)
     g.train()
     for _ in range(batches):

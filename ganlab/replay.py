@@ -7,28 +7,39 @@ A replay cannot train past a rollback, so a collapse signal ends the replayed ru
 `on_collapse: stop` does) and hands over the best so far. `noise_rel` stands in for the measured
 noise band of `min_delta: auto`: the metric's latent-noise SD as a share of its value.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-from . import config as config_mod, select
+from . import config as config_mod
+from . import select
 
 
 @dataclass
 class Outcome:
-    handed_over: int          # index of the evaluation handed over
-    stop: int                 # index of the last evaluation the rule asked for
-    alarm: int | None         # index of the first collapse signal, if any
-    regret: float             # the handed-over value over the curve's best, minus 1 (min metrics)
-    used: float               # share of the curve's evaluations the rule needed
+    handed_over: int  # index of the evaluation handed over
+    stop: int  # index of the last evaluation the rule asked for
+    alarm: int | None  # index of the first collapse signal, if any
+    regret: float  # the handed-over value over the curve's best, minus 1 (min metrics)
+    used: float  # share of the curve's evaluations the rule needed
 
 
 def selector(patience: int, collapse_factor: float, collapse_evals: int, metric: str = "fid") -> select.Selector:
-    cfg = config_mod.load(None, [f"selection.metric={metric}", f"selection.patience={patience}",
-                                 f"selection.collapse_factor={collapse_factor}", f"selection.collapse_evals={collapse_evals}",
-                                 "selection.on_collapse=stop", "selection.min_delta=auto", "selection.keep_top=1"],
-                          check_paths=False)
+    cfg = config_mod.load(
+        None,
+        [
+            f"selection.metric={metric}",
+            f"selection.patience={patience}",
+            f"selection.collapse_factor={collapse_factor}",
+            f"selection.collapse_evals={collapse_evals}",
+            "selection.on_collapse=stop",
+            "selection.min_delta=auto",
+            "selection.keep_top=1",
+        ],
+        check_paths=False,
+    )
     return select.Selector.from_config(cfg)
 
 
@@ -36,7 +47,7 @@ def replay(values: list[float], sel: select.Selector, noise_rel: float = 0.0) ->
     """Feed `values` (one per evaluation, a min metric) to `sel` until it stops."""
     alarm, stop = None, len(values) - 1
     for i, v in enumerate(values):
-        if sel.best is not None:       # the band min_delta auto would measure around the current best
+        if sel.best is not None:  # the band min_delta auto would measure around the current best
             sel.state.noise_band, sel.state.noise_band_at = select.NOISE_BAND_PER_SD * noise_rel * sel.best, sel.best
         dec = sel.on_eval(i, {sel.config.metric: v})
         if alarm is None and any(kind == "collapse_signal" for kind, _, _ in dec.events):

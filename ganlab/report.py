@@ -10,6 +10,7 @@ Everything comes from the run folders (metrics.jsonl, events.jsonl, config.yaml,
 report needs no tracking server. Plots are matplotlib (Agg backend): already installed with MLflow,
 static PNGs that need no JavaScript, so the page works offline and from an e-mail attachment.
 """
+
 from __future__ import annotations
 
 import base64
@@ -20,14 +21,20 @@ from pathlib import Path
 from . import config as config_mod
 from .events import read_events
 
-MARKS = {"collapse_signal": ("tab:orange", "--"), "rollback": ("tab:red", "-"), "early_stop": ("black", ":"),
-         "new_period": ("tab:purple", "-.")}
+MARKS = {
+    "collapse_signal": ("tab:orange", "--"),
+    "rollback": ("tab:red", "-"),
+    "early_stop": ("black", ":"),
+    "new_period": ("tab:purple", "-."),
+}
 
 
 def _plt():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -50,8 +57,9 @@ def _mark_events(ax, events: list[dict]):
     for e in events:
         if e["kind"] in MARKS:
             color, style = MARKS[e["kind"]]
-            ax.axvline(e["step"], color=color, linestyle=style, linewidth=1,
-                       label=e["kind"] if e["kind"] not in seen else None)
+            ax.axvline(
+                e["step"], color=color, linestyle=style, linewidth=1, label=e["kind"] if e["kind"] not in seen else None
+            )
             seen.add(e["kind"])
 
 
@@ -61,9 +69,12 @@ def curves_figure(rows, events, out: Path) -> str:
     # D's health (docs/selection.md, "Reading D"): r_t and accuracy near 1 = D wins or memorises;
     # d_chance near 1 = D at chance; d_overfit_gap (in logits) above 0 = D scores its training
     # images above held-out ones
-    panels = [(("loss_d", "loss_g", "loss_g_max"), "loss"), (("d_real", "d_fake", "real_past_margin", "fake_past_margin"),
-              "D's outputs / share past margin"), (("grad_norm_g", "grad_norm_d"), "gradient norm"),
-              (("ada_rt", "d_accuracy", "d_chance", "d_overfit_gap"), "D's health")]
+    panels = [
+        (("loss_d", "loss_g", "loss_g_max"), "loss"),
+        (("d_real", "d_fake", "real_past_margin", "fake_past_margin"), "D's outputs / share past margin"),
+        (("grad_norm_g", "grad_norm_d"), "gradient norm"),
+        (("ada_rt", "d_accuracy", "d_chance", "d_overfit_gap"), "D's health"),
+    ]
     for ax, (keys, label) in zip(axes, panels):
         for k in keys:
             xs, ys = _series(rows, k)
@@ -90,21 +101,38 @@ def metric_figure(runs: list[tuple[str, list, list]], metric: str, min_delta, ou
         xs, ys = _series(rows, metric)
         if not xs:
             continue
-        line, = ax.plot(xs, ys, marker="o", label=name)
+        (line,) = ax.plot(xs, ys, marker="o", label=name)
         best = next((e for e in reversed(events) if e["kind"] == "improved"), None)
-        if len(runs) > 1:              # several runs: mark what each hands over, not its selection best
+        if len(runs) > 1:  # several runs: mark what each hands over, not its selection best
             step = handed_over_step(events)
             if step is not None and step in xs:
-                ax.plot([step], [ys[xs.index(step)]], marker="*", markersize=16, color=line.get_color(),
-                        label=f"{name}: handed over step {step}")
+                ax.plot(
+                    [step],
+                    [ys[xs.index(step)]],
+                    marker="*",
+                    markersize=16,
+                    color=line.get_color(),
+                    label=f"{name}: handed over step {step}",
+                )
             continue
         if best is not None:
-            ax.plot([best["step"]], [best[metric]], marker="*", markersize=16, color=line.get_color(),
-                    label=f"{name}: best {best[metric]:.4g} at step {best['step']}")
+            ax.plot(
+                [best["step"]],
+                [best[metric]],
+                marker="*",
+                markersize=16,
+                color=line.get_color(),
+                label=f"{name}: best {best[metric]:.4g} at step {best['step']}",
+            )
             band = noise_band(events, min_delta)
             if band:
-                ax.axhspan(best[metric] - band, best[metric] + band, color=line.get_color(), alpha=0.15,
-                           label=f"{name}: +-{band:.3g} (noise band / min_delta)")
+                ax.axhspan(
+                    best[metric] - band,
+                    best[metric] + band,
+                    color=line.get_color(),
+                    alpha=0.15,
+                    label=f"{name}: +-{band:.3g} (noise band / min_delta)",
+                )
         if len(runs) == 1:
             _mark_events(ax, events)
     ax.set_xlabel("step")
@@ -129,8 +157,10 @@ def config_diff(run_dir: Path, events: list[dict]) -> list[tuple[str, str, str]]
 
 def _img_tag(path: Path, caption: str) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
-    return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    return (
+        f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
 
 
 PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>
@@ -182,28 +212,45 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> Path:
     body = [f"<h1>ganlab report: {html.escape(', '.join(r.name for r in run_dirs))}</h1>"]
     if len(run_dirs) == 1:
         name, rows, events = runs[0]
-        body += [f"<p>{_run_summary(events)}</p>", "<h2>Training curves</h2>",
-                 f'<img src="{curves_figure(rows, events, out)}" alt="training curves">']
-    body += [f"<h2>{html.escape(metric)} at each evaluation</h2>",
-             f'<img src="{metric_figure(runs, metric, cfg.selection.min_delta, out)}" alt="metric">']
+        body += [
+            f"<p>{_run_summary(events)}</p>",
+            "<h2>Training curves</h2>",
+            f'<img src="{curves_figure(rows, events, out)}" alt="training curves">',
+        ]
+    body += [
+        f"<h2>{html.escape(metric)} at each evaluation</h2>",
+        f'<img src="{metric_figure(runs, metric, cfg.selection.min_delta, out)}" alt="metric">',
+    ]
     if len(run_dirs) == 1:
         grids = sorted((run_dirs[0] / "samples").glob("step_*.png"))
         body += ["<h2>Samples at each evaluation (alpha over a checkerboard)</h2><div class='grids'>"]
         body += [_img_tag(p, f"step {int(p.stem.split('_')[1])}") for p in grids] + ["</div>"]
         diff = config_diff(run_dirs[0], runs[0][2])
-        body += [f"<h2>Config: difference from {html.escape(diff[0][0])}</h2><table><tr><th>key</th><th>"
-                 f"{html.escape(diff[0][0])}</th><th>this run</th></tr>"]
-        body += [f"<tr><td>{html.escape(k)}</td><td>{html.escape(a)}</td><td>{html.escape(b)}</td></tr>" for k, a, b in diff[1:]]
+        body += [
+            f"<h2>Config: difference from {html.escape(diff[0][0])}</h2><table><tr><th>key</th><th>"
+            f"{html.escape(diff[0][0])}</th><th>this run</th></tr>"
+        ]
+        body += [
+            f"<tr><td>{html.escape(k)}</td><td>{html.escape(a)}</td><td>{html.escape(b)}</td></tr>"
+            for k, a, b in diff[1:]
+        ]
         body += ["</table>"]
     else:
         sigs = [_handover_signature(ev) for _, _, ev in runs]
-        body += [f"<h2>Runs</h2><table><tr><th>run</th><th>hand-over {html.escape(metric)} &plusmn; se</th>"
-                 f"<th>hand-over signature</th><th>outcome</th></tr>"]
-        body += [f"<tr><td>{html.escape(r.name)}</td><td>{_handover_text(ev, metric)}</td><td>{html.escape(sig or '-')}</td>"
-                 f"<td>{_run_summary(ev)}</td></tr>" for r, (_, _, ev), sig in zip(run_dirs, runs, sigs)]
+        body += [
+            f"<h2>Runs</h2><table><tr><th>run</th><th>hand-over {html.escape(metric)} &plusmn; se</th>"
+            f"<th>hand-over signature</th><th>outcome</th></tr>"
+        ]
+        body += [
+            f"<tr><td>{html.escape(r.name)}</td><td>{_handover_text(ev, metric)}</td><td>{html.escape(sig or '-')}</td>"
+            f"<td>{_run_summary(ev)}</td></tr>"
+            for r, (_, _, ev), sig in zip(run_dirs, runs, sigs)
+        ]
         if len({s for s in sigs if s}) > 1:
-            body += ["<p><b>These runs were scored under different hand-over signatures: their scores are not "
-                     "comparable with each other</b> (docs/selection.md).</p>"]
+            body += [
+                "<p><b>These runs were scored under different hand-over signatures: their scores are not "
+                "comparable with each other</b> (docs/selection.md).</p>"
+            ]
         body += ["</table><h2>The generator each run hands over</h2><div class='grids'>"]
         for r, (_, _, ev) in zip(run_dirs, runs):
             step = handed_over_step(ev)

@@ -19,6 +19,7 @@ Collapse signals, each once per episode:
     negative). lsgan's G loss is bounded (about 0.5 once D outputs its fake target), so there is no
     spike to see: its margin shares decide alone.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,8 +29,8 @@ from dataclasses import asdict, dataclass, field
 
 from . import metrics as metrics_mod
 
-HISTORY = 20      # healthy diagnostic intervals that make up the "recent" median
-MIN_HISTORY = 5   # intervals needed before a z-score means anything
+HISTORY = 20  # healthy diagnostic intervals that make up the "recent" median
+MIN_HISTORY = 5  # intervals needed before a z-score means anything
 
 # Latent seeds, as offsets from eval.seed: the fixed latents (0), the noise band's draws, the keep_top
 # re-evaluation. The hand-over score draws from eval.handover_seed, which must avoid all of these.
@@ -38,13 +39,28 @@ NOISE_SEED_OFFSET, NOISE_SEEDS = 101, 8
 # one generator on independent latents differ one time in 20 in that direction: 1.645 x sqrt(2) x SD,
 # the SD measured over NOISE_SEEDS fresh draws of the current best. Selection compares evaluations on
 # the same fixed latents, whose errors are positively correlated, so this errs on the safe side.
-NOISE_BAND_PER_SD = 1.645 * 2 ** 0.5
-NOISE_BAND_MOVE = 0.5     # FID's noise grows with its value: measure again once the best has moved by half
+NOISE_BAND_PER_SD = 1.645 * 2**0.5
+NOISE_BAND_MOVE = 0.5  # FID's noise grows with its value: measure again once the best has moved by half
 REEVAL_SEED_OFFSET = 7919
 # Two-sided 95% Student's t by degrees of freedom: a standard error from 3 draws has 2 of them, and
 # z = 1.96 would call a real tie a difference far too often (the t for 2 is 4.30)
-T_975 = {1: 12.71, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000}
+T_975 = {
+    1: 12.71,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+    12: 2.179,
+    15: 2.131,
+    20: 2.086,
+    30: 2.042,
+    60: 2.000,
+}
 
 
 def t_975(df: float) -> float:
@@ -69,10 +85,10 @@ def within_noise(a: float, se_a: float, b: float, se_b: float, draws: int = 3) -
     """Two scores with standard errors (each from `draws` latent draws) are a tie when their difference
     is inside Student's t (Welch-Satterthwaite degrees of freedom) standard errors of the difference
     (independent draws: the variances add)."""
-    var = se_a ** 2 + se_b ** 2
+    var = se_a**2 + se_b**2
     if var == 0:
         return a == b
-    df = round(var ** 2 / ((se_a ** 4 + se_b ** 4) / max(draws - 1, 1)), 6)   # (rounding: 4 - 1e-16 is 4)
+    df = round(var**2 / ((se_a**4 + se_b**4) / max(draws - 1, 1)), 6)  # (rounding: 4 - 1e-16 is 4)
     return abs(a - b) <= t_975(df) * math.sqrt(var)
 
 
@@ -81,22 +97,27 @@ def handover_summary(draws: list[dict]) -> dict:
     (`handover_<m>`), the SD of one draw (`_sd`, the latent noise) and the standard error of the
     mean (`_se`, the score's uncertainty)."""
     out = {}
-    for m in (k for k in draws[0] if not k.endswith("_std")):    # IS's and KID's own spreads are not scores
+    for m in (k for k in draws[0] if not k.endswith("_std")):  # IS's and KID's own spreads are not scores
         vals = [d[m] for d in draws]
         sd = statistics.stdev(vals) if len(vals) > 1 else float("nan")
-        out.update({f"handover_{m}": statistics.fmean(vals), f"handover_{m}_sd": sd,
-                    f"handover_{m}_se": sd / math.sqrt(len(vals))})
+        out.update(
+            {
+                f"handover_{m}": statistics.fmean(vals),
+                f"handover_{m}_sd": sd,
+                f"handover_{m}_se": sd / math.sqrt(len(vals)),
+            }
+        )
     return out
 
 
 @dataclass
 class Decision:
     improved: bool = False
-    stop: str = ""                     # why the run must end ("" = carry on)
-    rollback: str = ""                 # why the run must go back to its best (or first) state ("" = no)
-    keep: bool = False                 # this evaluation entered the top keep_top: keep its generator
-    drop: list = field(default_factory=list)     # steps that left the top keep_top: their generators can go
-    events: list = field(default_factory=list)   # (kind, detail, extra dict)
+    stop: str = ""  # why the run must end ("" = carry on)
+    rollback: str = ""  # why the run must go back to its best (or first) state ("" = no)
+    keep: bool = False  # this evaluation entered the top keep_top: keep its generator
+    drop: list = field(default_factory=list)  # steps that left the top keep_top: their generators can go
+    events: list = field(default_factory=list)  # (kind, detail, extra dict)
 
 
 @dataclass
@@ -104,16 +125,16 @@ class SelectorState:
     best: float | None = None
     best_step: int = -1
     evals: int = 0
-    since_best: int = 0                # evaluations without improvement (patience)
-    bad_streak: int = 0                # evaluations in a row worse than best by collapse_factor
+    since_best: int = 0  # evaluations without improvement (patience)
+    bad_streak: int = 0  # evaluations in a row worse than best by collapse_factor
     dominance_streak: int = 0
-    loss_g_worst: list = field(default_factory=list)   # worst loss_g of recent healthy intervals
-    critic_gap: list = field(default_factory=list)     # critic gap of recent healthy intervals
+    loss_g_worst: list = field(default_factory=list)  # worst loss_g of recent healthy intervals
+    critic_gap: list = field(default_factory=list)  # critic gap of recent healthy intervals
     rollbacks: int = 0
-    period: int = 0                    # selection periods: a new one starts when the signature changes
-    noise_band: float | None = None    # min_delta: auto, measured on the best (see NOISE_BAND_PER_SD)
-    noise_band_at: float | None = None # the best's value when the band was measured
-    top: list = field(default_factory=list)      # [value, step] of the keep_top best evaluations, best first
+    period: int = 0  # selection periods: a new one starts when the signature changes
+    noise_band: float | None = None  # min_delta: auto, measured on the best (see NOISE_BAND_PER_SD)
+    noise_band_at: float | None = None  # the best's value when the band was measured
+    top: list = field(default_factory=list)  # [value, step] of the keep_top best evaluations, best first
 
 
 def robust_z(value: float, history: list) -> float:
@@ -128,9 +149,9 @@ def robust_z(value: float, history: list) -> float:
 
 class Selector:
     def __init__(self, config, mode: str, loss: str = "bce"):
-        self.config = config           # the selection section of the experiment
-        self.mode = mode               # "min" or "max"
-        self.loss = loss               # train.loss: which dominance signal applies
+        self.config = config  # the selection section of the experiment
+        self.mode = mode  # "min" or "max"
+        self.loss = loss  # train.loss: which dominance signal applies
         self.state = SelectorState()
 
     @classmethod
@@ -157,7 +178,7 @@ class Selector:
     @property
     def lr_scale(self) -> float:
         """Learning-rate multiplier after the rollbacks so far: each one cuts it again (0.5, 0.25, ...)."""
-        return self.config.rollback_lr_scale ** self.state.rollbacks
+        return self.config.rollback_lr_scale**self.state.rollbacks
 
     def summary(self) -> dict:
         """The run's selection outcome as metrics (empty before the first best). The selection best is
@@ -165,8 +186,11 @@ class Selector:
         so it is named as such; runs are compared by their hand-over score (`handover_summary`)."""
         if self.state.best is None:
             return {"rollbacks": self.state.rollbacks}
-        return {f"selection_best_{self.config.metric}": self.state.best, "selection_best_step": self.state.best_step,
-                "rollbacks": self.state.rollbacks}
+        return {
+            f"selection_best_{self.config.metric}": self.state.best,
+            "selection_best_step": self.state.best_step,
+            "rollbacks": self.state.rollbacks,
+        }
 
     @property
     def min_delta(self) -> float:
@@ -221,12 +245,14 @@ class Selector:
     def on_eval(self, step: int, metrics: dict, finite_weights: bool = True) -> Decision:
         name, s, dec = self.config.metric, self.state, Decision()
         s.evals += 1
-        v = float(metrics[name])       # config validation guarantees evaluation computes it
+        v = float(metrics[name])  # config validation guarantees evaluation computes it
         if not math.isfinite(v) or not finite_weights:
-            dec.events.append(("collapse_signal", f"{name}={v} or weights non-finite at step {step}", {"signal": "non_finite"}))
+            dec.events.append(
+                ("collapse_signal", f"{name}={v} or weights non-finite at step {step}", {"signal": "non_finite"})
+            )
             return self._collapse(dec, "non-finite metric or weights")
         refused = self._copies_refused(metrics, step, dec)
-        if not refused:                # a checkpoint that copies is neither the best nor kept for the hand-over
+        if not refused:  # a checkpoint that copies is neither the best nor kept for the hand-over
             self._update_top(v, step, dec)
         if not refused and self.better(v, s.best):
             prev = s.best
@@ -245,8 +271,13 @@ class Selector:
         dec.events.append(("eval", detail, {name: v, "patience_left": left}))
         if s.bad_streak >= self.config.collapse_evals:
             c = self.config
-            dec.events.append(("collapse_signal", f"{name} {v:.4g} is over {c.collapse_factor}x the best "
-                               f"{s.best:.4g} for {s.bad_streak} evaluations", {"signal": "metric"}))
+            dec.events.append(
+                (
+                    "collapse_signal",
+                    f"{name} {v:.4g} is over {c.collapse_factor}x the best {s.best:.4g} for {s.bad_streak} evaluations",
+                    {"signal": "metric"},
+                )
+            )
             s.bad_streak = 0
             return self._collapse(dec, f"{name} degraded {c.collapse_factor}x for {c.collapse_evals} evaluations")
         if self.config.patience and s.since_best >= self.config.patience:
@@ -261,27 +292,45 @@ class Selector:
         limit, share = self.config.max_copy_share, metrics.get("copy_share")
         if not limit or share is None or share <= limit:
             return False
-        dec.events.append(("copy_refused", f"copy_share {share:.3g} at step {step} is over selection.max_copy_share "
-                           f"{limit:.3g}: not eligible as best", {"copy_share": share}))
+        dec.events.append(
+            (
+                "copy_refused",
+                f"copy_share {share:.3g} at step {step} is over selection.max_copy_share "
+                f"{limit:.3g}: not eligible as best",
+                {"copy_share": share},
+            )
+        )
         return True
 
     # ---- diagnostics (cheap, between evaluations)
     def on_diagnostics(self, step: int, diag: dict) -> Decision:
         dec, s = Decision(), self.state
         if not all(math.isfinite(diag[k]) for k in ("loss_d", "loss_g")):
-            dec.events.append(("collapse_signal", f"non-finite loss at step {step} (loss_d={diag['loss_d']}, "
-                               f"loss_g={diag['loss_g']})", {"signal": "non_finite"}))
+            dec.events.append(
+                (
+                    "collapse_signal",
+                    f"non-finite loss at step {step} (loss_d={diag['loss_d']}, loss_g={diag['loss_g']})",
+                    {"signal": "non_finite"},
+                )
+            )
             return self._collapse(dec, "non-finite loss")
         why = self._dominance(diag)
         s.dominance_streak = s.dominance_streak + 1 if why else 0
-        if not why:                    # the history holds healthy intervals only, so a long spike cannot hide itself
-            for hist, v in ((s.loss_g_worst, diag.get("loss_g_max", diag["loss_g"])),
-                            (s.critic_gap, diag.get("critic_gap", 0.0))):
+        if not why:  # the history holds healthy intervals only, so a long spike cannot hide itself
+            for hist, v in (
+                (s.loss_g_worst, diag.get("loss_g_max", diag["loss_g"])),
+                (s.critic_gap, diag.get("critic_gap", 0.0)),
+            ):
                 hist.append(v)
                 del hist[:-HISTORY]
-        if self.config.dominance_window and s.dominance_streak == self.config.dominance_window:   # once an episode
-            dec.events.append(("collapse_signal", f"D dominates for {s.dominance_streak} intervals ({self.loss}): {why}",
-                               {"signal": "d_dominance"}))
+        if self.config.dominance_window and s.dominance_streak == self.config.dominance_window:  # once an episode
+            dec.events.append(
+                (
+                    "collapse_signal",
+                    f"D dominates for {s.dominance_streak} intervals ({self.loss}): {why}",
+                    {"signal": "d_dominance"},
+                )
+            )
             return self._collapse(dec, f"discriminator dominance ({why})")
         return dec
 
@@ -294,7 +343,9 @@ class Selector:
         z_loss = robust_z(worst, s.loss_g_worst)
         if z_loss < c.dominance_z and self.loss != "lsgan":
             return ""
-        spike = f"loss_g up to {worst:.3g}, z {z_loss:.1f} over its recent median {statistics.median(s.loss_g_worst):.3g}"
+        spike = (
+            f"loss_g up to {worst:.3g}, z {z_loss:.1f} over its recent median {statistics.median(s.loss_g_worst):.3g}"
+        )
         if self.loss == "wgan-gp":
             z_gap = robust_z(diag["critic_gap"], s.critic_gap)
             return f"critic gap {diag['critic_gap']:.3g}, z {z_gap:.1f}; {spike}" if z_gap >= c.dominance_z else ""
@@ -313,7 +364,7 @@ class Selector:
         elif self.state.rollbacks >= self.config.max_rollbacks:
             dec.stop = f"collapse after {self.state.rollbacks} rollbacks (max_rollbacks): {why}"
         else:
-            dec.rollback = why         # to the best state, or to the first one when there is no best yet
+            dec.rollback = why  # to the best state, or to the first one when there is no best yet
         if dec.stop:
             dec.events.append(("early_stop", dec.stop, {}))
         return dec
@@ -332,12 +383,12 @@ class Selector:
         """The evaluation signature changed: numbers from the old feature space cannot be compared with
         the new ones, so best, patience and signals start again (rollbacks keep counting)."""
         s = self.state
-        self.state = SelectorState(rollbacks=s.rollbacks, period=s.period + 1, evals=s.evals)   # top, band: afresh
+        self.state = SelectorState(rollbacks=s.rollbacks, period=s.period + 1, evals=s.evals)  # top, band: afresh
 
     # ---- state
     def state_dict(self) -> dict:
         return asdict(self.state)
 
     def load_state_dict(self, d: dict):
-        known = {f.name for f in dataclasses.fields(SelectorState)}     # checkpoints of older versions
+        known = {f.name for f in dataclasses.fields(SelectorState)}  # checkpoints of older versions
         self.state = SelectorState(**{k: v for k, v in d.items() if k in known})

@@ -9,6 +9,7 @@ Each input row asks for `count` images from latents seeded by `seed` (so a reque
 carries ganlab's code (code_paths) and generator.pt; its pip requirements are pinned to the
 versions that produced it. Knows nothing about training.
 """
+
 from __future__ import annotations
 
 import base64
@@ -17,8 +18,7 @@ import io
 import mlflow.pyfunc
 import torch
 
-MAX_COUNT = 1024          # one request never asks for more images than this
-
+MAX_COUNT = 1024  # one request never asks for more images than this
 
 
 class GeneratorImages(mlflow.pyfunc.PythonModel):
@@ -26,10 +26,12 @@ class GeneratorImages(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context):
         from ganlab.generator import load_generator
+
         self.g, self.info = load_generator(context.artifacts["generator"])
 
     def predict(self, context, model_input, params=None):
         from ganlab.generator import generate
+
         rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
         out = []
         for i, row in enumerate(rows):
@@ -41,14 +43,21 @@ class GeneratorImages(mlflow.pyfunc.PythonModel):
             images = generate(self.g, z, self.info["config"].data.alpha, "cpu")
             for j, im in enumerate(images):
                 hwc = im.permute(1, 2, 0).numpy()
-                out.append({"request": i, "index": j, "seed": seed,
-                            "png": _png_b64(hwc) if fmt == "png" else None,
-                            "rgba": hwc.tolist() if fmt == "array" else None})
+                out.append(
+                    {
+                        "request": i,
+                        "index": j,
+                        "seed": seed,
+                        "png": _png_b64(hwc) if fmt == "png" else None,
+                        "rgba": hwc.tolist() if fmt == "array" else None,
+                    }
+                )
         return out
 
 
 def _png_b64(hwc) -> str:
     from PIL import Image
+
     buf = io.BytesIO()
     Image.fromarray(hwc, "RGBA").save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
@@ -57,11 +66,14 @@ def _png_b64(hwc) -> str:
 def signature():
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, Schema
-    return ModelSignature(inputs=Schema([ColSpec("long", "count"), ColSpec("long", "seed"),
-                                         ColSpec("string", "format", required=False)]))
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("long", "count"), ColSpec("long", "seed"), ColSpec("string", "format", required=False)])
+    )
 
 
 def pinned_requirements() -> list[str]:
     """The packages ganlab's generator code imports, at the versions installed now."""
     from importlib.metadata import version
+
     return [f"{p}=={version(p)}" for p in ("torch", "numpy", "pillow", "pyyaml", "safetensors", "mlflow")]

@@ -1,5 +1,6 @@
 """Where a generator comes from (a file, a run folder, a run id, `best`, a registered model) and what
 `ganlab sample / eval / best` do with it."""
+
 from __future__ import annotations
 
 import math
@@ -8,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from . import config as config_mod, metrics as metrics_mod
+from . import config as config_mod
+from . import metrics as metrics_mod
 from .errors import UserError
 
 
@@ -18,12 +20,14 @@ class SourceError(UserError):
 
 def client(uri: str | None = None):
     from .track import open_client, tracking_uri
+
     return open_client(uri or tracking_uri(config_mod.Config()))
 
 
 def resolve(source: str, experiment: str | None = None, device="cpu"):
     """-> (generator ready to sample, info dict with step, metrics, config)."""
     from .generator import load_generator
+
     if source.startswith("models:/"):
         return _registered(source, device)
     p = Path(source)
@@ -51,8 +55,10 @@ def resolve(source: str, experiment: str | None = None, device="cpu"):
 def _registered(uri: str, device):
     """A registered `rgba_images` pyfunc (see ganlab.serve): its generator.pt is loaded as a torch module."""
     import mlflow
+
     from .generator import load_generator
     from .track import set_fluent_uri, tracking_uri
+
     set_fluent_uri(tracking_uri(config_mod.Config()))
     try:
         path = mlflow.artifacts.download_artifacts(f"{uri.rstrip('/')}/artifacts/generator.pt")
@@ -63,8 +69,10 @@ def _registered(uri: str, device):
 
 def write_samples(source: str, n: int, out: Path, seed: int = 0, experiment=None) -> Path:
     from PIL import Image
+
     from .eval import protocol
     from .generator import generate
+
     if n < 1:
         raise SourceError(f"-n must be at least 1, got {n}")
     g, info = resolve(source, experiment)
@@ -82,8 +90,9 @@ def evaluate_source(source: str, overrides: list[str], device: str = "auto") -> 
     """SOURCE's generator, evaluated with its run's protocol (or the overrides) on `device` (auto =
     CUDA when there is one, as training picks it)."""
     from . import data
-    from .eval import protocol
     from .device import pick_device
+    from .eval import protocol
+
     dev = pick_device(device)
     g, info = resolve(source, device=dev)
     cfg = info["config"]
@@ -93,17 +102,30 @@ def evaluate_source(source: str, overrides: list[str], device: str = "auto") -> 
     images = data.load_images(cfg.data, cfg.seed)
     ev = protocol.Evaluator(cfg, images.holdout, dev, images=images)
     metrics = ev(g)
-    return {"source": source, "step": info["step"], "metrics": metrics, "extractor": ev.extractor.name,
-            "random_features": ev.extractor.random, "signature": ev.signature_hash}
+    return {
+        "source": source,
+        "step": info["step"],
+        "metrics": metrics,
+        "extractor": ev.extractor.name,
+        "random_features": ev.extractor.random,
+        "signature": ev.signature_hash,
+    }
 
 
-def rank_runs(*, experiment: str | None = None, metric: str | None = None, top: int = 5,
-              signature: str | None = None, uri: str | None = None) -> dict:
+def rank_runs(
+    *,
+    experiment: str | None = None,
+    metric: str | None = None,
+    top: int = 5,
+    signature: str | None = None,
+    uri: str | None = None,
+) -> dict:
     """Finished runs ranked by their hand-over score, within one hand-over signature (`signature`, else
     the newest run's). Returns {"signature", "rows" (best first, each with its standard error and
     whether it is within noise of the leader), "signatures" (every signature seen -> its run count,
     so none is dropped silently), "unscored" (finished runs without a hand-over score)}."""
     from .select import rank_key, within_noise
+
     c = client(uri)
     if experiment:
         exp = c.get_experiment_by_name(experiment)
@@ -112,15 +134,21 @@ def rank_runs(*, experiment: str | None = None, metric: str | None = None, top: 
         exps = [exp]
     else:
         from .eval.encoder_store import ENCODERS
+
         exps = [e for e in c.search_experiments() if e.name not in ("Default", ENCODERS)]
         exps = [max(exps, key=lambda e: e.last_update_time or 0)] if exps else []
-    runs = c.search_runs([e.experiment_id for e in exps], filter_string="attributes.status = 'FINISHED'",
-                         max_results=5000) if exps else []
+    runs = (
+        c.search_runs([e.experiment_id for e in exps], filter_string="attributes.status = 'FINISHED'", max_results=5000)
+        if exps
+        else []
+    )
     rows, unscored = [], 0
     for r in runs:
         row = _scored_row(r, metric)
         if row is None:
-            unscored += not r.data.tags.get("ganlab.study") and not r.data.tags.get("ganlab.sweep")   # parents score nothing
+            unscored += not r.data.tags.get("ganlab.study") and not r.data.tags.get(
+                "ganlab.sweep"
+            )  # parents score nothing
             continue
         rows.append(row)
     # Like with like: a score is comparable only under one hand-over signature AND one metric (a run
@@ -132,11 +160,19 @@ def rank_runs(*, experiment: str | None = None, metric: str | None = None, top: 
     lead = max(pool, key=lambda r: r["start_time"]) if pool else None
     sig, m = (lead["signature"], lead["metric"]) if lead else (signature or "", metric or "")
     other_metrics = sorted({r["metric"] for r in rows if r["signature"] == sig and r["metric"] != m})
-    rows = sorted((r for r in rows if r["signature"] == sig and r["metric"] == m), key=lambda r: rank_key(r["mode"])(r["score"]))
-    for r in rows:                     # a tie with the leader is worth saying before anyone picks "the best"
+    rows = sorted(
+        (r for r in rows if r["signature"] == sig and r["metric"] == m), key=lambda r: rank_key(r["mode"])(r["score"])
+    )
+    for r in rows:  # a tie with the leader is worth saying before anyone picks "the best"
         r["within_noise_of_first"] = within_noise(r["score"], r["se"], rows[0]["score"], rows[0]["se"])
-    return {"signature": sig, "metric": m, "rows": rows[:top], "signatures": counts, "unscored": unscored,
-            "other_metrics": other_metrics}
+    return {
+        "signature": sig,
+        "metric": m,
+        "rows": rows[:top],
+        "signatures": counts,
+        "unscored": unscored,
+        "other_metrics": other_metrics,
+    }
 
 
 def _scored_row(run, metric: str | None) -> dict | None:
@@ -144,20 +180,26 @@ def _scored_row(run, metric: str | None) -> dict | None:
     d = run.data
     m = metric or d.params.get("selection.metric", "fid")
     if d.tags.get("ganlab.study") or d.tags.get("ganlab.sweep"):
-        return None                    # a study's or sweep's parent: its best trial's score, not a generator of its own
+        return None  # a study's or sweep's parent: its best trial's score, not a generator of its own
     v, se = d.metrics.get(f"handover_{m}"), d.metrics.get(f"handover_{m}_se")
     if v is None or not math.isfinite(v) or d.tags.get("ganlab.handover_stale") == "true":
-        return None                    # no score, or one of a generator.pt that has changed since (a resume)
+        return None  # no score, or one of a generator.pt that has changed since (a resume)
     ck = Path(d.tags.get("ganlab.run_dir", "")) / "generator.pt"
     # the direction is the metric's own, never a run's selection.mode: one ranking, one direction
-    return {"run_id": run.info.run_id, "variant": d.tags.get("ganlab.variant", run.info.run_name), "metric": m,
-            "mode": metrics_mod.mode_of(m, "auto"), "score": v,
-            "se": se if se is not None and math.isfinite(se) else 0.0,
-            # the signature written when the score was computed (a resume rewrites eval.handover_signature)
-            "step": int(d.metrics.get("handed_over_step", -1)),
-            "signature": d.tags.get("ganlab.handover_signature") or d.tags.get("eval.handover_signature", ""),
-            "checkpoint": str(ck if ck.exists() else ck.parent), "start_time": run.info.start_time,
-            "random_features": d.tags.get("eval.random_features") == "true"}
+    return {
+        "run_id": run.info.run_id,
+        "variant": d.tags.get("ganlab.variant", run.info.run_name),
+        "metric": m,
+        "mode": metrics_mod.mode_of(m, "auto"),
+        "score": v,
+        "se": se if se is not None and math.isfinite(se) else 0.0,
+        # the signature written when the score was computed (a resume rewrites eval.handover_signature)
+        "step": int(d.metrics.get("handed_over_step", -1)),
+        "signature": d.tags.get("ganlab.handover_signature") or d.tags.get("eval.handover_signature", ""),
+        "checkpoint": str(ck if ck.exists() else ck.parent),
+        "start_time": run.info.start_time,
+        "random_features": d.tags.get("eval.random_features") == "true",
+    }
 
 
 def format_ranking(res: dict) -> str:
@@ -167,8 +209,10 @@ def format_ranking(res: dict) -> str:
     lines = []
     if rows:
         m = rows[0]["metric"]
-        lines.append(f"hand-over signature {res['signature']}: {res['signatures'][res['signature']]} run(s); "
-                     f"{m} on the hand-over protocol, +/- its standard error")
+        lines.append(
+            f"hand-over signature {res['signature']}: {res['signatures'][res['signature']]} run(s); "
+            f"{m} on the hand-over protocol, +/- its standard error"
+        )
         lines.append(f"{'rank':<5}{'run id':<34}{'variant':<24}{'hand-over ' + m:>22}{'step':>8}  checkpoint")
         for i, r in enumerate(rows, 1):
             tie = " ~" if i > 1 and r["within_noise_of_first"] else ""
@@ -176,16 +220,21 @@ def format_ranking(res: dict) -> str:
             lines.append(f"{i:<5}{r['run_id']:<34}{r['variant'][:23]:<24}{score:>22}{r['step']:>8}  {r['checkpoint']}")
         ties = sum(r["within_noise_of_first"] for r in rows[1:])
         if ties:
-            lines.append(f"~ within noise of rank 1 (difference under t(95%, Welch df) standard errors of the difference): {ties} run(s); "
-                         f"more hand-over draws (eval.handover_draws) or seeds would separate them")
+            lines.append(
+                f"~ within noise of rank 1 (difference under t(95%, Welch df) standard errors of the difference): {ties} run(s); "
+                f"more hand-over draws (eval.handover_draws) or seeds would separate them"
+            )
     else:
         lines.append("no finished run with a hand-over score")
     for x in res.get("other_metrics", {}):
-        lines.append(f"also: runs under this signature selected on {x}, not ranked with {res.get('metric')} runs "
-                     f"(--metric {x})")
+        lines.append(
+            f"also: runs under this signature selected on {x}, not ranked with {res.get('metric')} runs (--metric {x})"
+        )
     others = {s: n for s, n in res["signatures"].items() if s != res["signature"]}
     for s, n in sorted(others.items(), key=lambda kv: -kv[1]):
         lines.append(f"also: hand-over signature {s}: {n} run(s), not comparable with the above (--signature {s})")
     if res["unscored"]:
-        lines.append(f"also: {res['unscored']} finished run(s) without a hand-over score (an older ganlab, or no generator)")
+        lines.append(
+            f"also: {res['unscored']} finished run(s) without a hand-over score (an older ganlab, or no generator)"
+        )
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """The MLflow store ganlab talks to: its URI, a client whose store exists, retries while a shared sqlite
 file is locked, experiments created once, and MLflow's errors told apart. Below both tracking (track.py)
 and evaluation (eval/encoder_store.py), which share a store and nothing else."""
+
 from __future__ import annotations
 
 import os
@@ -36,6 +37,7 @@ def set_fluent_uri(uri: str):
     variable for subprocesses; ganlab reads it as the user's choice, so a later run in the same
     process would otherwise inherit an earlier run's store)."""
     import mlflow
+
     before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     if before is None:
@@ -50,14 +52,16 @@ def open_client(uri: str):
     file lock makes them take turns. MlflowClient opens its store in its constructor, so the
     constructor runs under the lock."""
     import mlflow
+
     if not uri.startswith("sqlite:///"):
         return mlflow.MlflowClient(uri)
-    from filelock import FileLock       # portable (fcntl on POSIX, msvcrt on Windows)
-    db = Path(uri[len("sqlite:///"):])
+    from filelock import FileLock  # portable (fcntl on POSIX, msvcrt on Windows)
+
+    db = Path(uri[len("sqlite:///") :])
     db.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(db.with_name(db.name + ".lock"))):
         client = mlflow.MlflowClient(uri)
-        client.search_experiments(max_results=1)             # creates / migrates the store
+        client.search_experiments(max_results=1)  # creates / migrates the store
     return client
 
 
@@ -72,7 +76,7 @@ def ensure_experiment(client, name: str, uri: str, runs_dir: str) -> str:
     loc = (Path(runs_dir).resolve() / "artifacts").as_uri() if is_local(uri) else None
     try:
         return with_retry(client.create_experiment, name, artifact_location=loc)
-    except Exception:                  # another process created it first
+    except Exception:  # another process created it first
         exp = with_retry(client.get_experiment_by_name, name)
         if exp is None:
             raise

@@ -6,14 +6,14 @@ are written once per diagnostic interval: synchronously to a local store (about 
 sqlite file is retried and nothing waits in a queue), asynchronously in MLflow's batches to a
 server; `flush()` runs before anything reads them back. Knows nothing about training.
 """
+
 from __future__ import annotations
 
 import datetime as dt
 import logging
 import math
-import re
-import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -23,9 +23,11 @@ from pathlib import Path
 import torch
 
 from .events import read_events
-from .store import ensure_experiment, is_error as _is, is_local, open_client, set_fluent_uri, tracking_uri, with_retry  # noqa: F401
+from .store import ensure_experiment, is_local, open_client, set_fluent_uri, tracking_uri, with_retry  # noqa: F401
+from .store import is_error as _is
 
 log = logging.getLogger("ganlab")
+
 
 def new_run_dir(cfg) -> Path:
     label = cfg.variant or cfg.name
@@ -41,8 +43,13 @@ def git_info() -> dict:
     try:
         root = Path(__file__).resolve().parent.parent
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         if commit.returncode == 0:
             return {"git.commit": commit.stdout.strip(), "git.dirty": str(bool(dirty.stdout.strip())).lower()}
     except (OSError, subprocess.SubprocessError):
@@ -52,9 +59,10 @@ def git_info() -> dict:
 
 def _user() -> str:
     import getpass
+
     try:
         return getpass.getuser()
-    except Exception:                  # no login name (some containers)
+    except Exception:  # no login name (some containers)
         return "unknown"
 
 
@@ -73,12 +81,23 @@ def header_comment(experiment_file: str) -> str:
     return "\n".join(head).strip()
 
 
-NOTE_EVENTS = ("improved", "copy_refused", "rollback", "early_stop", "new_period", "reevaluated", "handover", "finished")
+NOTE_EVENTS = (
+    "improved",
+    "copy_refused",
+    "rollback",
+    "early_stop",
+    "new_period",
+    "reevaluated",
+    "handover",
+    "finished",
+)
 
 
 def run_note(header: str, run_dir: Path) -> str:
     """The run's description in the MLflow UI: the experiment's header, then the run's decisions."""
-    decisions = [f"- step {e['step']}: {e['kind']}: {e['detail']}" for e in read_events(run_dir) if e["kind"] in NOTE_EVENTS]
+    decisions = [
+        f"- step {e['step']}: {e['kind']}: {e['detail']}" for e in read_events(run_dir) if e["kind"] in NOTE_EVENTS
+    ]
     parts = [header or "(no header comment in the experiment file)"]
     if decisions:
         parts.append("Decisions:\n" + "\n".join(decisions[-50:]))
@@ -97,6 +116,7 @@ def mlflow_name(name: str) -> str:
 
 class NullTracker:
     """Tracking off: the same calls, recording nothing beyond the run folder."""
+
     run_id = None
 
     def start(self, run_dir, **context):
@@ -121,14 +141,15 @@ class NullTracker:
 class Tracker(NullTracker):
     def __init__(self, cfg):
         import mlflow
+
         self.mlflow = mlflow
-        self.cfg = cfg                  # what this run logs as params, and its tracking/selection settings
+        self.cfg = cfg  # what this run logs as params, and its tracking/selection settings
         self.uri = tracking_uri(cfg)
         self.client = open_client(self.uri)
         self.local = is_local(self.uri)  # a local store is written synchronously (see the module docstring)
         self.run_id = None
-        self.parent_run_id = None                # a tune study's parent run (else the active fluent run)
-        self.last_step: dict[str, int] = {}      # per metric: steps at or below were logged before a resume
+        self.parent_run_id = None  # a tune study's parent run (else the active fluent run)
+        self.last_step: dict[str, int] = {}  # per metric: steps at or below were logged before a resume
         self.monitor = None
         self._run_dir, self._header, self._exp_id = None, "", None
 
@@ -143,6 +164,7 @@ class Tracker(NullTracker):
     def start(self, run_dir, images=None, evaluator=None, device=None, run_id=None, experiment_file=""):
         """Open (or, with run_id, reopen after a resume) the MLflow run. Returns its id."""
         from . import config as config_mod
+
         cfg = self.cfg
         set_fluent_uri(self.uri)
         exp_id = ensure_experiment(self.client, cfg.name, self.uri, cfg.tracking.runs_dir)
@@ -155,8 +177,8 @@ class Tracker(NullTracker):
         self._tags(images, evaluator, device, experiment_file)
         if images is not None:
             self._log_input(images)
-        for path in (evaluator.extractor.files if evaluator is not None else []):
-            self._call(self.client.log_artifact, run_id, path, "evaluation")   # the domain encoder and its card
+        for path in evaluator.extractor.files if evaluator is not None else []:
+            self._call(self.client.log_artifact, run_id, path, "evaluation")  # the domain encoder and its card
         if cfg.tracking.system_metrics:
             self.monitor = _system_monitor(run_id, cfg.tracking.system_metrics_every)
         self._run_dir = Path(run_dir)
@@ -169,8 +191,11 @@ class Tracker(NullTracker):
         """With a tracking server, the run's page in the UI (its runs view), printed for the user."""
         if self.uri.startswith(("http://", "https://")):
             self._exp_id = exp_id or self._exp_id
-            print(f"MLflow run: {self.uri.rstrip('/')}/#/experiments/{self._exp_id}/runs/{self.run_id}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"MLflow run: {self.uri.rstrip('/')}/#/experiments/{self._exp_id}/runs/{self.run_id}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _create_run(self, exp_id, run_dir, params: dict) -> str:
         label = f"{self.cfg.variant or self.cfg.name}-{dt.datetime.now():%m%d-%H%M%S}"
@@ -181,9 +206,12 @@ class Tracker(NullTracker):
             tags["mlflow.parentRunId"] = parent
         run = self._call(self.client.create_run, exp_id, run_name=label, tags=tags)
         items = list(params.items())
-        for i in range(0, len(items), 90):         # MLflow takes at most 100 params a batch
-            self._call(self.client.log_batch, run.info.run_id,
-                       params=[self.mlflow.entities.Param(k, str(v)) for k, v in items[i:i + 90]])
+        for i in range(0, len(items), 90):  # MLflow takes at most 100 params a batch
+            self._call(
+                self.client.log_batch,
+                run.info.run_id,
+                params=[self.mlflow.entities.Param(k, str(v)) for k, v in items[i : i + 90]],
+            )
         return run.info.run_id
 
     def _logged_steps(self, run_id) -> dict:
@@ -196,33 +224,51 @@ class Tracker(NullTracker):
 
     def _tags(self, images, evaluator, device, experiment_file):
         import torch_fidelity
+
         git = git_info()
-        tags = {"ganlab.experiment_file": experiment_file, "ganlab.device": str(device),
-                "versions.torch": torch.__version__, "versions.torch_fidelity": torch_fidelity.__version__,
-                "versions.mlflow": self.mlflow.__version__, **git,
-                # MLflow's own conventions: the UI's Source and User columns read these
-                "mlflow.source.name": experiment_file or "ganlab train", "mlflow.source.type": "LOCAL",
-                "mlflow.user": _user()}
+        tags = {
+            "ganlab.experiment_file": experiment_file,
+            "ganlab.device": str(device),
+            "versions.torch": torch.__version__,
+            "versions.torch_fidelity": torch_fidelity.__version__,
+            "versions.mlflow": self.mlflow.__version__,
+            **git,
+            # MLflow's own conventions: the UI's Source and User columns read these
+            "mlflow.source.name": experiment_file or "ganlab train",
+            "mlflow.source.type": "LOCAL",
+            "mlflow.user": _user(),
+        }
         if git["git.commit"] != "unknown":
             tags["mlflow.source.git.commit"] = git["git.commit"]
         if images is not None:
-            tags.update({"data.hash": images.content_hash, "data.holdout_size": str(len(images.holdout)),
-                         "data.train_size": str(len(images.train)), "data.holdout_hash": images.holdout_hash,
-                         "data.skipped": str(len(images.skipped))})
+            tags.update(
+                {
+                    "data.hash": images.content_hash,
+                    "data.holdout_size": str(len(images.holdout)),
+                    "data.train_size": str(len(images.train)),
+                    "data.holdout_hash": images.holdout_hash,
+                    "data.skipped": str(len(images.skipped)),
+                }
+            )
         if evaluator is not None:
             tags.update(evaluator.describe())
         self.set_tags(tags)
 
     def set_tags(self, tags: dict):
-        self._call(self.client.log_batch, self.run_id, tags=[self.mlflow.entities.RunTag(mlflow_name(k), str(v)) for k, v in tags.items()])
+        self._call(
+            self.client.log_batch,
+            self.run_id,
+            tags=[self.mlflow.entities.RunTag(mlflow_name(k), str(v)) for k, v in tags.items()],
+        )
 
     def _log_input(self, images):
         try:
             from mlflow.data.code_dataset_source import CodeDatasetSource
             from mlflow.data.dataset_source_registry import resolve_dataset_source
             from mlflow.data.meta_dataset import MetaDataset
+
             if Path(images.source).is_dir():
-                with warnings.catch_warnings():     # "can be interpreted in multiple ways": both are local
+                with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are local
                     warnings.simplefilter("ignore")
                     src = resolve_dataset_source(Path(images.source).resolve().as_uri())
                 name = Path(images.source).name
@@ -230,27 +276,38 @@ class Tracker(NullTracker):
                 src, name = CodeDatasetSource(tags={"ganlab.data": images.source}), images.source
             ent = self.mlflow.entities
             # the same source, split by path hash: the held-out part is what every metric is measured on
-            inputs = [ent.DatasetInput(MetaDataset(src, name=f"{name}{suffix}", digest=digest)._to_mlflow_entity(),
-                                       tags=[ent.InputTag("mlflow.data.context", context)])
-                      for suffix, digest, context in (("", images.content_hash, "training"),
-                                                      (":held-out", images.holdout_hash, "evaluation"))]
+            inputs = [
+                ent.DatasetInput(
+                    MetaDataset(src, name=f"{name}{suffix}", digest=digest)._to_mlflow_entity(),
+                    tags=[ent.InputTag("mlflow.data.context", context)],
+                )
+                for suffix, digest, context in (
+                    ("", images.content_hash, "training"),
+                    (":held-out", images.holdout_hash, "evaluation"),
+                )
+            ]
             self._call(self.client.log_inputs, self.run_id, datasets=inputs)
-        except Exception as e:          # lineage is nice to have; never fail a run over it
+        except Exception as e:  # lineage is nice to have; never fail a run over it
             log.warning("could not log the dataset input (%s)", e)
 
     # ---- during the run
     def log_metrics(self, metrics: dict, step: int):
         from mlflow.entities import Metric
+
         now = int(time.time() * 1000)
-        ms = [Metric(mlflow_name(k), float(v), now, step) for k, v in metrics.items()
-              if v is not None and math.isfinite(float(v)) and step > self.last_step.get(k, -1)]
+        ms = [
+            Metric(mlflow_name(k), float(v), now, step)
+            for k, v in metrics.items()
+            if v is not None and math.isfinite(float(v)) and step > self.last_step.get(k, -1)
+        ]
         if ms:
             self._call(self.client.log_batch, self.run_id, metrics=ms, synchronous=self.local)
 
     def log_samples(self, grid_path: Path, step: int):
         if step <= self.last_step.get("eval_seconds", -1):
-            return                      # logged before a resume
+            return  # logged before a resume
         from PIL import Image
+
         try:
             self._call(self.client.log_image, self.run_id, Image.open(grid_path), key="samples", step=step)
         except Exception as e:
@@ -259,7 +316,7 @@ class Tracker(NullTracker):
     def flush(self):
         try:
             self.mlflow.flush_async_logging()
-        except Exception as e:          # the metrics already queued may be lost: say so, training goes on
+        except Exception as e:  # the metrics already queued may be lost: say so, training goes on
             log.warning("MLflow: flushing queued metrics failed (%s: %s)", e.__class__.__name__, e)
 
     def finish(self, status: str, summary: dict, step: int = 0, stopped: str = "", final: bool = True):
@@ -269,7 +326,9 @@ class Tracker(NullTracker):
             return
         try:
             self.last_step = {}
-            self.log_metrics({**summary, "stopped_early": float(stopped.startswith("early") or stopped == "collapse")}, step)
+            self.log_metrics(
+                {**summary, "stopped_early": float(stopped.startswith("early") or stopped == "collapse")}, step
+            )
             self.flush()
             run_dir = self._run_dir
             if stopped:
@@ -296,13 +355,14 @@ class Tracker(NullTracker):
         if self.cfg.tracking.register_model:
             try:
                 register_generator(self, run_dir)
-            except Exception as e:       # the run's own artifacts are safe; say what failed
+            except Exception as e:  # the run's own artifacts are safe; say what failed
                 log.warning("could not register the generator in the Model Registry (%s)", e)
 
 
 def _system_monitor(run_id, every: float):
     try:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
         m = SystemMetricsMonitor(run_id, sampling_interval=every, samples_before_logging=1)
         m.start()
         return m
@@ -313,6 +373,7 @@ def _system_monitor(run_id, every: float):
 
 # --------------------------------------------------------------------------------- model registry
 
+
 def register_generator(tracker, run_dir: Path):
     """Log the handed-over generator twice, at its step: as an MLflow PyTorch model (pt2, for torch
     users) and as the `rgba_images` pyfunc (count + seed -> RGBA images, for `mlflow models serve`).
@@ -321,34 +382,70 @@ def register_generator(tracker, run_dir: Path):
     from . import select, serve
     from .config import metric_mode, to_yaml
     from .generator import load_generator
+
     mlflow, client, cfg = tracker.mlflow, tracker.client, tracker.cfg
     g, info = load_generator(run_dir / "generator.pt")
     name, metric = cfg.name, cfg.selection.metric
     value, se = info["metrics"].get(f"handover_{metric}"), info["metrics"].get(f"handover_{metric}_se")
     sig = info.get("handover_signature") or ""
-    meta = {"ganlab_config": to_yaml(info["config"]), "step": info["step"], "signature": info["signature"],
-            "handover_signature": sig, f"handover_{metric}": value, f"handover_{metric}_se": se}
+    meta = {
+        "ganlab_config": to_yaml(info["config"]),
+        "step": info["step"],
+        "signature": info["signature"],
+        "handover_signature": sig,
+        f"handover_{metric}": value,
+        f"handover_{metric}_se": se,
+    }
     pins = serve.pinned_requirements()
     with _quiet_logs(), mlflow.start_run(run_id=tracker.run_id, nested=mlflow.active_run() is not None):
-        mlflow.pytorch.log_model(g, name="generator", pip_requirements=pins, step=info["step"], metadata=meta,
-                                 input_example=torch.randn(2, info["config"].model.nz).numpy(), serialization_format="pt2")
+        mlflow.pytorch.log_model(
+            g,
+            name="generator",
+            pip_requirements=pins,
+            step=info["step"],
+            metadata=meta,
+            input_example=torch.randn(2, info["config"].model.nz).numpy(),
+            serialization_format="pt2",
+        )
         model_info = mlflow.pyfunc.log_model(
-            name="rgba_images", python_model=serve.GeneratorImages(), artifacts={"generator": str(run_dir / "generator.pt")},
-            code_paths=[str(Path(__file__).resolve().parent)], pip_requirements=pins, signature=serve.signature(),
-            metadata=meta, step=info["step"])
+            name="rgba_images",
+            python_model=serve.GeneratorImages(),
+            artifacts={"generator": str(run_dir / "generator.pt")},
+            code_paths=[str(Path(__file__).resolve().parent)],
+            pip_requirements=pins,
+            signature=serve.signature(),
+            metadata=meta,
+            step=info["step"],
+        )
     try:
         with_retry(client.create_registered_model, name)
     except Exception as e:
         if not _is(e, "RESOURCE_ALREADY_EXISTS", "already exists"):
-            raise                       # anything but "it exists already" is an error
-    mv = with_retry(client.create_model_version, name, model_info.model_uri, run_id=tracker.run_id,
-                    tags={"eval.signature": str(info["signature"]), "eval.handover_signature": sig,
-                          f"handover_{metric}": str(value), f"handover_{metric}_se": str(se), "step": str(info["step"])})
+            raise  # anything but "it exists already" is an error
+    mv = with_retry(
+        client.create_model_version,
+        name,
+        model_info.model_uri,
+        run_id=tracker.run_id,
+        tags={
+            "eval.signature": str(info["signature"]),
+            "eval.handover_signature": sig,
+            f"handover_{metric}": str(value),
+            f"handover_{metric}_se": str(se),
+            "step": str(info["step"]),
+        },
+    )
     try:
         champ = champion(client, name)
-    except Exception as e:              # the champion is unknown: the alias stays where it is
-        log.error("Model Registry: could not read %s's champion after retries (%s: %s); version %s is registered, "
-                  "the champion alias is left alone", name, e.__class__.__name__, str(e).splitlines()[0][:200], mv.version)
+    except Exception as e:  # the champion is unknown: the alias stays where it is
+        log.error(
+            "Model Registry: could not read %s's champion after retries (%s: %s); version %s is registered, "
+            "the champion alias is left alone",
+            name,
+            e.__class__.__name__,
+            str(e).splitlines()[0][:200],
+            mv.version,
+        )
         return mv
     beats = champ is None
     if champ is not None and value is not None:
@@ -374,7 +471,7 @@ def champion(client, name: str, tries: int = 3, delay: float = 0.5):
                 return None
             if attempt == tries - 1:
                 raise
-            time.sleep(delay * 2 ** attempt)
+            time.sleep(delay * 2**attempt)
 
 
 class _quiet_logs:

@@ -9,6 +9,7 @@ the step. Knows nothing about evaluation, selection or tracking.
 In a multi-process run (distributed.py) each rank trains on its share of the global batch, G and D
 are each wrapped in DDP, and every draw is the global batch's, cut to the rank's rows.
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,9 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .device import bf16_supported
 from . import data, distributed, graph_step, losses, models
 from .augment import diff_augment
+from .device import bf16_supported
 from .distributed import SINGLE, Share
 from .generator import prepare_for_sampling
 
@@ -31,6 +32,7 @@ log = logging.getLogger("ganlab")
 
 
 # ------------------------------------------------------------------------------------------ device
+
 
 def configure_backends(device: torch.device, deterministic: bool):
     """What a GPU user expects: TF32 matmuls and convolutions on the fp32 path (Ampere and newer), and
@@ -43,6 +45,7 @@ def configure_backends(device: torch.device, deterministic: bool):
 
 
 # ------------------------------------------------------------------------------------- schedules
+
 
 def lr_factor(step: int, cfg_train) -> float:
     """Multiplier of the base learning rate at `step`: warm-up, then constant / linear / cosine decay."""
@@ -80,7 +83,7 @@ def r1_gamma(cfg) -> float:
     """train.r1_gamma, with auto = StyleGAN2-ADA's heuristic 0.0002 x resolution^2 / batch size
     (0.0128 at 64 px and batch 64)."""
     g = cfg.train.r1_gamma
-    return 0.0002 * cfg.data.image_size ** 2 / cfg.train.batch_size if g == "auto" else float(g)
+    return 0.0002 * cfg.data.image_size**2 / cfg.train.batch_size if g == "auto" else float(g)
 
 
 # ------------------------------------------------------------------------------------- diagnostics
@@ -92,10 +95,22 @@ def r1_gamma(cfg) -> float:
 # (StyleGAN2-ADA's overfitting heuristic: 0 when D cannot tell, towards 1 as D memorises the training set);
 # d_accuracy = share of reals and fakes on the right side of the loss's decision threshold;
 # d_chance = share of steps with d_accuracy at most CHANCE_ACCURACY (D at chance, or fooled).
-DIAGNOSTICS = ("loss_d", "loss_g", "d_real", "d_fake", "logit_real", "logit_fake",
-               "real_past_margin", "fake_past_margin", "grad_norm_g", "grad_norm_d",
-               "ada_rt", "d_accuracy", "d_chance")
-CHANCE_ACCURACY = 0.55   # a batch of 64 + 64 at true chance scores 0.5 +- 0.044: above this is signal
+DIAGNOSTICS = (
+    "loss_d",
+    "loss_g",
+    "d_real",
+    "d_fake",
+    "logit_real",
+    "logit_fake",
+    "real_past_margin",
+    "fake_past_margin",
+    "grad_norm_g",
+    "grad_norm_d",
+    "ada_rt",
+    "d_accuracy",
+    "d_chance",
+)
+CHANCE_ACCURACY = 0.55  # a batch of 64 + 64 at true chance scores 0.5 +- 0.044: above this is signal
 
 
 class DiagnosticSums:
@@ -131,8 +146,11 @@ class DiagnosticSums:
 
     def state_dict(self) -> dict:
         """Saved in last.pt, so that a run stopped in the middle of an interval logs the same means."""
-        return {"sums": {k: v.cpu() for k, v in self.sums.items()}, "steps": self.steps.cpu(),
-                "loss_g_max": self.loss_g_max.cpu()}
+        return {
+            "sums": {k: v.cpu() for k, v in self.sums.items()},
+            "steps": self.steps.cpu(),
+            "loss_g_max": self.loss_g_max.cpu(),
+        }
 
     def load_state_dict(self, s: dict | None):
         self.reset()
@@ -146,25 +164,33 @@ class DiagnosticSums:
 
 # ----------------------------------------------------------------------------------------- trainer
 
-KNOBS = ("lr_g", "lr_d", "sigma", "ema_weight")     # per-step values a captured step reads from the device
+KNOBS = ("lr_g", "lr_d", "sigma", "ema_weight")  # per-step values a captured step reads from the device
 
 
 @dataclass(frozen=True)
 class Plan:
     """What of a step is decided on the host; a captured step has one graph per plan."""
-    r1: tuple        # per D update: whether lazy R1 is due
-    first: bool      # the run's first step (LeCam's anchors start from its batch)
+
+    r1: tuple  # per D update: whether lazy R1 is due
+    first: bool  # the run's first step (LeCam's anchors start from its batch)
 
 
 class Trainer:
-    def __init__(self, cfg, train_images: torch.Tensor, device: torch.device, share: Share = SINGLE,
-                 holdout_images: torch.Tensor | None = None, static: bool | None = None):
+    def __init__(
+        self,
+        cfg,
+        train_images: torch.Tensor,
+        device: torch.device,
+        share: Share = SINGLE,
+        holdout_images: torch.Tensor | None = None,
+        static: bool | None = None,
+    ):
         """static: the step on static buffers (None = where it is captured as CUDA graphs; True on a CPU
         runs the same step uncaptured, which is how the tests compare it with the plain step)."""
         self.cfg, self.device, self.share = cfg, device, share
         t = cfg.train
         distributed.check_split(t.batch_size, share.world, cfg.model.pack, cfg.model.mbstd_group)
-        self.g, self.d = models.build(cfg.model, cfg.data.image_size, seed=cfg.seed)   # the same on every rank
+        self.g, self.d = models.build(cfg.model, cfg.data.image_size, seed=cfg.seed)  # the same on every rank
         if t.sync_bn and share.world > 1:
             distributed.sync_batchnorm(self.g)
             distributed.sync_batchnorm(self.d)
@@ -178,13 +204,14 @@ class Trainer:
         if self.graph_refusal and t.cuda_graph == "on":
             log.warning("train.cuda_graph is on, but the step is not captured: %s; eager steps", self.graph_refusal)
         self.static = (not self.graph_refusal) if static is None else static
-        self.knobs = torch.zeros(len(KNOBS), device=device)        # lr_g, lr_d, sigma, ema_weight (static mode)
+        self.knobs = torch.zeros(len(KNOBS), device=device)  # lr_g, lr_d, sigma, ema_weight (static mode)
         self.sigma, self.ema_weight = (self.knobs[2], self.knobs[3]) if self.static else (0.0, 0.0)
         self.opt_g = self._adam(self.g, t.lr_g, self.knobs[0])
         self.opt_d = self._adam(self.d, t.lr_d, self.knobs[1])
-        self.staged: list[torch.Tensor] | None = None               # each D update's raw batch (data.Batches.raw)
-        self.batches = data.Batches(train_images, t.batch_size, cfg.seed, cfg.data.alpha, device, cfg.data.placement,
-                                    share=share)
+        self.staged: list[torch.Tensor] | None = None  # each D update's raw batch (data.Batches.raw)
+        self.batches = data.Batches(
+            train_images, t.batch_size, cfg.seed, cfg.data.alpha, device, cfg.data.placement, share=share
+        )
         # latents, noise, augment: the same seed on every rank, drawn for the global batch (Share)
         self.rng = torch.Generator(device=device).manual_seed(cfg.seed + 1)
         self.lr_scale = 1.0
@@ -204,14 +231,16 @@ class Trainer:
         self.g_ema = copy.deepcopy(self.g).requires_grad_(False) if t.ema_halflife and share.main else None
         # Without batch norm, D of a concatenation is D of each part: one forward on real+fake
         self.lean = t.lean_step and not models.batch_dependent(self.d)
-        self.sn_all = models.spectral_norms(self.d)             # the overfit probe holds all of them
+        self.sn_all = models.spectral_norms(self.d)  # the overfit probe holds all of them
         self.sn = self.sn_all if self.lean else []
         self._wrap_networks()
         self.diagnostics = DiagnosticSums(device)
         self.r1_gamma = r1_gamma(cfg)
         # LeCam's anchors: EMAs of D's mean output on reals and on fakes (no host sync to update them)
         self.lecam_anchors = torch.zeros(2, device=device)
-        self.probe = None if holdout_images is None else (self._probe_batch(train_images), self._probe_batch(holdout_images))
+        self.probe = (
+            None if holdout_images is None else (self._probe_batch(train_images), self._probe_batch(holdout_images))
+        )
         self.graphs = graph_step.StepGraphs(self.update, self.rng) if self.static and not self.graph_refusal else None
 
     def _wrap_networks(self):
@@ -236,8 +265,8 @@ class Trainer:
     def _probe_batch(self, u8: torch.Tensor) -> torch.Tensor:
         """A fixed batch (the first rows of a permutation seeded apart from training) for the overfit probe."""
         g = torch.Generator().manual_seed(self.cfg.seed + 7)
-        q = self.cfg.model.pack * max(1, self.cfg.model.mbstd_group)    # D's packs and groups must fill up
-        idx = torch.randperm(len(u8), generator=g)[:max(q, min(self.cfg.train.batch_size, len(u8)) // q * q)]
+        q = self.cfg.model.pack * max(1, self.cfg.model.mbstd_group)  # D's packs and groups must fill up
+        idx = torch.randperm(len(u8), generator=g)[: max(q, min(self.cfg.train.batch_size, len(u8)) // q * q)]
         return data.to_model_space(u8[idx], self.cfg.data.alpha).to(self.device).contiguous(memory_format=self.mem)
 
     # ---- one step
@@ -259,14 +288,16 @@ class Trainer:
         self._stage(step)
         plan = self.plan(step)
         if self.graphs is not None:
-            self.graphs.run(plan)        # eager for a few warm-up steps, then captured once and replayed
+            self.graphs.run(plan)  # eager for a few warm-up steps, then captured once and replayed
         else:
             self.update(plan)
 
     def plan(self, step: int) -> Plan:
         t = self.cfg.train
-        return Plan(r1=tuple(bool(self.r1_gamma) and (step * t.d_steps + k) % t.r1_every == 0 for k in range(t.d_steps)),
-                    first=step == 0)
+        return Plan(
+            r1=tuple(bool(self.r1_gamma) and (step * t.d_steps + k) % t.r1_every == 0 for k in range(t.d_steps)),
+            first=step == 0,
+        )
 
     def _set_schedule(self, step: int):
         """The step's learning rates, instance-noise level and EMA weight: pure functions of the step,
@@ -305,7 +336,7 @@ class Trainer:
         the set schedule. Run eagerly, or captured and replayed as a CUDA graph (graph_step.py)."""
         t = self.cfg.train
         real_target = 1.0 - t.label_smoothing
-        bs = t.batch_size // self.share.world                # this rank's share of the global batch
+        bs = t.batch_size // self.share.world  # this rank's share of the global batch
         for k, r1_due in enumerate(plan.r1):
             real = self.batches.decode(self.staged[k])
             z = self.share.randn(bs, self.cfg.model.nz, generator=self.rng, device=self.device)
@@ -315,15 +346,20 @@ class Trainer:
                 d_real, d_fake = self._d_outputs(x_real, x_fake)
                 loss_d = losses.d_loss(t.loss, d_real.float(), d_fake.float(), real_target)
                 if t.lecam_weight:
-                    loss_d = loss_d + t.lecam_weight * self._lecam(d_real.float(), d_fake.float(), first=plan.first and k == 0)
-                with self._sigma_held():       # the penalties see the sigma of the forward above
+                    loss_d = loss_d + t.lecam_weight * self._lecam(
+                        d_real.float(), d_fake.float(), first=plan.first and k == 0
+                    )
+                with self._sigma_held():  # the penalties see the sigma of the forward above
                     if t.bcr_weight:
                         loss_d = loss_d + t.bcr_weight * self._bcr(x_real, x_fake, d_real, d_fake)
                     if t.loss == "wgan-gp" and t.gp_lambda:
-                        loss_d = loss_d + t.gp_lambda * losses.gradient_penalty(self.d_eager, real, fake, self.rng, self.share,
-                                                                                   self.cfg.model.pack)
+                        loss_d = loss_d + t.gp_lambda * losses.gradient_penalty(
+                            self.d_eager, real, fake, self.rng, self.share, self.cfg.model.pack
+                        )
                     if r1_due:
-                        loss_d = loss_d + 0.5 * self.r1_gamma * t.r1_every * losses.r1_penalty(self.d_eager, real, self.cfg.model.pack)
+                        loss_d = loss_d + 0.5 * self.r1_gamma * t.r1_every * losses.r1_penalty(
+                            self.d_eager, real, self.cfg.model.pack
+                        )
             self.opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             gn_d = self._clip(self.d, t.clip_norm_d, t.clip_value_d)
@@ -342,13 +378,25 @@ class Trainer:
             self._update_ema(self.ema_weight)
         real_won, fake_won = losses.past_margin(t.loss, d_real, d_fake, t.label_smoothing)
         accuracy = losses.accuracy(t.loss, d_real, d_fake)
-        self.diagnostics.add(self._over_ranks({
-            "ada_rt": losses.ada_rt(t.loss, d_real), "d_accuracy": accuracy,
-            "d_chance": (accuracy <= CHANCE_ACCURACY).float(),
-            "loss_d": loss_d, "loss_g": loss_g, "grad_norm_g": gn_g, "grad_norm_d": gn_d,
-            "d_real": losses.sigmoid_probs(d_real).mean(), "d_fake": losses.sigmoid_probs(d_fake).mean(),
-            "logit_real": d_real.float().mean(), "logit_fake": d_fake.float().mean(),
-            "real_past_margin": real_won, "fake_past_margin": fake_won}))
+        self.diagnostics.add(
+            self._over_ranks(
+                {
+                    "ada_rt": losses.ada_rt(t.loss, d_real),
+                    "d_accuracy": accuracy,
+                    "d_chance": (accuracy <= CHANCE_ACCURACY).float(),
+                    "loss_d": loss_d,
+                    "loss_g": loss_g,
+                    "grad_norm_g": gn_g,
+                    "grad_norm_d": gn_d,
+                    "d_real": losses.sigmoid_probs(d_real).mean(),
+                    "d_fake": losses.sigmoid_probs(d_fake).mean(),
+                    "logit_real": d_real.float().mean(),
+                    "logit_fake": d_fake.float().mean(),
+                    "real_past_margin": real_won,
+                    "fake_past_margin": fake_won,
+                }
+            )
+        )
 
     @contextmanager
     def _d_frozen(self):
@@ -361,7 +409,7 @@ class Trainer:
     def _d_outputs(self, x_real: torch.Tensor, x_fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """D's logits on the real and the fake batch: one forward on both when the step is lean (no
         batch norm: each sample's output depends on that sample alone), else two, as the seed does."""
-        if self.lean:                   # equal halves (also when D packs samples: PacGAN)
+        if self.lean:  # equal halves (also when D packs samples: PacGAN)
             return self.d_fwd(torch.cat([x_real, x_fake])).chunk(2)
         return self.d_fwd(x_real), self.d_fwd(x_fake)
 
@@ -376,8 +424,10 @@ class Trainer:
     def _bcr(self, x_real, x_fake, d_real, d_fake) -> torch.Tensor:
         """Balanced consistency regularisation (Zhao et al. 2021): D's output on an image and on a
         translated copy of it should agree, for reals and fakes alike."""
-        t_real, t_fake = (diff_augment(x, ["translation"], self.rng, self.share).contiguous(memory_format=self.mem)
-                          for x in (x_real, x_fake))
+        t_real, t_fake = (
+            diff_augment(x, ["translation"], self.rng, self.share).contiguous(memory_format=self.mem)
+            for x in (x_real, x_fake)
+        )
         a_real, a_fake = self._d_outputs(t_real, t_fake)
         return losses.consistency(d_real.float(), a_real.float()) + losses.consistency(d_fake.float(), a_fake.float())
 
@@ -393,7 +443,7 @@ class Trainer:
         try:
             yield
         finally:
-            for m, flag in zip(modules, was_training):   # each module as it was (a D in eval mode stays so)
+            for m, flag in zip(modules, was_training):  # each module as it was (a D in eval mode stays so)
                 m.train(flag)
 
     def _over_ranks(self, values: dict) -> dict:
@@ -402,7 +452,9 @@ class Trainer:
         rank 0's checkpoint are every rank's. One small all-reduce per step, no host sync."""
         if self.share.world == 1:
             return values
-        stacked = distributed.mean_over_ranks(torch.stack([values[k].detach().float() for k in DIAGNOSTICS]), self.share)
+        stacked = distributed.mean_over_ranks(
+            torch.stack([values[k].detach().float() for k in DIAGNOSTICS]), self.share
+        )
         return dict(zip(DIAGNOSTICS, stacked.unbind()))
 
     @staticmethod
@@ -445,7 +497,7 @@ class Trainer:
         bns = [m for m in self.d.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         saved = [m.momentum for m in bns]
         for m in bns:
-            m.momentum = 0.0               # train-mode statistics of the batch, running averages kept
+            m.momentum = 0.0  # train-mode statistics of the batch, running averages kept
         try:
             with self.autocast(), self._sigma_held(self.sn_all):
                 train, held = (self.d(x).float().mean() for x in self.probe)
@@ -464,17 +516,21 @@ class Trainer:
         """A copy of the generator that evaluation and export use: the EMA one when EMA is on, with
         batch-norm statistics prepared as eval.bn_stats says."""
         g = copy.deepcopy(self.g_ema if self.g_ema is not None else self.g).float()
-        distributed.local_batchnorm(g)                 # rank 0 samples alone: no cross-rank statistics
+        distributed.local_batchnorm(g)  # rank 0 samples alone: no cross-rank statistics
         g.to(memory_format=torch.contiguous_format)
         return prepare_for_sampling(g, self.cfg, self.device)
 
     # ---- state
     def state_dict(self) -> dict:
         return {
-            "g": self.g.state_dict(), "d": self.d.state_dict(),
+            "g": self.g.state_dict(),
+            "d": self.d.state_dict(),
             "g_ema": self.g_ema.state_dict() if self.g_ema is not None else None,
-            "opt_g": _portable(self.opt_g.state_dict()), "opt_d": _portable(self.opt_d.state_dict()),
-            "lr_scale": self.lr_scale, "rng": self.rng.get_state(), "diagnostics": self.diagnostics.state_dict(),
+            "opt_g": _portable(self.opt_g.state_dict()),
+            "opt_d": _portable(self.opt_d.state_dict()),
+            "lr_scale": self.lr_scale,
+            "rng": self.rng.get_state(),
+            "diagnostics": self.diagnostics.state_dict(),
             "lecam_anchors": self.lecam_anchors.cpu(),
         }
 
@@ -486,11 +542,11 @@ class Trainer:
         _load_optimizer(self.opt_g, s["opt_g"])
         _load_optimizer(self.opt_d, s["opt_d"])
         if self.graphs is not None:
-            self.graphs.forget()       # the graphs hold the optimizer's old state tensors
+            self.graphs.forget()  # the graphs hold the optimizer's old state tensors
         self.lr_scale = float(s["lr_scale"])
         if "lecam_anchors" in s:
             self.lecam_anchors.copy_(s["lecam_anchors"])
-        if rng:                        # a resume continues the interval; a rollback starts a new one
+        if rng:  # a resume continues the interval; a rollback starts a new one
             self.rng.set_state(s["rng"])
             self.diagnostics.load_state_dict(s.get("diagnostics"))
         else:
@@ -524,15 +580,21 @@ def _load_optimizer(opt: torch.optim.Optimizer, state: dict):
 
 # ------------------------------------------------------------------------------------- RNG states
 
+
 def global_rng_state() -> dict:
     """Every global RNG as tensors and plain types, so the checkpoint loads with weights_only."""
     np_state = np.random.get_state()
     py_state = random.getstate()
-    out = {"torch": torch.get_rng_state(),
-           "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                     "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
-           "python": {"version": py_state[0], "state": torch.tensor(py_state[1], dtype=torch.int64),
-                      "gauss": py_state[2]}}
+    out = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "gauss": float(np_state[4]),
+        },
+        "python": {"version": py_state[0], "state": torch.tensor(py_state[1], dtype=torch.int64), "gauss": py_state[2]},
+    }
     if torch.cuda.is_available():
         out["cuda"] = torch.cuda.get_rng_state_all()
     return out
@@ -546,5 +608,3 @@ def set_global_rng_state(s: dict):
     random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
     if "cuda" in s and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(s["cuda"])
-
-

@@ -9,6 +9,7 @@ every 50 steps, the first interval (start-up) left out. On a CPU, one process us
 processes get cores / N threads each, so the ratio is what DDP's communication costs there; on a
 machine with N GPUs it is the speed-up.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,22 +22,38 @@ from pathlib import Path
 import torch
 
 from ganlab import config
-from ganlab.eval import encoder
 from ganlab.bench import machine_info
+from ganlab.eval import encoder
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENT = ROOT / "experiments" / "default.yaml"
 
 
 def img_per_s(out: Path, nproc: int, steps: int) -> float:
-    sets = ["eval.every=0", "tracking.enabled=false", "train.log_every=50", f"tracking.runs_dir={out / 'runs'}",
-            f"data.cache_dir={out / 'cache'}"]
-    cmd = [sys.executable, "-m", "ganlab.cli", "train", str(EXPERIMENT), "--quiet", "--stop-at", str(steps),
-           "--nproc", str(nproc), *[a for s in sets for a in ("--set", s)]]
+    sets = [
+        "eval.every=0",
+        "tracking.enabled=false",
+        "train.log_every=50",
+        f"tracking.runs_dir={out / 'runs'}",
+        f"data.cache_dir={out / 'cache'}",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ganlab.cli",
+        "train",
+        str(EXPERIMENT),
+        "--quiet",
+        "--stop-at",
+        str(steps),
+        "--nproc",
+        str(nproc),
+        *[a for s in sets for a in ("--set", s)],
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         raise SystemExit(p.stderr[-3000:])
-    run = Path(next(ln for ln in p.stdout.splitlines() if ln.startswith("run folder: "))[len("run folder: "):])
+    run = Path(next(ln for ln in p.stdout.splitlines() if ln.startswith("run folder: "))[len("run folder: ") :])
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     return statistics.median(r["img_per_s"] for r in rows[1:] if "img_per_s" in r)
 
@@ -55,9 +72,19 @@ def main(argv=None):
         for n in (1, a.nproc):
             speeds[n].append(img_per_s(a.out, n, a.steps))
     one, many = statistics.median(speeds[1]), statistics.median(speeds[a.nproc])
-    print(json.dumps({"machine": machine_info(torch.device("cpu")), "steps": a.steps, "rounds": speeds,
-                      "img_per_s_1": round(one, 1), f"img_per_s_{a.nproc}": round(many, 1),
-                      "ratio": round(many / one, 3)}, indent=2))
+    print(
+        json.dumps(
+            {
+                "machine": machine_info(torch.device("cpu")),
+                "steps": a.steps,
+                "rounds": speeds,
+                "img_per_s_1": round(one, 1),
+                f"img_per_s_{a.nproc}": round(many, 1),
+                "ratio": round(many / one, 3),
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

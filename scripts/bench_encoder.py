@@ -9,6 +9,7 @@ side cached (FID only, no alpha pass): what one evaluation costs beyond generati
 the domain encoder and for InceptionV3 with random weights (the same architecture and cost as
 standard InceptionV3), one after the other in this process.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,14 +22,14 @@ import time
 import torch
 
 from ganlab import config, data
-from ganlab.eval import protocol, encoder
 from ganlab.bench import machine_info
+from ganlab.eval import encoder, protocol
 
 
 def throughput(cfg, images: data.ImageSet, n: int, rounds: int) -> float:
     ev = protocol.Evaluator(cfg, images.holdout, "cpu")
     fake = images.train[torch.randperm(len(images.train), generator=torch.Generator().manual_seed(0))[:n]]
-    ev.metrics_for(fake[:8])                                  # the real side's statistics, once
+    ev.metrics_for(fake[:8])  # the real side's statistics, once
     times = []
     for _ in range(rounds):
         t0 = time.perf_counter()
@@ -46,15 +47,25 @@ def main(argv=None):
     p.add_argument("--random-images", type=int, default=200, help="images for the (slow) random InceptionV3")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as cache:
-        sets = [f"data.root={a.data}", f"data.image_size={a.size}", f"data.cache_dir={cache}", "eval.metrics=fid",
-                "eval.fid_alpha=false", "eval.batch_size=100"]
+        sets = [
+            f"data.root={a.data}",
+            f"data.image_size={a.size}",
+            f"data.cache_dir={cache}",
+            "eval.metrics=fid",
+            "eval.fid_alpha=false",
+            "eval.batch_size=100",
+        ]
         cfg = config.load(None, sets + ["eval.feature_extractor=domain"])
         images = data.load_images(cfg.data, cfg.seed)
         t0 = time.time()
         path, card = encoder.ensure(cfg)
-        out = {"machine": machine_info(torch.device("cpu")), "train_split": len(images.train),
-               "encoder_train_s": round(time.time() - t0, 1), "recipe": card["recipe"],
-               "domain_images_per_s": round(throughput(cfg, images, a.images, a.rounds), 1)}
+        out = {
+            "machine": machine_info(torch.device("cpu")),
+            "train_split": len(images.train),
+            "encoder_train_s": round(time.time() - t0, 1),
+            "recipe": card["recipe"],
+            "domain_images_per_s": round(throughput(cfg, images, a.images, a.rounds), 1),
+        }
         rnd = config.load(None, sets + ["eval.feature_extractor=inception-v3-random"])
         out["random_inception_images_per_s"] = round(throughput(rnd, images, a.random_images, 1), 1)
         out["ratio"] = round(out["domain_images_per_s"] / out["random_inception_images_per_s"], 1)

@@ -8,6 +8,7 @@ else running. Prints each wall time, the median and the CPU; docs/benchmarks.md 
 --with-inception: InceptionV3's weights present, as they are for a user with internet (a random-weights
 file in torch-fidelity's format stands in: the same network, the same cost), through GANLAB_INCEPTION_WEIGHTS.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def cpu_name() -> str:
     try:
-        return next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                    if ln.startswith("model name"))
+        return next(
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        )
     except (OSError, StopIteration):
         return platform.processor() or "unknown"
 
@@ -35,11 +39,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("mainjob-bench"))
-    ap.add_argument("--with-inception", action="store_true", help="InceptionV3 weights present (a random-weights stand-in)")
+    ap.add_argument(
+        "--with-inception", action="store_true", help="InceptionV3 weights present (a random-weights stand-in)"
+    )
     a = ap.parse_args()
     env = dict(__import__("os").environ)
     if a.with_inception:
         from ganlab.eval.extractors import random_inception_weights
+
         env["GANLAB_INCEPTION_WEIGHTS"] = str(random_inception_weights(a.out.resolve() / "inception-random.pth"))
     walls = []
     for i in range(a.runs):
@@ -47,13 +54,24 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         t0 = time.perf_counter()
-        p = subprocess.run([sys.executable, "-m", "ganlab.cli", "train", str(ROOT / "experiments" / "default.yaml"), "--quiet"],
-                           cwd=work, capture_output=True, text=True, env=env)
+        p = subprocess.run(
+            [sys.executable, "-m", "ganlab.cli", "train", str(ROOT / "experiments" / "default.yaml"), "--quiet"],
+            cwd=work,
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         walls.append(time.perf_counter() - t0)
         if p.returncode != 0:
             sys.exit(f"run {i} failed: {p.stderr[-2000:]}")
         print(f"run {i}: {walls[-1]:.1f} s  ({p.stdout.strip().splitlines()[-1]})", flush=True)
-    out = {"with_inception_weights": a.with_inception, "cpu": cpu_name(), "cores": __import__("os").cpu_count(), "walls_s": walls, "median_s": statistics.median(walls)}
+    out = {
+        "with_inception_weights": a.with_inception,
+        "cpu": cpu_name(),
+        "cores": __import__("os").cpu_count(),
+        "walls_s": walls,
+        "median_s": statistics.median(walls),
+    }
     print(json.dumps(out, indent=2))
 
 

@@ -10,6 +10,7 @@ each worker gets cores / workers threads (OMP_NUM_THREADS, as ganlab tune sets i
 `trial.report(value, step)` + `trial.should_prune()` against the same sqlite storage a study uses,
 with a median pruner and a study holding --history finished trials of 10 reports each.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,8 @@ import torch
 import yaml
 
 from ganlab import config
-from ganlab.eval import encoder
 from ganlab.bench import machine_info
+from ganlab.eval import encoder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,10 +35,20 @@ ROOT = Path(__file__).resolve().parent.parent
 def study_file(folder: Path, trials: int, steps: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     lrs = [round(1e-4 * (1 + i), 6) for i in range(trials)]
-    spec = {"base": str(ROOT / "experiments" / "default.yaml"), "name": "bench", "sampler": "grid", "pruner": "none",
-            "set": {"train.steps": steps, "eval.every": max(1, steps // 3), "tracking.system_metrics": False,
-                    "tracking.register_model": False, "data.cache_dir": str(folder.parent / "cache")},
-            "space": {"train.lr_d": lrs}}
+    spec = {
+        "base": str(ROOT / "experiments" / "default.yaml"),
+        "name": "bench",
+        "sampler": "grid",
+        "pruner": "none",
+        "set": {
+            "train.steps": steps,
+            "eval.every": max(1, steps // 3),
+            "tracking.system_metrics": False,
+            "tracking.register_model": False,
+            "data.cache_dir": str(folder.parent / "cache"),
+        },
+        "space": {"train.lr_d": lrs},
+    }
     path = folder / "study.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -46,17 +57,27 @@ def study_file(folder: Path, trials: int, steps: int) -> Path:
 def trials_per_hour(folder: Path, workers: int, trials: int, steps: int) -> dict:
     path = study_file(folder, trials, steps)
     t0 = time.time()
-    p = subprocess.run([sys.executable, "-m", "ganlab.cli", "tune", str(path), "--quiet", "--workers", str(workers)],
-                       cwd=folder, capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "ganlab.cli", "tune", str(path), "--quiet", "--workers", str(workers)],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+    )
     wall = time.time() - t0
     if p.returncode != 0:
         raise SystemExit(p.stderr[-3000:])
-    return {"workers": workers, "trials": trials, "steps": steps, "wall_s": round(wall, 1),
-            "trials_per_hour": round(3600 * trials / wall, 1)}
+    return {
+        "workers": workers,
+        "trials": trials,
+        "steps": steps,
+        "wall_s": round(wall, 1),
+        "trials_per_hour": round(3600 * trials / wall, 1),
+    }
 
 
 def reporting_cost(folder: Path, history: int, reps: int = 200) -> dict:
     import optuna
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     folder.mkdir(parents=True, exist_ok=True)
     storage = optuna.storages.RDBStorage(f"sqlite:///{folder / 'optuna.db'}", heartbeat_interval=10, grace_period=30)
@@ -73,8 +94,11 @@ def reporting_cost(folder: Path, history: int, reps: int = 200) -> dict:
         t.report(5.0, (i % 10) * 100 + 1000 * (i // 10 + 1))
         t.should_prune()
         times.append(time.perf_counter() - t0)
-    return {"history_trials": history, "median_ms": round(1000 * statistics.median(times), 2),
-            "p90_ms": round(1000 * sorted(times)[int(0.9 * len(times))], 2)}
+    return {
+        "history_trials": history,
+        "median_ms": round(1000 * statistics.median(times), 2),
+        "p90_ms": round(1000 * sorted(times)[int(0.9 * len(times))], 2),
+    }
 
 
 def main(argv=None):

@@ -8,6 +8,7 @@ generated images whose nearest other generated image is closer than half the med
 nearest-neighbour distance among as many held-out real images (repeated sprites push it up); `diversity` is the mean pairwise
 distance of generated images over that of real ones (1.0 = as varied as the real set).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,9 +19,9 @@ from pathlib import Path
 import torch
 
 from ganlab import checkpoint, data, track
+from ganlab.device import pick_device
 from ganlab.eval import protocol
 from ganlab.generator import generate, load_generator
-from ganlab.device import pick_device
 
 
 def pairwise(x: torch.Tensor) -> torch.Tensor:
@@ -38,8 +39,7 @@ def coverage(fake_rgb: torch.Tensor, real_rgb: torch.Tensor) -> dict:
     threshold = 0.5 * dr.min(1).values.median().item()
     nn_fake = df.min(1).values
     mean = lambda d: d[torch.isfinite(d)].mean().item()
-    return {"dup_rate": (nn_fake < threshold).float().mean().item(), "diversity": mean(df) / mean(dr),
-            "n": n}
+    return {"dup_rate": (nn_fake < threshold).float().mean().item(), "diversity": mean(df) / mean(dr), "n": n}
 
 
 def study(run_dir: Path, n: int, out: Path, device: str = "auto") -> dict:
@@ -50,7 +50,7 @@ def study(run_dir: Path, n: int, out: Path, device: str = "auto") -> dict:
     cfg = info["config"]
     images = data.load_images(cfg.data, cfg.seed)
     ev = protocol.Evaluator(cfg, images.holdout, dev)
-    handed = ev(g)                                  # the handed-over generator, re-measured
+    handed = ev(g)  # the handed-over generator, re-measured
     z = torch.randn(n, cfg.model.nz, generator=torch.Generator().manual_seed(99))
     fake = generate(g, z, cfg.data.alpha, dev)
     cov = coverage(protocol.composite(fake, "checker"), protocol.composite(images.holdout, "checker"))
@@ -58,9 +58,18 @@ def study(run_dir: Path, n: int, out: Path, device: str = "auto") -> dict:
     protocol.save_grid(fake[:64], out / f"{name}_best.png")
     evals = [(e["step"], e.get(cfg.selection.metric)) for e in events if e["kind"] in ("eval", "improved")]
     signals = [e for e in events if e["kind"] in ("collapse_signal", "rollback", "early_stop")]
-    return {"run": name, "run_dir": str(run_dir), "signature": ev.signature_hash, "best_step": best["step"],
-            "best_value": best["best"]["value"], "handed_over": handed, "handed_step": info["step"],
-            "coverage": cov, "evals": evals, "signals": [(e["step"], e["kind"], e["detail"]) for e in signals]}
+    return {
+        "run": name,
+        "run_dir": str(run_dir),
+        "signature": ev.signature_hash,
+        "best_step": best["step"],
+        "best_value": best["best"]["value"],
+        "handed_over": handed,
+        "handed_step": info["step"],
+        "coverage": cov,
+        "evals": evals,
+        "signals": [(e["step"], e["kind"], e["detail"]) for e in signals],
+    }
 
 
 def main(argv=None):
@@ -72,16 +81,21 @@ def main(argv=None):
     a = p.parse_args(argv)
     rows = [study(r, a.samples, a.out, a.device) for r in a.runs]
     if len({r["signature"] for r in rows}) != 1:
-        print("warning: the runs have different evaluation signatures; their metrics are not comparable",
-              file=sys.stderr)
-    print("| run | best fid (step) | handed-over fid | fid_alpha | kid | dup_rate | diversity | collapse signals / rollbacks |")
+        print(
+            "warning: the runs have different evaluation signatures; their metrics are not comparable", file=sys.stderr
+        )
+    print(
+        "| run | best fid (step) | handed-over fid | fid_alpha | kid | dup_rate | diversity | collapse signals / rollbacks |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         h, c = r["handed_over"], r["coverage"]
         sig = sum(1 for s in r["signals"] if s[1] == "collapse_signal")
         rb = sum(1 for s in r["signals"] if s[1] == "rollback")
-        print(f"| {r['run']} | {r['best_value']:.4g} ({r['best_step']}) | {h['fid']:.4g} | {h.get('fid_alpha', float('nan')):.4g} "
-              f"| {h.get('kid', float('nan')):.4g} | {c['dup_rate']:.3f} | {c['diversity']:.3f} | {sig} / {rb} |")
+        print(
+            f"| {r['run']} | {r['best_value']:.4g} ({r['best_step']}) | {h['fid']:.4g} | {h.get('fid_alpha', float('nan')):.4g} "
+            f"| {h.get('kid', float('nan')):.4g} | {c['dup_rate']:.3f} | {c['diversity']:.3f} | {sig} / {rb} |"
+        )
     for r in rows:
         print(f"\n{r['run']} trajectory: " + ", ".join(f"{s}:{v:.3g}" for s, v in r["evals"] if v is not None))
     (a.out / "study.json").write_text(json.dumps(rows, indent=2, default=str))

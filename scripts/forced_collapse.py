@@ -8,14 +8,15 @@ The collapse is forced through a test-only hook: the learning-rate schedule (a p
 the step, ganlab.trainer.lr_factor) is multiplied by FACTOR between two steps, as a mistyped LR or
 a bad warm restart would. Nothing else about the run changes; the product code carries no hook.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 
 from ganlab import config, trainer
-from ganlab.train import train
 from ganlab.track import read_events
+from ganlab.train import train
 
 
 def main(argv=None):
@@ -35,11 +36,24 @@ def main(argv=None):
 
     trainer.lr_factor = spiked
     res = train(cfg, quiet=True, experiment_file=a.experiment)
-    decisions = [e for e in read_events(res.run_dir)
-                 if e["kind"] in ("improved", "eval", "collapse_signal", "rollback", "early_stop", "finished")]
-    print(json.dumps({"run_dir": str(res.run_dir), "stopped": res.stopped, "best": res.best, "best_step": res.best_step,
-                      "rollbacks": res.rollbacks,
-                      "decisions": [(e["step"], e["kind"], e["detail"]) for e in decisions]}, indent=1))
+    decisions = [
+        e
+        for e in read_events(res.run_dir)
+        if e["kind"] in ("improved", "eval", "collapse_signal", "rollback", "early_stop", "finished")
+    ]
+    print(
+        json.dumps(
+            {
+                "run_dir": str(res.run_dir),
+                "stopped": res.stopped,
+                "best": res.best,
+                "best_step": res.best_step,
+                "rollbacks": res.rollbacks,
+                "decisions": [(e["step"], e["kind"], e["detail"]) for e in decisions],
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

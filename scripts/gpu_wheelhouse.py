@@ -10,6 +10,7 @@ lacks travels as wheels in `.whl/` (git-ignored), pinned by constraints.txt:
 
 `bash scripts/gpu_check.sh` runs `install` itself when `.whl/` is there.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,11 +23,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 WHEELS = ROOT / ".whl"
 MACHINE_PYTHON = "3.12"
-PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
-             "manylinux1_x86_64", "manylinux_2_34_x86_64", "manylinux_2_31_x86_64", "manylinux_2_24_x86_64"]
+PLATFORMS = [
+    "manylinux_2_28_x86_64",
+    "manylinux_2_27_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+    "manylinux1_x86_64",
+    "manylinux_2_34_x86_64",
+    "manylinux_2_31_x86_64",
+    "manylinux_2_24_x86_64",
+]
 # What the lent machine's image holds already (the device tool's KINDS.md, read 2026-11-17): carried
 # again, a second version would shadow or clash with it. torch and its CUDA stack are never carried.
-ON_MACHINE = set("""
+ON_MACHINE = set(
+    """
 absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs build certifi
 charset-normalizer click cloudpickle cmake colorama contourpy coverage cuda-bindings cuda-core cuda-pathfinder
 cuda-toolkit cupy-cuda13x cycler cython einops filelock flatbuffers fonttools frozenlist fsspec grpcio h11 h5py
@@ -39,9 +49,10 @@ portalocker prometheus-client propcache protobuf psutil pyarrow pygments pyparsi
 requests rich safetensors scikit-learn scipy setuptools six sortedcontainers sympy tabulate threadpoolctl torch
 torchaudio torchvision tqdm triton typing-extensions urllib3 werkzeug wheel wrapt yarl zipp
 pytest pytest-xdist execnet pytest-timeout
-""".split())
+""".split()
+)
 # the report test's browser driver: the GPU check runs the CUDA tests (the machine's pytest), not that one
-DEV_ONLY = {"playwright", "pyee", "greenlet-playwright", "ruff"}   # ruff: CI's linter
+DEV_ONLY = {"playwright", "pyee", "greenlet-playwright", "ruff"}  # ruff: CI's linter
 
 
 def norm(name: str) -> str:
@@ -60,29 +71,56 @@ def pins() -> dict[str, str]:
 
 def wanted() -> dict[str, str]:
     """What travels: the pinned closure less what the machine holds and the test-only tools."""
-    return {n: v for n, v in pins().items() if n not in ON_MACHINE and n not in DEV_ONLY and not n.startswith("nvidia-")}
+    return {
+        n: v for n, v in pins().items() if n not in ON_MACHINE and n not in DEV_ONLY and not n.startswith("nvidia-")
+    }
 
 
 def build(dest: Path = WHEELS):
     dest.mkdir(exist_ok=True)
     for name, version in sorted(wanted().items()):
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
-               MACHINE_PYTHON, "--implementation", "cp", "-d", str(dest), f"{name}=={version}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            MACHINE_PYTHON,
+            "--implementation",
+            "cp",
+            "-d",
+            str(dest),
+            f"{name}=={version}",
+        ]
         for p in PLATFORMS:
             cmd += ["--platform", p]
         cmd += ["--platform", "any"]
         if subprocess.run(cmd).returncode:
             sys.exit(f"gpu_wheelhouse: no cp{MACHINE_PYTHON.replace('.', '')} wheel of {name}=={version} (see above)")
     size = sum(p.stat().st_size for p in dest.glob("*.whl")) / 2**20
-    print(f"{len(list(dest.glob('*.whl')))} wheels, {size:.1f} MiB in {dest} (the device tool carries at most 64 MiB a call)")
+    print(
+        f"{len(list(dest.glob('*.whl')))} wheels, {size:.1f} MiB in {dest} (the device tool carries at most 64 MiB a call)"
+    )
 
 
 def requirements(wheel: Path) -> list[str]:
     """The names a wheel requires on the machine (Requires-Dist without extras, markers for Linux, 3.12)."""
     from packaging.requirements import Requirement
-    env = {"python_version": MACHINE_PYTHON, "python_full_version": MACHINE_PYTHON + ".3", "sys_platform": "linux",
-           "platform_system": "Linux", "platform_machine": "x86_64", "implementation_name": "cpython",
-           "platform_python_implementation": "CPython", "os_name": "posix", "extra": ""}
+
+    env = {
+        "python_version": MACHINE_PYTHON,
+        "python_full_version": MACHINE_PYTHON + ".3",
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "platform_machine": "x86_64",
+        "implementation_name": "cpython",
+        "platform_python_implementation": "CPython",
+        "os_name": "posix",
+        "extra": "",
+    }
     with zipfile.ZipFile(wheel) as z:
         meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
         lines = z.read(meta).decode().splitlines()
@@ -110,9 +148,24 @@ def install(target: Path, folder: Path = WHEELS, python: str = sys.executable):
     """pip --no-index --no-deps from the wheelhouse into `target` (no network; the machine's torch stays)."""
     wheels = sorted(str(w) for w in folder.glob("*.whl"))
     if not wheels:
-        sys.exit(f"gpu_wheelhouse: no wheels in {folder}: run `python scripts/gpu_wheelhouse.py build` where PyPI is reachable")
-    cmd = [python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
-           "--upgrade", "--target", str(target), *wheels]
+        sys.exit(
+            f"gpu_wheelhouse: no wheels in {folder}: run `python scripts/gpu_wheelhouse.py build` where PyPI is reachable"
+        )
+    cmd = [
+        python,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-index",
+        "--no-deps",
+        "--no-compile",
+        "--no-cache-dir",
+        "--upgrade",
+        "--target",
+        str(target),
+        *wheels,
+    ]
     subprocess.run(cmd, check=True)
 
 

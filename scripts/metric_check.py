@@ -16,6 +16,7 @@ Every extractor sees the same images; the numbers come from torch-fidelity's own
 --extractor is held to the targets: every curve monotone, a 50% mode drop at least 10x the noise SD,
 the other artist at least 5x the floor.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,9 @@ from ganlab.generator import generate, load_generator
 
 
 def load_set(root: str, cfg) -> data.ImageSet:
-    c = config.load(None, [f"data.root={root}", f"data.image_size={cfg.data.image_size}",
-                           f"data.cache_dir={cfg.data.cache_dir}"])
+    c = config.load(
+        None, [f"data.root={root}", f"data.image_size={cfg.data.image_size}", f"data.cache_dir={cfg.data.cache_dir}"]
+    )
     return data.load_images(c.data, c.seed)
 
 
@@ -53,23 +55,42 @@ def checkpoints(spec: list[str]) -> list[Path]:
 
 
 def check(extractor: str, args) -> dict:
-    cfg = config.load(None, [f"data.root={args.data}", f"eval.feature_extractor={extractor}", "eval.metrics=fid",
-                             "eval.fid_alpha=false", f"eval.num_samples={args.samples}", "eval.batch_size=50",
-                             f"data.cache_dir={args.cache}", f"data.image_size={args.size}"])
+    cfg = config.load(
+        None,
+        [
+            f"data.root={args.data}",
+            f"eval.feature_extractor={extractor}",
+            "eval.metrics=fid",
+            "eval.fid_alpha=false",
+            f"eval.num_samples={args.samples}",
+            "eval.batch_size=50",
+            f"data.cache_dir={args.cache}",
+            f"data.image_size={args.size}",
+        ],
+    )
     images = data.load_images(cfg.data, cfg.seed)
     t0 = time.time()
-    ev = protocol.Evaluator(cfg, images.holdout, "cpu")           # the domain encoder trains here on first use
+    ev = protocol.Evaluator(cfg, images.holdout, "cpu")  # the domain encoder trains here on first use
     setup = time.time() - t0
-    fid = lambda u8: ev.metrics_for(u8)["fid"]                      # noqa: E731
+    fid = lambda u8: ev.metrics_for(u8)["fid"]  # noqa: E731
     base = draw(images.train, args.samples, 0)
     out = {"extractor": ev.extractor.name, "asked": extractor, "setup_seconds": setup, "floor": fid(base)}
     t1 = time.time()
     fid(base)
-    out["images_per_second"] = args.samples / (time.time() - t1)   # real side cached: the fake side only
+    out["images_per_second"] = args.samples / (time.time() - t1)  # real side cached: the fake side only
     if args.generator:
         g, _ = load_generator(args.generator)
-        vals = [fid(generate(g, torch.randn(args.samples, g.nz, generator=torch.Generator().manual_seed(100 + s)),
-                             cfg.data.alpha, "cpu")) for s in range(args.seeds)]
+        vals = [
+            fid(
+                generate(
+                    g,
+                    torch.randn(args.samples, g.nz, generator=torch.Generator().manual_seed(100 + s)),
+                    cfg.data.alpha,
+                    "cpu",
+                )
+            )
+            for s in range(args.seeds)
+        ]
         out["generator_fid"], out["noise_sd"] = statistics.mean(vals), statistics.stdev(vals)
     out["noise"] = [(s, fid(gaussian_noise(base, s))) for s in (0, 8, 16, 32, 64)]
     out["blur"] = [(s, fid(blur(base, s))) for s in (0, 0.5, 1.0, 1.5, 2.0)]
@@ -82,15 +103,24 @@ def check(extractor: str, args) -> dict:
     out["ranking"] = []
     for path in checkpoints(args.checkpoints):
         g, info = load_generator(path)
-        z = z if z is not None else torch.randn(args.samples, g.nz, generator=torch.Generator().manual_seed(cfg.eval.seed))
+        z = (
+            z
+            if z is not None
+            else torch.randn(args.samples, g.nz, generator=torch.Generator().manual_seed(cfg.eval.seed))
+        )
         out["ranking"].append((info["step"], fid(generate(g, z, cfg.data.alpha, "cpu"))))
     out["seconds"] = time.time() - t0
     print(json.dumps(out), flush=True)
     return out
 
 
-CURVES = (("noise", "Gaussian noise (SD, 0-255)"), ("blur", "blur (sigma, px)"), ("erode_alpha", "erode alpha (px)"),
-          ("feather_alpha", "feather alpha (sigma, px)"), ("mode_drop", "modes kept (share of 8 clusters)"))
+CURVES = (
+    ("noise", "Gaussian noise (SD, 0-255)"),
+    ("blur", "blur (sigma, px)"),
+    ("erode_alpha", "erode alpha (px)"),
+    ("feather_alpha", "feather alpha (sigma, px)"),
+    ("mode_drop", "modes kept (share of 8 clusters)"),
+)
 
 
 def targets(r: dict) -> list[tuple[str, bool, str]]:
@@ -98,29 +128,48 @@ def targets(r: dict) -> list[tuple[str, bool, str]]:
     rise = drop[0.5] - drop[1.0]
     out = [(f"{title}: monotone", monotone(r[key]), " < ".join(f"{x:.4g}" for _, x in r[key])) for key, title in CURVES]
     if r.get("noise_sd"):
-        out.append(("50% mode drop >= 10x the noise SD", rise >= 10 * r["noise_sd"],
-                    f"{rise:.4g} = {rise / r['noise_sd']:.1f}x SD {r['noise_sd']:.3g}"))
+        out.append(
+            (
+                "50% mode drop >= 10x the noise SD",
+                rise >= 10 * r["noise_sd"],
+                f"{rise:.4g} = {rise / r['noise_sd']:.1f}x SD {r['noise_sd']:.3g}",
+            )
+        )
     if "other_artist" in r:
-        out.append(("other artist >= 5x the floor", r["other_artist"] >= 5 * r["floor"],
-                    f"{r['other_artist']:.4g} = {r['other_artist'] / r['floor']:.1f}x floor {r['floor']:.4g}"))
+        out.append(
+            (
+                "other artist >= 5x the floor",
+                r["other_artist"] >= 5 * r["floor"],
+                f"{r['other_artist']:.4g} = {r['other_artist'] / r['floor']:.1f}x floor {r['floor']:.4g}",
+            )
+        )
     return out
 
 
 def report(rows: list[dict], args) -> str:
-    lines = ["| extractor | floor | noise SD | 50% drop / noise SD | other artist / floor | eval images/s | setup s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| extractor | floor | noise SD | 50% drop / noise SD | other artist / floor | eval images/s | setup s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         drop = dict(r["mode_drop"])
         sd = r.get("noise_sd")
-        lines.append(f"| {r['asked']} (`{r['extractor']}`) | {r['floor']:.4g} | {'-' if sd is None else f'{sd:.3g}'} | "
-                     f"{'-' if not sd else f'{(drop[0.5] - drop[1.0]) / sd:.1f}x'} | "
-                     f"{r['other_artist'] / r['floor']:.1f}x | {r['images_per_second']:.0f} | {r['setup_seconds']:.0f} |"
-                     if "other_artist" in r else f"| {r['asked']} | {r['floor']:.4g} | - | - | - | - | - |")
+        lines.append(
+            f"| {r['asked']} (`{r['extractor']}`) | {r['floor']:.4g} | {'-' if sd is None else f'{sd:.3g}'} | "
+            f"{'-' if not sd else f'{(drop[0.5] - drop[1.0]) / sd:.1f}x'} | "
+            f"{r['other_artist'] / r['floor']:.1f}x | {r['images_per_second']:.0f} | {r['setup_seconds']:.0f} |"
+            if "other_artist" in r
+            else f"| {r['asked']} | {r['floor']:.4g} | - | - | - | - | - |"
+        )
     lines += ["", "Sensitivity curves (FID against the held-out set; each column one level, left to right):", ""]
     for key, title in CURVES:
         levels = " / ".join(f"{x:g}" for x, _ in rows[0][key])
-        lines += [f"**{title}**, levels {levels}", "", "| extractor | FID at each level | in units of the floor | monotone |",
-                  "|---|---|---|---|"]
+        lines += [
+            f"**{title}**, levels {levels}",
+            "",
+            "| extractor | FID at each level | in units of the floor | monotone |",
+            "|---|---|---|---|",
+        ]
         for r in rows:
             raw = " / ".join(f"{v:.4g}" for _, v in r[key])
             rel = " / ".join(f"{v / r['floor']:.2f}" for _, v in r[key])
@@ -128,21 +177,33 @@ def report(rows: list[dict], args) -> str:
         lines.append("")
     if rows[0]["ranking"]:
         steps = [s for s, _ in rows[0]["ranking"]]
-        lines += ["Checkpoint ranking (one run's checkpoints on the same latents; rank 1 = best):", "",
-                  "| step | " + " | ".join(r["asked"] for r in rows) + " |", "|---" * (len(rows) + 1) + "|"]
+        lines += [
+            "Checkpoint ranking (one run's checkpoints on the same latents; rank 1 = best):",
+            "",
+            "| step | " + " | ".join(r["asked"] for r in rows) + " |",
+            "|---" * (len(rows) + 1) + "|",
+        ]
         for i, s in enumerate(steps):
             cells = []
             for r in rows:
                 v = [x for _, x in r["ranking"]]
                 cells.append(f"{v[i]:.4g} (#{sorted(v).index(v[i]) + 1})")
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
-        lines += ["", "Spearman correlation between the extractors' rankings, and with training step order (later = better "
-                  "expected before any collapse):", "", "| | " + " | ".join(r["asked"] for r in rows) + " | -step |",
-                  "|---" * (len(rows) + 2) + "|"]
+        lines += [
+            "",
+            "Spearman correlation between the extractors' rankings, and with training step order (later = better "
+            "expected before any collapse):",
+            "",
+            "| | " + " | ".join(r["asked"] for r in rows) + " | -step |",
+            "|---" * (len(rows) + 2) + "|",
+        ]
         for a in rows:
             va = [x for _, x in a["ranking"]]
-            lines.append(f"| {a['asked']} | " + " | ".join(f"{spearman(va, [x for _, x in b['ranking']]):.2f}" for b in rows)
-                         + f" | {spearman(va, [-s for s in steps]):.2f} |")
+            lines.append(
+                f"| {a['asked']} | "
+                + " | ".join(f"{spearman(va, [x for _, x in b['ranking']]):.2f}" for b in rows)
+                + f" | {spearman(va, [-s for s in steps]):.2f} |"
+            )
         lines.append("")
     lines += [f"Targets for `{rows[0]['asked']}`:", "", "| target | met | figures |", "|---|---|---|"]
     lines += [f"| {name} | {'yes' if ok else '**no**'} | {fig} |" for name, ok, fig in targets(rows[0])]

@@ -12,6 +12,7 @@ pairs. `analyse` prints, for each arm against the reference: the paired mean of 
 percentage, its one-sided paired t-test (the arm lower), recall's paired difference and test, and
 the smallest FID change that many pairs can show (one-sided 5%, power 80%, at the observed spread).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,12 +33,15 @@ def load_study(path: Path) -> dict:
     study = yaml.safe_load(path.read_text())
     for key in ("base", "arms", "rows"):
         if key not in study:
-            sys.exit(f"{path}: missing key '{key}' (base: EXPERIMENT.yaml, arms: {{name: {{key: value}}}}, rows: FILE.jsonl)")
+            sys.exit(
+                f"{path}: missing key '{key}' (base: EXPERIMENT.yaml, arms: {{name: {{key: value}}}}, rows: FILE.jsonl)"
+            )
     return study
 
 
 def overrides(study: dict, arm: str, seed: int, extra: list[str]) -> list[str]:
     from ganlab.config import as_override
+
     sets = {**study.get("set", {}), **(study["arms"][arm] or {})}
     return [as_override(k, v) for k, v in sets.items()] + [f"seed={seed}", f"variant={arm}-s{seed}"] + extra
 
@@ -52,7 +56,11 @@ def run_pair(study_path: Path, study: dict, seed: int, extra: list[str], workdir
             cmd += ["--set", s]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         log = open(workdir / f"{arm}-s{seed}.log", "w")
-        procs[arm] = (subprocess.Popen(cmd, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env=env), log, time.time())
+        procs[arm] = (
+            subprocess.Popen(cmd, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env=env),
+            log,
+            time.time(),
+        )
     rows = []
     for arm, (p, log, t0) in procs.items():
         rc = p.wait()
@@ -69,14 +77,21 @@ def result(workdir: Path, arm: str, seed: int) -> dict:
     runs = sorted(workdir.glob(f"mlruns/runs/*/{arm}-s{seed}-*"), key=lambda p: p.stat().st_mtime)
     events = [json.loads(x) for x in (runs[-1] / "events.jsonl").read_text().splitlines()]
     h = next(e for e in reversed(events) if e["kind"] == "handover")
-    return {"handover_fid": h["handover_fid"], "handover_fid_se": h["handover_fid_se"],
-            "precision": h.get("handover_precision"), "recall": h.get("handover_recall"),
-            "handed_over_step": h["handed_over_step"], "signature": h["signature"], "run_dir": str(runs[-1])}
+    return {
+        "handover_fid": h["handover_fid"],
+        "handover_fid_se": h["handover_fid_se"],
+        "precision": h.get("handover_precision"),
+        "recall": h.get("handover_recall"),
+        "handed_over_step": h["handed_over_step"],
+        "signature": h["signature"],
+        "run_dir": str(runs[-1]),
+    }
 
 
 def paired(a: list[float], b: list[float]) -> dict:
     """Paired differences b - a: mean, SD, n, one-sided p (b lower than a) and two-sided p."""
     from scipy import stats
+
     d = [y - x for x, y in zip(a, b)]
     n = len(d)
     mean = sum(d) / n
@@ -84,13 +99,20 @@ def paired(a: list[float], b: list[float]) -> dict:
     if n < 2 or sd == 0:
         return {"n": n, "mean": mean, "sd": sd, "p_lower": float("nan"), "p_two_sided": float("nan")}
     t = mean / (sd / math.sqrt(n))
-    return {"n": n, "mean": mean, "sd": sd, "t": t, "p_lower": float(stats.t.cdf(t, n - 1)),
-            "p_two_sided": float(2 * stats.t.sf(abs(t), n - 1))}
+    return {
+        "n": n,
+        "mean": mean,
+        "sd": sd,
+        "t": t,
+        "p_lower": float(stats.t.cdf(t, n - 1)),
+        "p_two_sided": float(2 * stats.t.sf(abs(t), n - 1)),
+    }
 
 
 def detectable(sd: float, n: int) -> float:
     """The smallest paired mean a one-sided 5% test finds with 80% power at this SD and n pairs."""
     from scipy import stats
+
     if n < 2 or not math.isfinite(sd):
         return float("nan")
     return (stats.t.ppf(0.95, n - 1) + stats.t.ppf(0.80, n - 1)) * sd / math.sqrt(n)
@@ -101,8 +123,10 @@ def analyse(rows_path: Path, against: str) -> str:
     by = {(r["arm"], r["seed"]): r for r in rows}
     arms = sorted({r["arm"] for r in rows} - {against})
     lines = [f"paired against {against} ({rows_path}); FID change = exp(mean log ratio) - 1"]
-    lines.append(f"{'arm':<16}{'pairs':>6}{'FID change':>12}{'p (lower)':>11}{'recall diff':>13}{'p (2-sided)':>13}"
-                 f"{'detectable':>12}")
+    lines.append(
+        f"{'arm':<16}{'pairs':>6}{'FID change':>12}{'p (lower)':>11}{'recall diff':>13}{'p (2-sided)':>13}"
+        f"{'detectable':>12}"
+    )
     for arm in arms:
         seeds = sorted(s for (a, s) in by if a == arm and (against, s) in by)
         if not seeds:
@@ -112,14 +136,20 @@ def analyse(rows_path: Path, against: str) -> str:
         fid = paired([math.log(r["handover_fid"]) for r in ref], [math.log(r["handover_fid"]) for r in new])
         rec = paired([r["recall"] or 0.0 for r in ref], [r["recall"] or 0.0 for r in new])
         det = detectable(fid["sd"], fid["n"])
-        lines.append(f"{arm:<16}{fid['n']:>6}{100 * math.expm1(fid['mean']):>11.1f}%{fid['p_lower']:>11.3f}"
-                     f"{rec['mean']:>+13.3f}{rec['p_two_sided']:>13.3f}{100 * -math.expm1(-det) if math.isfinite(det) else float('nan'):>11.0f}%")
-    lines.append("detectable: the FID reduction a one-sided 5% paired test finds with 80% power at the observed SD of "
-                 "log ratios and this many pairs")
+        lines.append(
+            f"{arm:<16}{fid['n']:>6}{100 * math.expm1(fid['mean']):>11.1f}%{fid['p_lower']:>11.3f}"
+            f"{rec['mean']:>+13.3f}{rec['p_two_sided']:>13.3f}{100 * -math.expm1(-det) if math.isfinite(det) else float('nan'):>11.0f}%"
+        )
+    lines.append(
+        "detectable: the FID reduction a one-sided 5% paired test finds with 80% power at the observed SD of "
+        "log ratios and this many pairs"
+    )
     for r in sorted(rows, key=lambda r: (r["seed"], r["arm"])):
-        lines.append(f"  seed {r['seed']:>2} {r['arm']:<14} FID {r['handover_fid']:.3f} +/- {r['handover_fid_se']:.3f}  "
-                     f"precision {r['precision'] if r['precision'] is not None else float('nan'):.3f}  "
-                     f"recall {r['recall'] if r['recall'] is not None else float('nan'):.3f}  step {r['handed_over_step']}")
+        lines.append(
+            f"  seed {r['seed']:>2} {r['arm']:<14} FID {r['handover_fid']:.3f} +/- {r['handover_fid_se']:.3f}  "
+            f"precision {r['precision'] if r['precision'] is not None else float('nan'):.3f}  "
+            f"recall {r['recall'] if r['recall'] is not None else float('nan'):.3f}  step {r['handed_over_step']}"
+        )
     return "\n".join(lines)
 
 

@@ -5,6 +5,7 @@ transparency; nothing learned), between a run's handed-over generator and 4,096 
 
     python scripts/pixel_fd.py docs/data/mainjob.jsonl            # one pixel_fd per row, paired by seed
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,7 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=4096)
     a = ap.parse_args(argv)
     rows = [json.loads(x) for x in a.rows.read_text().splitlines() if x.strip()]
-    size = 32                                       # the main job's image size
+    size = 32  # the main job's image size
     real = pixel_features(data.make_sprites(a.n, size, seed=987654))
     out = {}
     for r in rows:
@@ -47,8 +48,10 @@ def main(argv=None):
         if arm == base:
             continue
         d = [math.log(out[(arm, s)] / out[(base, s)]) for (a_, s) in out if a_ == arm and (base, s) in out]
-        print(f"{arm} vs {base}: pixel FD change {100 * math.expm1(sum(d) / len(d)):+.1f}% over {len(d)} pairs, "
-              f"lower on {sum(x < 0 for x in d)} of {len(d)}")
+        print(
+            f"{arm} vs {base}: pixel FD change {100 * math.expm1(sum(d) / len(d)):+.1f}% over {len(d)} pairs, "
+            f"lower on {sum(x < 0 for x in d)} of {len(d)}"
+        )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ learns lands under OUT as it goes (a crash or the budget's end keeps what was do
 4. OUT/summary.json (trials, confirmation runs: hand-over scores, precision/recall, s/step, copy
    share), OUT/results.tar.gz (the study and sweep tables, each confirmation run's curves and last grid).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,13 @@ def log(out: Path, msg: str):
 def ganlab(args: list[str], deadline: float, out: Path, name: str) -> int:
     """`python -m ganlab.cli ARGS` in its own process group, stopped (with its workers) at the deadline."""
     with open(out / f"{name}.log", "w") as f:
-        p = subprocess.Popen([sys.executable, "-m", "ganlab.cli", *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                             start_new_session=True)
+        p = subprocess.Popen(
+            [sys.executable, "-m", "ganlab.cli", *args],
+            cwd=ROOT,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         while p.poll() is None:
             if time.time() > deadline:
                 os.killpg(p.pid, signal.SIGTERM)
@@ -65,13 +71,26 @@ def main():
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(os.environ.get("RECIPE_WORK", "/tmp/recipe_study")).resolve()
-    common = [f"data.root={a.data}", f"train.device={a.device}", f"tracking.runs_dir={work / 'mlruns'}",
-              f"data.cache_dir={work / 'cache'}"]
+    common = [
+        f"data.root={a.data}",
+        f"train.device={a.device}",
+        f"tracking.runs_dir={work / 'mlruns'}",
+        f"data.cache_dir={work / 'cache'}",
+    ]
     if a.device == "cuda":
-        common += ["train.precision=bf16"]             # every contender alike
+        common += ["train.precision=bf16"]  # every contender alike
     if a.quick:
-        common += ["data.image_size=32", "data.sprites=400", "model.g_width=8", "model.d_width=8", "train.steps=40",
-                   "eval.every=20", "eval.num_samples=64", "eval.encoder_steps=20", "eval.batch_size=32"]
+        common += [
+            "data.image_size=32",
+            "data.sprites=400",
+            "model.g_width=8",
+            "model.d_width=8",
+            "train.steps=40",
+            "eval.every=20",
+            "eval.num_samples=64",
+            "eval.encoder_steps=20",
+            "eval.batch_size=32",
+        ]
     sets = [x for s in common for x in ("--set", s)]
     summary = {"argv": sys.argv, "device": device_name(a.device), "phases": {}}
     save = lambda: (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
@@ -79,9 +98,25 @@ def main():
     # 1. smoke ------------------------------------------------------------------------------------------
     steps = 40 if a.quick else 200
     t = time.time()
-    rc = ganlab(["train", "experiments/recommended.yaml", *sets, "--set", f"train.steps={steps}", "--set",
-                 f"eval.every={steps // 2}", "--set", "name=smoke", "--set", "tracking.register_model=false", "--quiet"],
-                T0 + 0.25 * a.budget, out, "smoke")
+    rc = ganlab(
+        [
+            "train",
+            "experiments/recommended.yaml",
+            *sets,
+            "--set",
+            f"train.steps={steps}",
+            "--set",
+            f"eval.every={steps // 2}",
+            "--set",
+            "name=smoke",
+            "--set",
+            "tracking.register_model=false",
+            "--quiet",
+        ],
+        T0 + 0.25 * a.budget,
+        out,
+        "smoke",
+    )
     summary["phases"]["smoke"] = {"rc": rc, "seconds": time.time() - t, "steps": steps}
     save()
     log(out, f"smoke rc {rc} in {time.time() - t:.0f} s")
@@ -92,25 +127,49 @@ def main():
 
     # 2. the search -------------------------------------------------------------------------------------
     search_end = T0 + (1 - a.confirm_share) * a.budget
-    trial_s = 3 * (time.time() - t)    # a 3,000-step trial among the others, guessed from the smoke run
+    trial_s = 3 * (time.time() - t)  # a 3,000-step trial among the others, guessed from the smoke run
     timeout = max(10, int(search_end - time.time() - trial_s))
     t = time.time()
-    rc = ganlab(["tune", "experiments/tunes/recipe64.yaml", "--workers", str(a.workers), "--timeout", str(timeout),
-                 *sets, "--quiet"], search_end, out, "study")
+    rc = ganlab(
+        [
+            "tune",
+            "experiments/tunes/recipe64.yaml",
+            "--workers",
+            str(a.workers),
+            "--timeout",
+            str(timeout),
+            *sets,
+            "--quiet",
+        ],
+        search_end,
+        out,
+        "study",
+    )
     trials = study_trials(work)
     summary["phases"]["study"] = {"rc": rc, "seconds": time.time() - t, "timeout": timeout, "trials": trials}
     save()
     done = sorted((x for x in trials if x["state"] == "COMPLETE"), key=lambda x: x["value"])
-    log(out, f"study rc {rc}: {len(trials)} trials, {len(done)} complete; best {[round(x['value'], 3) for x in done[:3]]}")
+    log(
+        out,
+        f"study rc {rc}: {len(trials)} trials, {len(done)} complete; best {[round(x['value'], 3) for x in done[:3]]}",
+    )
 
     # 3. confirmation on seeds --------------------------------------------------------------------------
     picks = [x for x in done if not same_as_recommended(x)][:2]
     sweep = write_confirmation(picks, work)
     t = time.time()
-    rc = ganlab(["sweep", str(sweep), "--workers", str(3 * (1 + len(picks))), *sets, "--quiet"],
-                T0 + a.budget - 15, out, "confirm")
-    summary["phases"]["confirm"] = {"rc": rc, "seconds": time.time() - t, "candidates": picks,
-                                    "runs": confirmation_runs(work)}
+    rc = ganlab(
+        ["sweep", str(sweep), "--workers", str(3 * (1 + len(picks))), *sets, "--quiet"],
+        T0 + a.budget - 15,
+        out,
+        "confirm",
+    )
+    summary["phases"]["confirm"] = {
+        "rc": rc,
+        "seconds": time.time() - t,
+        "candidates": picks,
+        "runs": confirmation_runs(work),
+    }
     save()
     log(out, f"confirmation rc {rc} in {time.time() - t:.0f} s")
     pack(out, work)
@@ -118,29 +177,50 @@ def main():
 
 def device_name(device: str) -> str:
     import torch
+
     if device == "cuda" and torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
     import platform
+
     return f"{platform.processor() or platform.machine()} cpu, torch {torch.__version__}"
 
 
 def study_trials(work: Path) -> list[dict]:
     import optuna
+
     try:
         study = optuna.load_study(study_name="recipe64", storage=f"sqlite:///{work / 'mlruns' / 'optuna.db'}")
     except Exception as e:
         return [{"error": str(e)}]
-    return [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
-             "intermediate": {str(k): v for k, v in t.intermediate_values.items()},
-             "seconds": (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None,
-             **{k: t.user_attrs.get(k) for k in ("handover_se", "handed_over_step", "selection_best", "stopped",
-                                                   "pruned_at_step", "error", "run_dir")}}
-            for t in study.get_trials(deepcopy=False)]
+    return [
+        {
+            "number": t.number,
+            "state": t.state.name,
+            "value": t.value,
+            "params": t.params,
+            "intermediate": {str(k): v for k, v in t.intermediate_values.items()},
+            "seconds": (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None,
+            **{
+                k: t.user_attrs.get(k)
+                for k in (
+                    "handover_se",
+                    "handed_over_step",
+                    "selection_best",
+                    "stopped",
+                    "pruned_at_step",
+                    "error",
+                    "run_dir",
+                )
+            },
+        }
+        for t in study.get_trials(deepcopy=False)
+    ]
 
 
 def overrides(params: dict) -> dict:
     """A trial's params (Optuna's labels) as config keys and values, bundles expanded."""
     from ganlab import tune
+
     spec = tune.load_spec(ROOT / "experiments/tunes/recipe64.yaml")
     out = {}
     for key, label in params.items():
@@ -152,20 +232,32 @@ def overrides(params: dict) -> dict:
 
 def same_as_recommended(trial: dict) -> bool:
     from ganlab import config
+
     rec = config.load(ROOT / "experiments/recommended.yaml")
-    mine = config.load(ROOT / "experiments/recommended.yaml", [config.as_override(k, v) for k, v in overrides(trial["params"]).items()])
+    mine = config.load(
+        ROOT / "experiments/recommended.yaml", [config.as_override(k, v) for k, v in overrides(trial["params"]).items()]
+    )
     return config.to_yaml(rec) == config.to_yaml(mine)
 
 
 def write_confirmation(picks: list[dict], work: Path) -> Path:
     import yaml
+
     variants = {"recommended": {}}
     for x in picks:
         variants[f"trial{x['number']}"] = overrides(x["params"])
-    sweep = {"base": str(ROOT / "experiments/recommended.yaml"), "name": "confirm64",
-             "set": {"eval.every": 500, "eval.metrics": ["fid", "kid", "prc"], "tracking.register_model": False,
-                     "tracking.system_metrics": False},
-             "variants": variants, "seeds": [1, 2, 3]}
+    sweep = {
+        "base": str(ROOT / "experiments/recommended.yaml"),
+        "name": "confirm64",
+        "set": {
+            "eval.every": 500,
+            "eval.metrics": ["fid", "kid", "prc"],
+            "tracking.register_model": False,
+            "tracking.system_metrics": False,
+        },
+        "variants": variants,
+        "seeds": [1, 2, 3],
+    }
     path = work / "confirm64.yaml"
     path.write_text(yaml.safe_dump(sweep, sort_keys=False))
     return path
@@ -173,6 +265,7 @@ def write_confirmation(picks: list[dict], work: Path) -> Path:
 
 def confirmation_runs(work: Path) -> list[dict]:
     import mlflow
+
     c = mlflow.MlflowClient(f"sqlite:///{work / 'mlruns' / 'mlflow.db'}")
     exp = c.get_experiment_by_name("confirm64")
     if exp is None:
@@ -186,10 +279,22 @@ def confirmation_runs(work: Path) -> list[dict]:
         dur = ((r.info.end_time or 0) - r.info.start_time) / 1000 if r.info.end_time else None
         ips = [x.value for x in c.get_metric_history(r.info.run_id, "img_per_s")]
         copy = {x.step: x.value for x in c.get_metric_history(r.info.run_id, "copy_share")}
-        rows.append({"variant": r.data.tags.get("ganlab.variant"), "status": r.info.status, "run_dir": r.data.tags.get("ganlab.run_dir"),
-                     "seconds": dur, "img_per_s_median": sorted(ips)[len(ips) // 2] if ips else None,
-                     "copy_share": copy, "handed_over_step": steps,
-                     **{k: v for k, v in m.items() if k.startswith(("handover_", "selection_best", "fid", "precision", "recall"))}})
+        rows.append(
+            {
+                "variant": r.data.tags.get("ganlab.variant"),
+                "status": r.info.status,
+                "run_dir": r.data.tags.get("ganlab.run_dir"),
+                "seconds": dur,
+                "img_per_s_median": sorted(ips)[len(ips) // 2] if ips else None,
+                "copy_share": copy,
+                "handed_over_step": steps,
+                **{
+                    k: v
+                    for k, v in m.items()
+                    if k.startswith(("handover_", "selection_best", "fid", "precision", "recall"))
+                },
+            }
+        )
     return rows
 
 

@@ -1,7 +1,8 @@
 """Rewrite docs/config.md's schema table from ganlab/config.py (between the schema markers).
 
-    python scripts/schema_table.py          # tests/test_config.py checks the table is current
+python scripts/schema_table.py          # tests/test_config.py checks the table is current
 """
+
 from pathlib import Path
 
 from ganlab import config

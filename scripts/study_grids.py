@@ -9,6 +9,7 @@ a 2-core CPU with bf16), then draws 64 samples of its generator.pt on the fixed 
 one image of its seeds side by side: 16 samples (4 x 4) of each seed's handed-over generator, the same
 latents for every arm, so a column compares arms on one seed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,20 @@ def samples(run_dir: Path, n: int, seed: int = 0) -> torch.Tensor:
 def readme(run_dir: Path | None):
     with tempfile.TemporaryDirectory() as tmp:
         if run_dir is None:
-            subprocess.run([sys.executable, "-m", "ganlab.cli", "train", str(ROOT / "experiments" / "default.yaml"),
-                            "--quiet", "--set", "tracking.register_model=false"], cwd=tmp, check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "ganlab.cli",
+                    "train",
+                    str(ROOT / "experiments" / "default.yaml"),
+                    "--quiet",
+                    "--set",
+                    "tracking.register_model=false",
+                ],
+                cwd=tmp,
+                check=True,
+            )
             run_dir = next(Path(tmp).glob("mlruns/runs/default/*/generator.pt")).parent
         out = ROOT / "docs" / "img" / "default_grid.png"
         protocol.save_grid(samples(run_dir, 64), out)
@@ -52,9 +65,11 @@ def study(rows_path: Path, out_prefix: Path, per_seed: int = 16):
         mine = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["seed"])
         # one 4 x 4 block per seed, blocks side by side: save_grid lays out row by row, so interleave
         blocks = [samples(Path(r["run_dir"]), per_seed) for r in mine]
-        side = int(per_seed ** 0.5)
-        rows_of = [torch.cat([b[i * side:(i + 1) * side] for b in blocks]) for i in range(side)]
-        protocol.save_grid(torch.cat(rows_of), out_prefix.with_name(f"{out_prefix.name}_{arm}.png"), nrow=side * len(blocks))
+        side = int(per_seed**0.5)
+        rows_of = [torch.cat([b[i * side : (i + 1) * side] for b in blocks]) for i in range(side)]
+        protocol.save_grid(
+            torch.cat(rows_of), out_prefix.with_name(f"{out_prefix.name}_{arm}.png"), nrow=side * len(blocks)
+        )
         print(f"{arm}: seeds {[r['seed'] for r in mine]} -> {out_prefix.name}_{arm}.png")
 
 

@@ -21,13 +21,14 @@ def test_seed_loop_really_saves_and_reloads_checkpoints_every_step(tmp_path):
     assert gpath.exists() and dpath.exists()
     # whatever is on disk is what the next step trains from: plant a zeroed generator there
     ck = torch.load(gpath, weights_only=False)
-    ck["model_state_dict"] = {k: torch.zeros_like(v) if v.is_floating_point() else v
-                              for k, v in ck["model_state_dict"].items()}
+    ck["model_state_dict"] = {
+        k: torch.zeros_like(v) if v.is_floating_point() else v for k, v in ck["model_state_dict"].items()
+    }
     torch.save(ck, gpath)
     loop.step()
     assert (loop.saves, loop.loads) == (4, 2)
     first_conv = loop.g.main[0].weight
-    assert first_conv.abs().max().item() < 5e-3          # one Adam step away from the planted zeros
+    assert first_conv.abs().max().item() < 5e-3  # one Adam step away from the planted zeros
     mtime = gpath.stat().st_mtime_ns
     loop.step()
     assert gpath.stat().st_mtime_ns != mtime and loop.saves == 6 and loop.loads == 4
@@ -39,6 +40,7 @@ def test_bench_json_has_one_entry_per_contender(tmp_path):
     """Every shipped contender runs through real MLflow tracking (its name in metric names: one with
     a '+' once crashed the bench)."""
     from ganlab import cli
+
     out = tmp_path / "bench.json"
     assert cli.main(["bench", "--steps", "1", "--rounds", "1", "--skip", "eval", "--json", str(out)]) == 0
     d = json.loads(out.read_text())
@@ -54,9 +56,17 @@ def test_bench_json_has_one_entry_per_contender(tmp_path):
 def test_names_reaching_mlflow_are_made_valid(tmp_path):
     """A metric named after the '+ R1/4' contender is logged, not refused, by a real MLflow store."""
     import mlflow
+
     from ganlab import config, track
-    cfg = config.load(None, [f"tracking.runs_dir={tmp_path / 'mlruns'}", f"tracking.uri=sqlite:///{tmp_path}/m.db",
-                             "tracking.system_metrics=false"])
+
+    cfg = config.load(
+        None,
+        [
+            f"tracking.runs_dir={tmp_path / 'mlruns'}",
+            f"tracking.uri=sqlite:///{tmp_path}/m.db",
+            "tracking.system_metrics=false",
+        ],
+    )
     t = track.Tracker(cfg)
     t.start(tmp_path / "run")
     t.log_metrics({"ganlab recommended + R1/4 + colour bf16.loss_d": 1.5}, 4)

@@ -39,26 +39,29 @@ def test_extends_and_set(tmp_path):
     assert c.model.spectral_norm is True and c.train.diffaug == ["translation", "cutout"]
 
 
-@pytest.mark.parametrize("text,overrides,needle", [
-    ("trian: {steps: 1}\n", [], "unknown key 'trian' (did you mean 'train'?)"),
-    ("train: {stesp: 1}\n", [], "unknown key 'train.stesp' (did you mean 'train.steps'?)"),
-    ("train: {steps: ten}\n", [], "key 'train.steps' must be an integer, got 'ten'"),
-    ("train: {steps: 0}\n", [], "key 'train.steps' must be >= 1"),
-    ("train: {loss: hinje}\n", [], "must be one of bce, hinge, lsgan, wgan-gp; got 'hinje' (did you mean hinge?)"),
-    ("data: {image_size: 48}\n", [], "key 'data.image_size' must be one of 32, 64, 128"),
-    ("data: {root: /no/such/folder}\n", [], "key 'data.root' is '/no/such/folder', which is not a folder"),
-    ("- a\n- b\n", [], "must be a YAML mapping of sections, got a list"),
-    ("train: 3\n", [], "'train' must be a section"),
-    ("name: x\n", ["train.batch_size=big"], "key 'train.batch_size' must be an integer, got 'big'"),
-    ("name: x\n", ["model.spectral_norm=maybe"], "must be true or false"),
-    ("name: x\n", ["train.lr_g"], "expected KEY=VALUE"),
-    ("train: {lr_g: .nan}\n", [], "must be a finite number"),
-    ("extends: nowhere.yaml\n", [], "no such experiment file"),
-    ("a: [\n", [], "is not valid YAML"),
-    ("eval: {feature_extractor: domian}\n", [], "key 'eval.feature_extractor' is 'domian' (did you mean domain?)"),
-    ("eval: {feature_extractor: /no/such/net.pt}\n", [], "or a TorchScript file that exists"),
-    ("eval: {seed: 5, handover_seed: 4}\n", [], "key 'eval.handover_seed' 4 draws latent seeds [5]"),
-])
+@pytest.mark.parametrize(
+    "text,overrides,needle",
+    [
+        ("trian: {steps: 1}\n", [], "unknown key 'trian' (did you mean 'train'?)"),
+        ("train: {stesp: 1}\n", [], "unknown key 'train.stesp' (did you mean 'train.steps'?)"),
+        ("train: {steps: ten}\n", [], "key 'train.steps' must be an integer, got 'ten'"),
+        ("train: {steps: 0}\n", [], "key 'train.steps' must be >= 1"),
+        ("train: {loss: hinje}\n", [], "must be one of bce, hinge, lsgan, wgan-gp; got 'hinje' (did you mean hinge?)"),
+        ("data: {image_size: 48}\n", [], "key 'data.image_size' must be one of 32, 64, 128"),
+        ("data: {root: /no/such/folder}\n", [], "key 'data.root' is '/no/such/folder', which is not a folder"),
+        ("- a\n- b\n", [], "must be a YAML mapping of sections, got a list"),
+        ("train: 3\n", [], "'train' must be a section"),
+        ("name: x\n", ["train.batch_size=big"], "key 'train.batch_size' must be an integer, got 'big'"),
+        ("name: x\n", ["model.spectral_norm=maybe"], "must be true or false"),
+        ("name: x\n", ["train.lr_g"], "expected KEY=VALUE"),
+        ("train: {lr_g: .nan}\n", [], "must be a finite number"),
+        ("extends: nowhere.yaml\n", [], "no such experiment file"),
+        ("a: [\n", [], "is not valid YAML"),
+        ("eval: {feature_extractor: domian}\n", [], "key 'eval.feature_extractor' is 'domian' (did you mean domain?)"),
+        ("eval: {feature_extractor: /no/such/net.pt}\n", [], "or a TorchScript file that exists"),
+        ("eval: {seed: 5, handover_seed: 4}\n", [], "key 'eval.handover_seed' 4 draws latent seeds [5]"),
+    ],
+)
 def test_bad_configs_name_file_key_and_allowed(tmp_path, text, overrides, needle):
     p = write(tmp_path / "exp.yaml", text)
     with pytest.raises(ConfigError) as e:
@@ -93,7 +96,9 @@ def test_yaml_round_trip():
 def test_the_schema_table_in_docs_is_current():
     doc = (ROOT / "docs" / "config.md").read_text()
     for key, default, allowed, meaning in config.schema_rows():
-        assert f"| `{key}` | `{default}` | {allowed} | {meaning} |" in doc, f"docs/config.md's schema table is stale for {key}"
+        assert f"| `{key}` | `{default}` | {allowed} | {meaning} |" in doc, (
+            f"docs/config.md's schema table is stale for {key}"
+        )
 
 
 def test_the_readme_is_the_front_door():
@@ -109,6 +114,7 @@ def test_the_readme_is_the_front_door():
 
 def test_stabilizers_sweep_variants_all_load():
     from ganlab import sweep
+
     base, name, variants = sweep.load_sweep(ROOT / "experiments" / "sweeps" / "stabilizers.yaml")
     assert len(variants) == 8 and name == "stabilizers"
     for label, exp, ov in variants:
@@ -119,6 +125,7 @@ def test_stabilizers_sweep_variants_all_load():
 
 def test_every_shipped_sweep_and_experiment_loads():
     from ganlab import sweep
+
     for f in (ROOT / "experiments" / "sweeps").glob("*.yaml"):
         for label, exp, ov in sweep.load_sweep(f)[2]:
             config.load(exp, ov + [f"variant={label}"])
@@ -126,8 +133,10 @@ def test_every_shipped_sweep_and_experiment_loads():
         config.load(f)
 
 
-@pytest.mark.parametrize("text,value", [("1e-4", 1e-4), ("1E-4", 1e-4), ("2.5e+3", 2500.0), (".5", 0.5),
-                                        ("2.5e3", 2500.0), ("3e-2", 0.03), ("+1e0", 1.0)])
+@pytest.mark.parametrize(
+    "text,value",
+    [("1e-4", 1e-4), ("1E-4", 1e-4), ("2.5e+3", 2500.0), (".5", 0.5), ("2.5e3", 2500.0), ("3e-2", 0.03), ("+1e0", 1.0)],
+)
 def test_every_float_form_parses_in_set_and_in_files(tmp_path, text, value):
     assert config.load(None, [f"train.lr_d={text}"]).train.lr_d == value
     p = tmp_path / "e.yaml"

@@ -1,6 +1,7 @@
 """The copy check (ganlab/eval/copies.py) through the real evaluator and torch-fidelity's extractor
 path: a generator that replays held-out images is not flagged, one that replays training images is,
 by the share it replays; every evaluation of a run logs it to MLflow."""
+
 import mlflow
 import pytest
 import torch
@@ -18,7 +19,7 @@ class Replay(torch.nn.Module):
         self.register_buffer("images", data.to_model_space(images_u8, alpha))
         self.register_buffer("latents", latents)
 
-    def forward(self, z):          # called batch by batch: find each latent's row
+    def forward(self, z):  # called batch by batch: find each latent's row
         idx = (z[:, None, :] == self.latents[None]).all(-1).float().argmax(1)
         return self.images[idx]
 
@@ -34,8 +35,12 @@ def replayed(images, share_train: float, n: int, seed: int = 0) -> torch.Tensor:
     """n images: `share_train` of them training images, the rest held-out ones, shuffled."""
     g = torch.Generator().manual_seed(seed)
     k = int(round(share_train * n))
-    picks = torch.cat([images.train[torch.randperm(len(images.train), generator=g)[:k]],
-                       images.holdout[torch.randperm(len(images.holdout), generator=g)[:n - k]]])
+    picks = torch.cat(
+        [
+            images.train[torch.randperm(len(images.train), generator=g)[:k]],
+            images.holdout[torch.randperm(len(images.holdout), generator=g)[: n - k]],
+        ]
+    )
     return picks[torch.randperm(n, generator=g)]
 
 
@@ -44,8 +49,8 @@ def test_replayed_training_images_are_flagged_by_the_share_replayed(setting):
     n = cfg.eval.num_samples
     held = ev(Replay(replayed(images, 0.0, n), cfg.data.alpha, ev.latents))
     half = ev(Replay(replayed(images, 0.5, n), cfg.data.alpha, ev.latents))
-    assert held["copy_share"] <= 0.05                # unseen images: about the quantile (0.01)
-    assert 0.45 <= half["copy_share"] <= 0.6          # every replayed training image, plus the quantile
+    assert held["copy_share"] <= 0.05  # unseen images: about the quantile (0.01)
+    assert 0.45 <= half["copy_share"] <= 0.6  # every replayed training image, plus the quantile
     assert half["copy_nn_ratio"] < 0.5 * held["copy_nn_ratio"]
 
 
@@ -57,7 +62,7 @@ def test_the_reference_is_the_held_out_images_distances_and_the_training_feature
     assert ref.measure(ev.features(images.holdout))["copy_share"] == pytest.approx(cfg.eval.copy_quantile, abs=0.01)
     cached = list((tmp_path / "cache" / "fidelity").glob("copycheck-*.pt"))
     assert len(cached) == 1 and torch.equal(torch.load(cached[0]), ref.train)
-    torch.save(torch.zeros_like(ref.train), cached[0])       # a later run reads the cache, not the images
+    torch.save(torch.zeros_like(ref.train), cached[0])  # a later run reads the cache, not the images
     again = protocol.Evaluator(cfg, images.holdout, "cpu", images=images)
     assert torch.equal(again.copies.train, torch.zeros_like(ref.train))
 
@@ -95,17 +100,20 @@ def test_the_check_reuses_fids_features_of_the_samples_and_leaves_no_file(settin
     expected = ev.copies.measure(ev.features(ev._generate(g, ev.latents)))
     monkeypatch.setattr(protocol.Evaluator, "features", lambda self, x: pytest.fail("a second extractor pass"))
     m = ev(g)
-    assert m["copy_share"] == pytest.approx(expected["copy_share"]) and m["copy_nn_ratio"] == pytest.approx(expected["copy_nn_ratio"], rel=1e-4)
+    assert m["copy_share"] == pytest.approx(expected["copy_share"]) and m["copy_nn_ratio"] == pytest.approx(
+        expected["copy_nn_ratio"], rel=1e-4
+    )
     assert not list(ev.cache_root.glob("ganlab-fake-*"))
 
 
 def test_copy_check_says_when_its_threshold_is_degenerate():
     from ganlab.eval import copies
+
     torch.manual_seed(0)
     train = torch.randn(200, 8)
     ok = copies.reference(train, torch.randn(300, 8), 0.01)
     assert ok.degenerate() == ""
-    twins = copies.reference(train, torch.cat([train[:10], torch.randn(290, 8)]), 0.01)   # 10 exact twins
+    twins = copies.reference(train, torch.cat([train[:10], torch.randn(290, 8)]), 0.01)  # 10 exact twins
     assert "about 0" in twins.degenerate()
     few = copies.reference(train, torch.randn(20, 8), 0.01)
     assert "too few" in few.degenerate()

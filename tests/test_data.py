@@ -56,10 +56,10 @@ def test_16_bit_grey_is_rescaled_not_clipped():
 
 def test_exif_orientation_is_applied():
     arr = np.zeros((4, 8, 3), np.uint8)
-    arr[:, :4] = 255                                   # left half white, 8 wide x 4 high
+    arr[:, :4] = 255  # left half white, 8 wide x 4 high
     img = Image.fromarray(arr, "RGB")
     exif = Image.Exif()
-    exif[0x0112] = 6                                   # rotate 90 degrees clockwise on display
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
     raw = png_bytes(img, "JPEG", exif=exif.tobytes(), quality=100)
     o = data.decode_image(raw, 8, fit="pad")
     # after rotation the image is 4 wide x 8 high, padded left and right with transparency
@@ -150,6 +150,7 @@ def test_holdout_splits_by_content_so_a_renamed_copy_stays_on_one_side(tmp_path)
     """The same image under two names (twemoji64 has 34 such): both copies on one side, counted. A
     split by file name puts about 10% of the copies' twins in the held-out set."""
     import shutil
+
     root = make_folder(tmp_path / "imgs", 60)
     files = sorted(root.rglob("*.png"))
     for i, f in enumerate(files[:30]):
@@ -166,8 +167,10 @@ def test_decode_cache_hit(tmp_path, monkeypatch):
     c = cfg_for(root, tmp_path)
     first = data.load_images(c.data)
     assert list((tmp_path / "cache").glob("images-*.pt"))
+
     def boom(*a, **k):
         raise AssertionError("decoded again despite the cache")
+
     monkeypatch.setattr(data, "_decode_all", boom)
     second = data.load_images(c.data)
     assert torch.equal(first.train, second.train)
@@ -195,18 +198,20 @@ def test_builtin_sprites_are_deterministic_rgba_with_soft_edges():
     b = data.make_sprites(16, 32, seed=1)
     assert torch.equal(a, b) and a.shape == (16, 4, 32, 32)
     alpha = a[:, 3].float()
-    assert (alpha == 0).float().mean() > 0.1                           # transparent background
-    assert ((alpha > 10) & (alpha < 245)).float().mean() > 0.02        # partly transparent edges
+    assert (alpha == 0).float().mean() > 0.1  # transparent background
+    assert ((alpha > 10) & (alpha < 245)).float().mean() > 0.02  # partly transparent edges
 
 
 def test_premultiplied_removes_colour_under_transparency():
-    u8 = torch.tensor([[[[200]], [[100]], [[50]], [[0]]]], dtype=torch.uint8)   # colour under alpha 0
+    u8 = torch.tensor([[[[200]], [[100]], [[50]], [[0]]]], dtype=torch.uint8)  # colour under alpha 0
     pm = data.to_model_space(u8, "premultiplied")
     st = data.to_model_space(u8, "straight")
     assert torch.allclose(pm[0, :, 0, 0], torch.tensor([-1.0, -1, -1, -1]))
     assert st[0, 0, 0, 0] > 0
-    back = data.to_straight_u8(data.to_model_space(torch.tensor([[[[200]], [[100]], [[50]], [[128]]]],
-                                                                   dtype=torch.uint8), "premultiplied"), "premultiplied")
+    back = data.to_straight_u8(
+        data.to_model_space(torch.tensor([[[[200]], [[100]], [[50]], [[128]]]], dtype=torch.uint8), "premultiplied"),
+        "premultiplied",
+    )
     assert (back[0, :, 0, 0].int() - torch.tensor([200, 100, 50, 128])).abs().max() <= 2
 
 
@@ -230,4 +235,4 @@ def test_host_resident_batches_reach_the_model_device():
     assert x.device.type == "meta" and x.shape == (8, 4, 8, 8)
     same = data.Batches(u8, 8, seed=0, alpha="straight", device="cpu", placement="host")
     resident = data.Batches(u8, 8, seed=0, alpha="straight", device="cpu", placement="device")
-    assert torch.equal(same(5), resident(5))                # where the set lives never changes the stream
+    assert torch.equal(same(5), resident(5))  # where the set lives never changes the stream

@@ -1,5 +1,6 @@
 """The GPU session from the repo (issue 26): the offline install path from a wheelhouse, and the check's
 CPU smoke form. No network: the wheels here are built by hand, as pip builds them."""
+
 import base64
 import hashlib
 import os
@@ -18,12 +19,17 @@ import gpu_wheelhouse  # noqa: E402
 def make_wheel(folder: Path, name: str, version: str, requires=()) -> Path:
     """A pure-Python wheel holding module `name` (VALUE = version), requiring `requires`."""
     dist = f"{name}-{version}.dist-info"
-    files = {f"{name}.py": f"VALUE = {version!r}\n",
-             f"{dist}/METADATA": "Metadata-Version: 2.1\n" f"Name: {name}\nVersion: {version}\n"
-                                 + "".join(f"Requires-Dist: {r}\n" for r in requires),
-             f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
-    record = [f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b'=').decode()},"
-              f"{len(text.encode())}" for path, text in files.items()]
+    files = {
+        f"{name}.py": f"VALUE = {version!r}\n",
+        f"{dist}/METADATA": "Metadata-Version: 2.1\n"
+        f"Name: {name}\nVersion: {version}\n" + "".join(f"Requires-Dist: {r}\n" for r in requires),
+        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = [
+        f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b'=').decode()},"
+        f"{len(text.encode())}"
+        for path, text in files.items()
+    ]
     files[f"{dist}/RECORD"] = "\n".join(record + [f"{dist}/RECORD,,"]) + "\n"
     path = folder / f"{name}-{version}-py3-none-any.whl"
     with zipfile.ZipFile(path, "w") as z:
@@ -39,8 +45,12 @@ def test_wheelhouse_installs_offline_into_a_target_folder(tmp_path):
     make_wheel(house, "alpha_pkg", "1.0", requires=["beta_pkg>=2"])
     make_wheel(house, "beta_pkg", "2.1")
     gpu_wheelhouse.install(tmp_path / "site", house)
-    out = subprocess.run([sys.executable, "-c", "import alpha_pkg, beta_pkg; print(alpha_pkg.VALUE, beta_pkg.VALUE)"],
-                         env={**os.environ, "PYTHONPATH": str(tmp_path / "site")}, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", "import alpha_pkg, beta_pkg; print(alpha_pkg.VALUE, beta_pkg.VALUE)"],
+        env={**os.environ, "PYTHONPATH": str(tmp_path / "site")},
+        capture_output=True,
+        text=True,
+    )
     assert out.stdout.split() == ["1.0", "2.1"], out.stderr
 
 
@@ -64,8 +74,11 @@ def test_what_travels_is_what_the_machine_lacks():
 def test_ddp_buffer_kwarg_is_read_from_the_signature():
     """torch 2.11 (the lent machine) has no forward_sync_buffers: the name comes from DDP's signature."""
     import inspect
+
     from torch.nn.parallel import DistributedDataParallel
+
     from ganlab import distributed
+
     assert distributed.no_buffer_sync_kwarg() in inspect.signature(DistributedDataParallel.__init__).parameters
 
 
@@ -73,11 +86,19 @@ def test_ddp_buffer_kwarg_is_read_from_the_signature():
 def test_gpu_check_smoke_on_cpu(tmp_path):
     """The check's --device cpu --quick form end to end: every step ok and one summary line per contender."""
     import json
+
     out = tmp_path / "check"
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--device", "cpu", "--quick", "--out", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--device", "cpu", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((out / "gpu_check.json").read_text())
     assert all(v["ok"] for v in res.values() if isinstance(v, dict) and "ok" in v)
-    assert any("run: recommended.yaml" in ln for ln in res["summary"]) and any("sharing the card" in ln for ln in res["summary"])
+    assert any("run: recommended.yaml" in ln for ln in res["summary"]) and any(
+        "sharing the card" in ln for ln in res["summary"]
+    )
     assert res["exact_resume_device"]["bit_identical"]

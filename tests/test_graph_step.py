@@ -1,5 +1,6 @@
 """The step on static buffers (what a CUDA graph captures) against the plain step, the learning rate as
 a device tensor, and capture refused. The CUDA tests run inside scripts/gpu_check.py on a lent GPU."""
+
 import copy
 import logging
 
@@ -10,12 +11,32 @@ from ganlab import config, data, graph_step, trainer
 
 # every per-step value a graph must read from the device: an lr schedule with warm-up, annealed
 # instance noise, an EMA with ramp-up, lazy R1 (two plans), LeCam's first step, DiffAugment's draws
-MOVING = ["train.lr_schedule=cosine", "train.lr_warmup=3", "train.instance_noise=0.1", "train.instance_noise_anneal=6",
-          "train.ema_halflife=500", "train.ema_rampup=0.05", "train.r1_gamma=1.0", "train.r1_every=2",
-          "train.lecam_weight=0.3", "train.diffaug=[translation,cutout,color]", "train.steps=8"]
-TINY = ["data.sprites=256", "data.min_holdout=32", "data.image_size=32", "model.nz=16", "model.g_width=8",
-        "model.d_width=8", "model.spectral_norm=true", "model.d_norm=none", "train.batch_size=16",
-        "train.precision=fp32", "tracking.enabled=false"]
+MOVING = [
+    "train.lr_schedule=cosine",
+    "train.lr_warmup=3",
+    "train.instance_noise=0.1",
+    "train.instance_noise_anneal=6",
+    "train.ema_halflife=500",
+    "train.ema_rampup=0.05",
+    "train.r1_gamma=1.0",
+    "train.r1_every=2",
+    "train.lecam_weight=0.3",
+    "train.diffaug=[translation,cutout,color]",
+    "train.steps=8",
+]
+TINY = [
+    "data.sprites=256",
+    "data.min_holdout=32",
+    "data.image_size=32",
+    "model.nz=16",
+    "model.g_width=8",
+    "model.d_width=8",
+    "model.spectral_norm=true",
+    "model.d_norm=none",
+    "train.batch_size=16",
+    "train.precision=fp32",
+    "tracking.enabled=false",
+]
 
 
 def make(sets, device="cpu", **kw):
@@ -24,8 +45,12 @@ def make(sets, device="cpu", **kw):
 
 
 def nets(tr):
-    return {f"{name}.{k}": v.detach().float().cpu() for name, net in (("g", tr.g), ("d", tr.d), ("g_ema", tr.g_ema))
-            if net is not None for k, v in net.state_dict().items()}
+    return {
+        f"{name}.{k}": v.detach().float().cpu()
+        for name, net in (("g", tr.g), ("d", tr.d), ("g_ema", tr.g_ema))
+        if net is not None
+        for k, v in net.state_dict().items()
+    }
 
 
 def max_diff(a, b):
@@ -44,7 +69,7 @@ def test_the_static_buffer_step_equals_the_plain_step(tmp_path):
     float32 rounding of the learning rate (a tensor holds it in float32, the plain step a Python double)
     compounded over 8 Adam steps; a wrong schedule, batch or draw is off by 1e-3 or more."""
     plain, static = make([], static=False), make([], static=True)
-    assert static.static and not plain.static and static.graphs is None      # a CPU: no capture
+    assert static.static and not plain.static and static.graphs is None  # a CPU: no capture
     a, b = nets(run(plain, 8)), nets(run(static, 8))
     assert max_diff(a, b) < 1e-5
     da, db = plain.pop_diagnostics(), static.pop_diagnostics()
@@ -63,7 +88,7 @@ def test_a_static_step_reads_its_learning_rate_from_the_device_tensor():
     t = tr.cfg.train
     assert lr_g == pytest.approx(t.lr_g * trainer.lr_factor(2, t), rel=1e-6)
     assert lr_d == pytest.approx(t.lr_d * trainer.lr_factor(2, t), rel=1e-6)
-    assert tr.opt_g.param_groups[0]["lr"].data_ptr() == tr.knobs.data_ptr()          # a view, not a copy
+    assert tr.opt_g.param_groups[0]["lr"].data_ptr() == tr.knobs.data_ptr()  # a view, not a copy
     tr.lr_scale = 0.5
     tr.step(3)
     assert tr.learning_rates()[0] == pytest.approx(0.5 * t.lr_g * trainer.lr_factor(3, t), rel=1e-6)
@@ -83,7 +108,7 @@ def test_a_checkpoint_moves_between_the_static_and_the_plain_step(tmp_path):
     state = static.state_dict()
     assert all(isinstance(g["lr"], float) for g in state["opt_g"]["param_groups"])
     plain = make([], static=False)
-    plain.load_state_dict(copy.deepcopy(state))      # (as from disk: a state_dict shares the live tensors)
+    plain.load_state_dict(copy.deepcopy(state))  # (as from disk: a state_dict shares the live tensors)
     again = make([], static=True)
     again.load_state_dict(copy.deepcopy(state))
     plain.step(4)

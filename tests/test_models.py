@@ -58,7 +58,7 @@ def test_standing_stats_match_training_mode_output():
     g, _ = models.build(c.model, 32, seed=0)
     g.train()
     with torch.no_grad():
-        for _ in range(3):                                   # a few training-mode passes
+        for _ in range(3):  # a few training-mode passes
             g(torch.randn(64, 100))
         z = torch.randn(256, 100)
         train_out = g(z)
@@ -66,7 +66,9 @@ def test_standing_stats_match_training_mode_output():
         running_out = g(z)
         models.standing_stats(g, 100, "cpu", batches=8, batch_size=256)
         standing_out = g(z)
+
     def gap(a, b):
         return (a.mean(0) - b.mean(0)).abs().mean().item() + (a.std(0) - b.std(0)).abs().mean().item()
+
     assert gap(standing_out, train_out) < 0.5 * gap(running_out, train_out)
     assert not g.training

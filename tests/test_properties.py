@@ -2,7 +2,8 @@
 
 import numpy as np
 import yaml
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from ganlab import config, data
@@ -10,14 +11,23 @@ from ganlab.config import ConfigError
 from ganlab.data import BadImage
 
 KEYS = [k for k, *_ in config.schema_rows()] + ["train.nope", "bogus", "data", "eval.every.deeper"]
-values = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
-                   st.text(max_size=12), st.lists(st.text(max_size=6), max_size=3), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
+values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True),
+    st.text(max_size=12),
+    st.lists(st.text(max_size=6), max_size=3),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(st.sampled_from(KEYS), values, max_size=6))
 def test_config_from_any_overrides(sets):
-    overrides = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}" for k, v in sets.items()]
+    overrides = [
+        f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}" for k, v in sets.items()
+    ]
     try:
         cfg = config.load(None, overrides, check_paths=False)
     except ConfigError as e:
@@ -32,6 +42,7 @@ def test_config_from_any_overrides(sets):
 def test_config_from_any_yaml_text(text):
     import os
     import tempfile
+
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         f.write(text)
     try:
@@ -52,12 +63,36 @@ def test_decoder_on_arbitrary_bytes(blob):
     assert out.shape == (8, 8, 4) and out.dtype == np.uint8
 
 
-MODES = ["1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "I", "I;16", "F", "YCbCr", "HSV", "LAB", "RGBX", "La", "RGBa", "PA"]
+MODES = [
+    "1",
+    "L",
+    "LA",
+    "P",
+    "RGB",
+    "RGBA",
+    "CMYK",
+    "I",
+    "I;16",
+    "F",
+    "YCbCr",
+    "HSV",
+    "LAB",
+    "RGBX",
+    "La",
+    "RGBa",
+    "PA",
+]
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.sampled_from(MODES), st.integers(1, 40), st.integers(1, 40), st.sampled_from([8, 32]),
-       st.sampled_from(["pad", "crop"]), st.integers(0, 2**32 - 1))
+@given(
+    st.sampled_from(MODES),
+    st.integers(1, 40),
+    st.integers(1, 40),
+    st.sampled_from([8, 32]),
+    st.sampled_from(["pad", "crop"]),
+    st.integers(0, 2**32 - 1),
+)
 def test_decoder_on_every_mode_and_shape(mode, w, h, size, fit, seed):
     rng = np.random.RandomState(seed % 2**32)
     img = Image.new(mode, (w, h))
@@ -73,4 +108,4 @@ def test_decoder_on_every_mode_and_shape(mode, w, h, size, fit, seed):
         return
     assert out.shape == (size, size, 4) and out.dtype == np.uint8
     if mode in ("L", "RGB", "CMYK", "I", "I;16", "F", "1", "YCbCr", "HSV", "LAB", "RGBX") and fit == "crop":
-        assert (out[..., 3] == 255).all()                    # opaque sources stay opaque
+        assert (out[..., 3] == 255).all()  # opaque sources stay opaque

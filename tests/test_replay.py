@@ -2,6 +2,7 @@
 tests/fixtures/studiogan_subset.json, MIT): with ganlab's default rule, runs that blow up late are
 signalled within a few evaluations of the blow-up and hand over their best, runs that improve to the
 end are never signalled, and no rule stops before the best on them."""
+
 import json
 from pathlib import Path
 
@@ -23,16 +24,20 @@ def test_the_default_rule_signals_late_blow_ups_and_never_an_improving_run():
     for r in booms:
         o = replay.replay(r["fid"], default_rule())
         assert o.alarm is not None and o.alarm <= replay.blows_up_late(r["fid"]) + 3, r["name"]
-        assert o.regret == 0.0 and o.used < 1.0, r["name"]                   # stopped, with the best handed over
+        assert o.regret == 0.0 and o.used < 1.0, r["name"]  # stopped, with the best handed over
     for r in improvers:
         o = replay.replay(r["fid"], default_rule())
         assert o.alarm is None and o.used == 1.0 and o.regret < 0.01, r["name"]
 
 
 def test_the_old_collapse_factor_caught_fewer_blow_ups_on_these_curves():
-    def caught(factor):                # signalled at most 3 evaluations after the blow-up starts
-        return sum(replay.replay(r["fid"], default_rule(collapse_factor=factor)).alarm <= replay.blows_up_late(r["fid"]) + 3
-                   for r in RUNS if replay.blows_up_late(r["fid"]) is not None)
+    def caught(factor):  # signalled at most 3 evaluations after the blow-up starts
+        return sum(
+            replay.replay(r["fid"], default_rule(collapse_factor=factor)).alarm <= replay.blows_up_late(r["fid"]) + 3
+            for r in RUNS
+            if replay.blows_up_late(r["fid"]) is not None
+        )
+
     assert caught(1.5) == 5 > caught(2.0)
 
 

@@ -1,13 +1,14 @@
 """The selection policy on its own (ganlab/select.py): best, patience, the noise band's promise,
 collapse signals per loss, rollback decisions. How they compose in the training loop: test_loop.py."""
+
 import pytest
 import torch
-
 from conftest import selector
+
 from ganlab import config, losses
 
-
 # --------------------------------------------------------------------------------- best, patience
+
 
 def test_early_stop_after_patience():
     s = selector("selection.patience=3")
@@ -50,30 +51,40 @@ def test_a_selection_metric_that_eval_does_not_compute_is_one_line_at_load():
 
 # ------------------------------------------------------------------------- D dominance, per loss
 
+
 def interval(loss: str, real: torch.Tensor, fake: torch.Tensor, steps: int = 1) -> dict:
     """A diagnostics interval computed the way Trainer computes it, from D's raw outputs."""
     real_won, fake_won = losses.past_margin(loss, real, fake)
     g = losses.g_loss(loss, fake)
-    return {"loss_d": float(losses.d_loss(loss, real, fake)), "loss_g": float(g), "loss_g_max": float(g),
-            "d_real": float(losses.sigmoid_probs(real).mean()), "d_fake": float(losses.sigmoid_probs(fake).mean()),
-            "logit_real": float(real.mean()), "logit_fake": float(fake.mean()),
-            "critic_gap": float(real.mean() - fake.mean()),
-            "real_past_margin": float(real_won), "fake_past_margin": float(fake_won)}
+    return {
+        "loss_d": float(losses.d_loss(loss, real, fake)),
+        "loss_g": float(g),
+        "loss_g_max": float(g),
+        "d_real": float(losses.sigmoid_probs(real).mean()),
+        "d_fake": float(losses.sigmoid_probs(fake).mean()),
+        "logit_real": float(real.mean()),
+        "logit_fake": float(fake.mean()),
+        "critic_gap": float(real.mean() - fake.mean()),
+        "real_past_margin": float(real_won),
+        "fake_past_margin": float(fake_won),
+    }
 
 
 HEALTHY = {"bce": (0.6, 1.2), "hinge": (0.4, 0.8), "lsgan": (0.55, 0.35), "wgan-gp": (0.5, 1.0)}
-WON = {"bce": 5.0, "hinge": 2.0, "lsgan": None, "wgan-gp": 40.0}     # D's outputs once it has won
+WON = {"bce": 5.0, "hinge": 2.0, "lsgan": None, "wgan-gp": 40.0}  # D's outputs once it has won
 
 
 def healthy(loss, g):
     mu, sd = HEALTHY[loss]
     if loss == "lsgan":
-        return interval(loss, mu + 0.3 * torch.randn(64, generator=g) + 0.2, mu + 0.3 * torch.randn(64, generator=g) - 0.3)
+        return interval(
+            loss, mu + 0.3 * torch.randn(64, generator=g) + 0.2, mu + 0.3 * torch.randn(64, generator=g) - 0.3
+        )
     return interval(loss, mu + sd * torch.randn(64, generator=g), -mu + sd * torch.randn(64, generator=g))
 
 
 def won(loss, g):
-    if loss == "lsgan":                # targets 1 / 0 reached, and G's loss (fake - 1)^2 / 2 jumps
+    if loss == "lsgan":  # targets 1 / 0 reached, and G's loss (fake - 1)^2 / 2 jumps
         return interval(loss, 1 + 0.03 * torch.randn(64, generator=g), 0.02 * torch.randn(64, generator=g))
     w = WON[loss]
     return interval(loss, w + 0.2 * torch.randn(64, generator=g), -w + 0.2 * torch.randn(64, generator=g))
@@ -87,7 +98,7 @@ def test_dominance_fires_for_every_loss_and_never_on_healthy_intervals(loss):
     for i in range(200):
         assert not s.on_diagnostics(i, healthy(loss, g)).events, i
     fired = [s.on_diagnostics(200 + i, won(loss, g)) for i in range(3)]
-    assert [bool(d.rollback) for d in fired] == [False, True, False]        # window 2, once an episode
+    assert [bool(d.rollback) for d in fired] == [False, True, False]  # window 2, once an episode
     assert fired[1].events[0][2]["signal"] == "d_dominance"
 
 
@@ -122,7 +133,7 @@ def test_a_bce_d_at_its_label_smoothed_optimum_has_won():
     real, fake = torch.full((64,), 2.19), torch.full((64,), -5.0)
     assert float(losses.past_margin("bce", real, fake)[0]) == 0.0
     assert float(losses.past_margin("bce", real, fake, 0.1)[0]) == 1.0
-    assert float(losses.past_margin("bce", torch.full((64,), 1.0), fake, 0.1)[0]) == 0.0   # not near the target
+    assert float(losses.past_margin("bce", torch.full((64,), 1.0), fake, 0.1)[0]) == 0.0  # not near the target
     assert float(losses.past_margin("lsgan", torch.full((64,), 0.85), torch.zeros(64), 0.1)[0]) == 1.0
 
 
@@ -140,10 +151,19 @@ def test_users_log_is_detected():
     s.on_eval(0, {"fid": 5})
     base = {"loss_d": 0.3, "d_real": 0.9, "d_fake": 0.1, "real_past_margin": 0.4, "fake_past_margin": 0.5}
     log = [dict(base, loss_g=6.0 + 0.1 * i) for i in range(10)]
-    log += [{"loss_d": 0.005, "loss_g": v, "d_real": 0.99, "d_fake": 0.003, "real_past_margin": 0.99,
-             "fake_past_margin": 1.0} for v in (32.6, 44.5, 45.9, 40, 24)]
+    log += [
+        {
+            "loss_d": 0.005,
+            "loss_g": v,
+            "d_real": 0.99,
+            "d_fake": 0.003,
+            "real_past_margin": 0.99,
+            "fake_past_margin": 1.0,
+        }
+        for v in (32.6, 44.5, 45.9, 40, 24)
+    ]
     fired = [i for i, d in enumerate(log) if s.on_diagnostics(i, d).rollback]
-    assert fired == [12]                                    # the third interval of the spike
+    assert fired == [12]  # the third interval of the spike
 
 
 def test_spike_inside_an_interval_is_seen_through_its_worst_step():
@@ -159,7 +179,7 @@ def test_spike_inside_an_interval_is_seen_through_its_worst_step():
 
 def test_non_finite_loss_rolls_back_even_without_a_best():
     s = selector()
-    assert s.on_diagnostics(0, {"loss_d": float("nan"), "loss_g": 1}).rollback       # to the first state
+    assert s.on_diagnostics(0, {"loss_d": float("nan"), "loss_g": 1}).rollback  # to the first state
     assert selector("selection.on_collapse=stop").on_diagnostics(0, {"loss_d": float("nan"), "loss_g": 1}).stop
 
 
@@ -167,6 +187,7 @@ def test_the_noise_band_statistic_admits_about_one_false_improvement_in_20():
     """What the band promises, on pure noise (Python's own RNG: the same on every CPU): a second
     evaluation of an equal generator beats the first by more than the band about 5% of the time."""
     import random
+
     rng = random.Random(0)
     false, trials = 0, 4000
     s = selector("selection.min_delta=auto")
@@ -189,7 +210,11 @@ def test_an_evaluation_over_max_copy_share_is_neither_best_nor_kept():
     assert not decs[1].keep and [e[0] for e in decs[1].events] == ["copy_refused", "eval"]
     assert sorted(s for _, s in on.state.top) == [10, 30]
     off = selector("selection.keep_top=3")
-    assert [off.on_eval(step, {"fid": v, "copy_share": c}).improved for step, (v, c) in zip((10, 20, 30), evals)] == [True, True, False]
+    assert [off.on_eval(step, {"fid": v, "copy_share": c}).improved for step, (v, c) in zip((10, 20, 30), evals)] == [
+        True,
+        True,
+        False,
+    ]
     assert (off.best, off.best_step) == (1.0, 20)
 
 
@@ -206,6 +231,7 @@ def test_ties_use_students_t_for_three_draws():
     """Standard errors from 3 draws each: Welch df 4, t 2.78, not z 1.96. A difference of 2.5
     standard errors of the difference is a tie; 3 is not."""
     from ganlab.select import within_noise
-    se = 1 / 2 ** 0.5                    # the difference's standard error is 1
+
+    se = 1 / 2**0.5  # the difference's standard error is 1
     assert within_noise(10.0, se, 12.5, se) and not within_noise(10.0, se, 13.0, se)
-    assert not within_noise(10.0, se, 12.5, se, draws=100)     # many draws: close to z
+    assert not within_noise(10.0, se, 12.5, se, draws=100)  # many draws: close to z

@@ -1,4 +1,5 @@
 import math
+
 import pytest
 import torch
 
@@ -8,21 +9,37 @@ from ganlab.events import read_events
 BASE = ["train.loss=bce", "train.channels_last=false", "train.precision=fp32"]
 # Each option at a value that binds on the tiny nets (a clip of 100 would never bite).
 STABILISERS = [
-    ["train.loss=hinge"], ["train.loss=lsgan"], ["train.loss=wgan-gp", "model.d_norm=none"],
-    ["train.clip_norm_g=0.001", "train.clip_norm_d=0.001"], ["train.clip_value_g=0.00001", "train.clip_value_d=0.00001"],
-    ["train.instance_noise=0.1", "train.instance_noise_anneal=10"], ["train.label_smoothing=0.1"],
-    ["train.r1_gamma=1.0", "train.r1_every=2"], ["train.d_steps=2"], ["train.lr_d=0.0004"],
-    ["train.ema_halflife=100"], ["train.diffaug=translation,cutout,color"], ["train.precision=bf16"],
-    ["model.spectral_norm=true", "model.d_norm=none"], ["model.spectral_norm_g=true"],
-    ["model.init=kaiming"], ["train.lr_schedule=cosine", "train.lr_warmup=2"], ["train.beta1=0.0"],
+    ["train.loss=hinge"],
+    ["train.loss=lsgan"],
+    ["train.loss=wgan-gp", "model.d_norm=none"],
+    ["train.clip_norm_g=0.001", "train.clip_norm_d=0.001"],
+    ["train.clip_value_g=0.00001", "train.clip_value_d=0.00001"],
+    ["train.instance_noise=0.1", "train.instance_noise_anneal=10"],
+    ["train.label_smoothing=0.1"],
+    ["train.r1_gamma=1.0", "train.r1_every=2"],
+    ["train.d_steps=2"],
+    ["train.lr_d=0.0004"],
+    ["train.ema_halflife=100"],
+    ["train.diffaug=translation,cutout,color"],
+    ["train.precision=bf16"],
+    ["model.spectral_norm=true", "model.d_norm=none"],
+    ["model.spectral_norm_g=true"],
+    ["model.init=kaiming"],
+    ["train.lr_schedule=cosine", "train.lr_warmup=2"],
+    ["train.beta1=0.0"],
     # issue 27's levers
-    ["model.mbstd_group=4"], ["model.pack=2"], ["train.ema_halflife=100", "train.ema_rampup=0.05"],
-    ["train.lecam_weight=0.3"], ["train.bcr_weight=10"], ["train.r1_gamma=auto"],
+    ["model.mbstd_group=4"],
+    ["model.pack=2"],
+    ["train.ema_halflife=100", "train.ema_rampup=0.05"],
+    ["train.lecam_weight=0.3"],
+    ["train.bcr_weight=10"],
+    ["train.r1_gamma=auto"],
 ]
 
 
 def two_steps(cfg):
     from ganlab import data
+
     tr = trainer.Trainer(cfg, data.load_images(cfg.data).train, torch.device("cpu"))
     for s in range(2):
         tr.step(s)
@@ -57,6 +74,7 @@ def test_channels_last_keeps_the_math(tiny_cfg):
 
 def test_diffaug_colour_never_touches_alpha():
     from ganlab.augment import diff_augment
+
     x = torch.rand(4, 4, 8, 8) * 2 - 1
     y = diff_augment(x, ["color"], torch.Generator().manual_seed(0))
     assert torch.equal(x[:, 3], y[:, 3]) and not torch.equal(x[:, :3], y[:, :3])
@@ -65,7 +83,15 @@ def test_diffaug_colour_never_touches_alpha():
 def test_train_run_folder_and_generator(tiny_cfg):
     res = train.train(tiny_cfg(), quiet=True)
     d = res.run_dir
-    for name in ("config.yaml", "start.pt", "last.pt", "best.pt", "generator.pt", "generator.safetensors", "events.jsonl"):
+    for name in (
+        "config.yaml",
+        "start.pt",
+        "last.pt",
+        "best.pt",
+        "generator.pt",
+        "generator.safetensors",
+        "events.jsonl",
+    ):
         assert (d / name).exists(), name
     kinds = [e["kind"] for e in read_events(d)]
     assert kinds[0] == "start" and kinds[-1] == "finished" and "improved" in kinds
@@ -80,6 +106,7 @@ def test_train_run_folder_and_generator(tiny_cfg):
 
 def test_diagnostics_are_named_and_read_once_per_interval(tiny_cfg):
     from ganlab import data
+
     cfg = tiny_cfg("train.loss=hinge")
     tr = trainer.Trainer(cfg, data.load_images(cfg.data).train, torch.device("cpu"))
     for s in range(3):
@@ -88,12 +115,13 @@ def test_diagnostics_are_named_and_read_once_per_interval(tiny_cfg):
     assert set(trainer.DIAGNOSTICS) <= set(d) and {"loss_g_max", "critic_gap"} <= set(d)
     assert 0 <= d["real_past_margin"] <= 1 and d["loss_g_max"] >= d["loss_g"]
     assert d["critic_gap"] == pytest.approx(d["logit_real"] - d["logit_fake"])
-    assert tr.pop_diagnostics()["loss_d"] == 0.0          # popped: the next interval starts empty
+    assert tr.pop_diagnostics()["loss_d"] == 0.0  # popped: the next interval starts empty
 
 
 def test_checkpoint_round_trip(tiny_cfg, tmp_path):
     cfg = tiny_cfg()
     from ganlab import data
+
     tr = trainer.Trainer(cfg, data.load_images(cfg.data).train, torch.device("cpu"))
     tr.step(0)
     state = {"step": 1, "trainer": tr.state_dict(), "global_rng": trainer.global_rng_state()}
@@ -110,7 +138,9 @@ def _weights(run_dir):
     return checkpoint.load(run_dir / "last.pt")["trainer"]
 
 
-@pytest.mark.parametrize("extra", [[], ["train.ema_halflife=200", "train.instance_noise=0.1", "train.diffaug=translation"]])
+@pytest.mark.parametrize(
+    "extra", [[], ["train.ema_halflife=200", "train.instance_noise=0.1", "train.diffaug=translation"]]
+)
 def test_exact_resume(tiny_cfg, tmp_path, monkeypatch, extra):
     """2N steps straight == N steps, resume, N steps: identical weights, optimiser and EMA; and the
     resume really continues (a restart from step 0 would also end identical, as training is a pure
@@ -141,12 +171,15 @@ def test_exact_resume(tiny_cfg, tmp_path, monkeypatch, extra):
 def test_held_out_images_never_reach_training(tiny_cfg, monkeypatch):
     """Every batch the trainer draws comes from the training split: none is a held-out image."""
     from ganlab import data
+
     drawn = []
-    orig = data.Batches.decode           # every batch the step trains on is decoded here
+    orig = data.Batches.decode  # every batch the step trains on is decoded here
+
     def spy(self, raw):
         batch = orig(self, raw)
         drawn.append(batch)
         return batch
+
     monkeypatch.setattr(data.Batches, "decode", spy)
     cfg = tiny_cfg("train.steps=20", "eval.every=0")
     images = data.load_images(cfg.data)
@@ -160,6 +193,7 @@ def test_held_out_images_never_reach_training(tiny_cfg, monkeypatch):
 def test_corrupt_file_in_data_does_not_stop_training(tiny_cfg, tmp_path):
     import numpy as np
     from PIL import Image
+
     root = tmp_path / "imgs" / "cls"
     root.mkdir(parents=True)
     rng = np.random.RandomState(0)
@@ -173,8 +207,10 @@ def test_corrupt_file_in_data_does_not_stop_training(tiny_cfg, tmp_path):
 
 # ---- the lean step (issue 26): the same math with fewer kernels
 
+
 def steps(cfg, n=3):
     from ganlab import data
+
     tr = trainer.Trainer(cfg, data.load_images(cfg.data).train, torch.device("cpu"))
     losses = []
     for s in range(n):
@@ -198,7 +234,7 @@ def test_lean_step_is_the_reference_step_without_batchnorm(tiny_cfg):
     for x, y in zip(result(ref), result(lean)):
         assert torch.allclose(x, y, atol=1e-5, rtol=0)
     moved = max((x - y).abs().max() for x, y in zip(result(ref), result(steps(tiny_cfg(*LEAN), n=2)[0])))
-    assert moved > 1e-3                # a step moves the weights far more than the tolerance
+    assert moved > 1e-3  # a step moves the weights far more than the tolerance
 
 
 def test_lean_step_keeps_two_forwards_with_batchnorm(tiny_cfg):
@@ -218,22 +254,31 @@ def test_lean_step_runs_one_power_iteration_per_d_update(tiny_cfg):
     sets = [*LEAN, "model.spectral_norm=true", "train.r1_gamma=1.0"]
     calls = {"n": 0}
     lean, _ = steps(tiny_cfg(*sets), n=1)
+
     def count(module, args):
         calls["n"] += module.training
+
     hooks = [m.register_forward_pre_hook(count) for m in lean.sn]
     lean.step(1)
-    assert calls["n"] == len(lean.sn)          # one iterating forward per SN layer, not three
+    assert calls["n"] == len(lean.sn)  # one iterating forward per SN layer, not three
     for h in hooks:
         h.remove()
     ref, _ = steps(tiny_cfg(*sets, "train.lean_step=false"), n=20)
     lean, _ = steps(tiny_cfg(*sets), n=20)
-    sig = lambda tr: torch.stack([torch.linalg.matrix_norm(m.parametrizations.weight.original.flatten(1), 2)
-                                  for m in tr.d.modules() if hasattr(m, "parametrizations")])
+    sig = lambda tr: torch.stack(
+        [
+            torch.linalg.matrix_norm(m.parametrizations.weight.original.flatten(1), 2)
+            for m in tr.d.modules()
+            if hasattr(m, "parametrizations")
+        ]
+    )
     assert torch.allclose(sig(ref), sig(lean), rtol=0.02)
 
 
 def test_precision_auto_is_bf16_where_native(tiny_cfg):
-    tr = trainer.Trainer(tiny_cfg("train.precision=auto"), torch.zeros(32, 4, 32, 32, dtype=torch.uint8), torch.device("cpu"))
+    tr = trainer.Trainer(
+        tiny_cfg("train.precision=auto"), torch.zeros(32, 4, 32, 32, dtype=torch.uint8), torch.device("cpu")
+    )
     assert tr.use_bf16 == device.bf16_supported(torch.device("cpu"))
     assert config_default("train.precision") == "auto"
 
@@ -250,6 +295,7 @@ def test_ema_copy_matches_layout_and_buffers(tiny_cfg):
 
 def config_default(key):
     from ganlab import config
+
     section, name = key.split(".")
     return getattr(getattr(config.Config(), section), name)
 
@@ -268,9 +314,10 @@ def test_overfit_probe_sees_a_d_that_memorised_its_training_images(tiny_cfg):
     kind, which only memorising them achieves. The probe's training batch then scores above its
     held-out batch; a probe that read training reals for both would show no gap."""
     from ganlab import data
+
     train_u8, held_u8 = _noise_images(64, 1), _noise_images(64, 2)
     tr = trainer.Trainer(tiny_cfg(*DIAG), train_u8, torch.device("cpu"), holdout_images=held_u8)
-    assert tr.overfit_probe()["d_overfit_gap"] == pytest.approx(0.0, abs=0.05)   # untrained: no gap
+    assert tr.overfit_probe()["d_overfit_gap"] == pytest.approx(0.0, abs=0.05)  # untrained: no gap
     opt = torch.optim.Adam(tr.d.parameters(), lr=1e-3)
     for i in range(150):
         real = tr.batches(i)
@@ -289,9 +336,11 @@ def test_ada_rt_and_chance_share_tell_a_winning_d_from_a_d_at_chance(tiny_cfg):
     real from fake, no step at chance. A D with learning rate ~0 against a G that learns: at chance
     (or fooled) on every step. Computed on the fakes instead of the reals, r_t would be near -1 for
     the winning D; an accuracy from the fakes alone would be 0.5, so at chance, for both."""
+
     def last_interval(*sets):
         tr, diags = steps(tiny_cfg(*DIAG, *sets), n=60)
         return diags[-1]
+
     # steps() pops every step: the last step's values
     win = last_interval("train.lr_g=1e-12", "train.lr_d=0.002")
     assert win["ada_rt"] > 0.9 and win["d_accuracy"] > 0.9 and win["d_chance"] == 0.0, win
@@ -304,6 +353,9 @@ def test_compiled_step_works_with_r1(tiny_cfg, monkeypatch):
     penalties run D eagerly. aot_eager is the compile path up to AOTAutograd without C++ codegen
     (inductor would take a minute here); it raises without the fix."""
     import functools
+
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
-    tr, diags = steps(tiny_cfg("train.compile=true", "train.r1_gamma=1.0", "model.d_norm=none", "train.loss=hinge"), n=2)
+    tr, diags = steps(
+        tiny_cfg("train.compile=true", "train.r1_gamma=1.0", "model.d_norm=none", "train.loss=hinge"), n=2
+    )
     assert all(math.isfinite(d["loss_d"]) for d in diags)

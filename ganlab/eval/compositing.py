@@ -1,6 +1,7 @@
 """Compositing straight-alpha RGBA over a background: how every image (real or generated) is shown
 to a feature extractor, and to the domain encoder while it trains. Knows only torch.
 """
+
 from __future__ import annotations
 
 import torch

@@ -16,6 +16,7 @@ evaluation's own feature space (the layer its FID uses):
 Validated by scripts/copy_check.py (docs/evaluation.md, "The copy check"): 5% planted exact training
 copies among held-out images against none, over seeds.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,9 +38,10 @@ def nearest_distances(queries: torch.Tensor, reference: torch.Tensor, chunk: int
 @dataclass
 class CopyReference:
     """What one run compares its samples with: the training features and the held-out distances."""
-    train: torch.Tensor        # N x F features of the training split
-    holdout_nn: torch.Tensor   # M held-out images' distances to their nearest training image
-    quantile: float            # eval.copy_quantile
+
+    train: torch.Tensor  # N x F features of the training split
+    holdout_nn: torch.Tensor  # M held-out images' distances to their nearest training image
+    quantile: float  # eval.copy_quantile
 
     @property
     def threshold(self) -> float:
@@ -51,18 +53,24 @@ class CopyReference:
         median from) zero, when it catches exact copies only."""
         n = len(self.holdout_nn)
         if n * self.quantile < 1:
-            return (f"{n} held-out images are too few for eval.copy_quantile {self.quantile} (the threshold is "
-                    f"their minimum nearest-training distance)")
+            return (
+                f"{n} held-out images are too few for eval.copy_quantile {self.quantile} (the threshold is "
+                f"their minimum nearest-training distance)"
+            )
         if self.threshold <= 1e-3 * float(self.holdout_nn.median()):
-            return (f"the {self.quantile} quantile of held-out nearest-training distances is {self.threshold:.3g}, "
-                    f"about 0 (held-out images nearly identical to training images): it catches exact copies only")
+            return (
+                f"the {self.quantile} quantile of held-out nearest-training distances is {self.threshold:.3g}, "
+                f"about 0 (held-out images nearly identical to training images): it catches exact copies only"
+            )
         return ""
 
     def measure(self, features: torch.Tensor) -> dict:
         """copy_share and copy_nn_ratio of a set of (generated) images' features."""
         d = nearest_distances(features, self.train)
-        return {"copy_share": float((d < self.threshold).double().mean()),
-                "copy_nn_ratio": float(d.median() / self.holdout_nn.median().clamp_min(1e-12))}
+        return {
+            "copy_share": float((d < self.threshold).double().mean()),
+            "copy_nn_ratio": float(d.median() / self.holdout_nn.median().clamp_min(1e-12)),
+        }
 
 
 def reference(train_features: torch.Tensor, holdout_features: torch.Tensor, quantile: float) -> CopyReference:
@@ -74,7 +82,7 @@ def cached_features(path: Path, compute) -> torch.Tensor:
     if path.exists():
         try:
             return torch.load(path, weights_only=True)
-        except Exception:          # a damaged cache is recomputed, never trusted
+        except Exception:  # a damaged cache is recomputed, never trusted
             pass
     f = compute()
     buf = io.BytesIO()

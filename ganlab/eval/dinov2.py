@@ -3,6 +3,7 @@ weights from the network; a weights path raises NotImplementedError), so ganlab 
 model's ViT from the official state dict (dinov2_vit*14_pretrain.pth) and keeps torch-fidelity's own
 forward: resize to 224 like TF1, ImageNet normalisation, the CLS token after the final norm.
 """
+
 from __future__ import annotations
 
 import torch
@@ -50,7 +51,7 @@ class DinoV2ViT(nn.Module):
 
     def pos(self, h0: int, w0: int) -> torch.Tensor:
         n = self.pos_embed.shape[1] - 1
-        m = int(n ** 0.5)
+        m = int(n**0.5)
         if (h0, w0) == (m, m):
             return self.pos_embed
         grid = self.pos_embed[:, 1:].reshape(1, m, m, -1).permute(0, 3, 1, 2)
@@ -69,7 +70,8 @@ class DinoV2ViT(nn.Module):
 
 class LocalDinoV2(FeatureExtractorDinoV2):
     """torch-fidelity's DINOv2 extractor (its forward, resizing and normalisation) over DinoV2ViT."""
-    weights_path: str = ""             # set on the run-time subclass
+
+    weights_path: str = ""  # set on the run-time subclass
 
     def __init__(self, name, features_list, **kwargs):
         FeatureExtractorBase.__init__(self, name, features_list)
@@ -77,5 +79,3 @@ class LocalDinoV2(FeatureExtractorDinoV2):
         self.model = DinoV2ViT(torch.load(self.weights_path, map_location="cpu", weights_only=True))
         self.requires_grad_(False)
         self.eval()
-
-

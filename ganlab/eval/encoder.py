@@ -15,6 +15,7 @@ features. Its file is named by its content hash, with a JSON card beside it: dat
 objective, recipe. Held-out images never reach it: it is trained on `ImageSet.train` only.
 The validity report (docs/metrics.md, scripts/metric_check.py) shows that it ranks.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,9 +44,9 @@ log = logging.getLogger("ganlab")
 # deprecated on every call, which would bury the run's own lines.
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
 
-DIM = 256                 # feature size
-LR = 2e-3                 # AdamW, one-cycle schedule
-TAU = 0.2                 # NT-Xent temperature
+DIM = 256  # feature size
+LR = 2e-3  # AdamW, one-cycle schedule
+TAU = 0.2  # NT-Xent temperature
 OBJECTIVE = "simclr-nt-xent"
 
 
@@ -62,7 +63,7 @@ class Encoder(nn.Module):
             layers += [nn.Conv2d(a, b, 3, 2, 1), nn.BatchNorm2d(b), nn.ReLU(inplace=True)]
         self.size = size
         self.body = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.Linear(DIM, DIM), nn.ReLU(inplace=True), nn.Linear(DIM, 128))   # SimCLR projection
+        self.head = nn.Sequential(nn.Linear(DIM, DIM), nn.ReLU(inplace=True), nn.Linear(DIM, 128))  # SimCLR projection
         self.classes = nn.Linear(DIM, n_classes) if n_classes > 1 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,7 +91,7 @@ def views(rgba_u8: torch.Tensor, background: str, gen: torch.Generator) -> torch
     x = rgba_u8.float() / 127.5 - 1.0
     flip = torch.rand(len(x), generator=gen, device=x.device) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    x = diff_augment(x, ["translation", "color"], gen)          # colour never touches alpha
+    x = diff_augment(x, ["translation", "color"], gen)  # colour never touches alpha
     u8 = ((x.clamp(-1, 1) + 1) * 127.5 + 0.5).to(torch.uint8)
     return composite(u8, background).float() / 127.5 - 1.0
 
@@ -118,13 +119,22 @@ def recipe(cfg) -> dict:
     """Everything that decides the encoder besides the data: it joins the cache key, the card and the
     evaluation signature."""
     e = cfg.eval
-    return {"objective": OBJECTIVE, "steps": e.encoder_steps, "batch_size": e.encoder_batch_size, "lr": LR,
-            "tau": TAU, "dim": DIM, "size": cfg.data.image_size, "background": e.background,
-            "seed": e.encoder_seed}    # its own seed: runs of every training seed share one encoder
+    return {
+        "objective": OBJECTIVE,
+        "steps": e.encoder_steps,
+        "batch_size": e.encoder_batch_size,
+        "lr": LR,
+        "tau": TAU,
+        "dim": DIM,
+        "size": cfg.data.image_size,
+        "background": e.background,
+        "seed": e.encoder_seed,
+    }  # its own seed: runs of every training seed share one encoder
 
 
-def train_encoder(train_u8: torch.Tensor, labels: torch.Tensor | None, n_classes: int, rcp: dict,
-                  device="cpu", progress=None) -> Encoder:
+def train_encoder(
+    train_u8: torch.Tensor, labels: torch.Tensor | None, n_classes: int, rcp: dict, device="cpu", progress=None
+) -> Encoder:
     """rcp: a `recipe()`. progress(step, steps, loss) is called every 50 steps."""
     device, steps = torch.device(device), rcp["steps"]
     torch.manual_seed(rcp["seed"])
@@ -195,19 +205,34 @@ def build(cfg, out_dir: Path | None = None, device="cpu", images: data.ImageSet 
     labels, n_classes = class_labels(images.train_names)
     rcp = recipe(cfg)
     t0 = time.time()
-    enc = train_encoder(images.train, labels, n_classes, rcp, device=device,
-                        progress=lambda s, n, loss: log.info("domain encoder: step %d/%d, loss %.3f", s, n, loss))
-    card = {"data_hash": images.content_hash, "holdout_hash": images.holdout_hash, "split": "train",
-            "n_train": len(images.train), "classes": n_classes, "recipe": rcp,
-            "objective": OBJECTIVE + ("+classes" if n_classes else ""), "device": torch.device(device).type,
-            "train_seconds": round(time.time() - t0, 1)}
+    enc = train_encoder(
+        images.train,
+        labels,
+        n_classes,
+        rcp,
+        device=device,
+        progress=lambda s, n, loss: log.info("domain encoder: step %d/%d, loss %.3f", s, n, loss),
+    )
+    card = {
+        "data_hash": images.content_hash,
+        "holdout_hash": images.holdout_hash,
+        "split": "train",
+        "n_train": len(images.train),
+        "classes": n_classes,
+        "recipe": rcp,
+        "objective": OBJECTIVE + ("+classes" if n_classes else ""),
+        "device": torch.device(device).type,
+        "train_seconds": round(time.time() - t0, 1),
+    }
     return export(enc, Path(out_dir or Path(cfg.data.cache_dir) / "encoders"), card)
 
 
 def cache_key(images: data.ImageSet, rcp: dict) -> str:
     """What names an encoder everywhere (the local index, the team's tracking store): the data, its
     split and the recipe."""
-    return hashlib.sha256(json.dumps([images.content_hash, images.holdout_hash, rcp], sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(
+        json.dumps([images.content_hash, images.holdout_hash, rcp], sort_keys=True).encode()
+    ).hexdigest()[:16]
 
 
 def ensure(cfg, device="cpu", images: data.ImageSet | None = None) -> tuple[Path, dict]:
@@ -223,8 +248,12 @@ def ensure(cfg, device="cpu", images: data.ImageSet | None = None) -> tuple[Path
     index.parent.mkdir(parents=True, exist_ok=True)
 
     def train() -> Path:
-        log.info("training the domain encoder for %s (first use; %d steps on %s; cached by data hash)",
-                 images.describe(), cfg.eval.encoder_steps, torch.device(device).type)
+        log.info(
+            "training the domain encoder for %s (first use; %d steps on %s; cached by data hash)",
+            images.describe(),
+            cfg.eval.encoder_steps,
+            torch.device(device).type,
+        )
         return build(cfg, out_dir=root, device=device, images=images)
 
     with FileLock(str(index) + ".lock"):
@@ -240,9 +269,12 @@ def ensure(cfg, device="cpu", images: data.ImageSet | None = None) -> tuple[Path
                 log.warning("%s. Using this machine's cached encoder %s, not checked against the team's", e, local.name)
                 path = local
             if local is not None and path != local:
-                log.warning("domain encoder: this machine's cache held %s, the team's is %s (tracking store): "
-                            "switching; scores computed with the old one carry its signature and rank apart",
-                            local.name, path.name)
+                log.warning(
+                    "domain encoder: this machine's cache held %s, the team's is %s (tracking store): "
+                    "switching; scores computed with the old one carry its signature and rank apart",
+                    local.name,
+                    path.name,
+                )
         atomic_write_bytes(index, json.dumps({"file": path.name}).encode())
     return path, json.loads(path.with_suffix(".json").read_text())
 

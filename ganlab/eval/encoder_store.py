@@ -17,6 +17,7 @@ MLflow's SQL stores create a registered model atomically; its file store does no
 once can both succeed, or one fail with "Yaml file exists"), so on a file store every claim is made
 under an exclusive lock on a file beside the store (`.ganlab-claims.lock`).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -25,18 +26,18 @@ import logging
 import tempfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from urllib.parse import urlparse
 from typing import Callable
+from urllib.parse import urlparse
 
-from .. import store            # the MLflow store's helpers; evaluation never imports tracking
+from .. import store  # the MLflow store's helpers; evaluation never imports tracking
 from ..checkpoint import atomic_write_bytes
 from ..errors import UserError
 
 log = logging.getLogger("ganlab")
 
-ENCODERS = "ganlab-encoders"     # the experiment holding the upload runs
+ENCODERS = "ganlab-encoders"  # the experiment holding the upload runs
 DAMAGED = "ganlab.encoder_damaged"
-TURNS = 4                        # claims found damaged or lost to another machine before giving up
+TURNS = 4  # claims found damaged or lost to another machine before giving up
 
 
 class StoreUnreachable(UserError):
@@ -101,7 +102,7 @@ def claim(client, key: str, generation: int, run_id: str, file: str, uri: str = 
     with claim_lock(uri) if uri else nullcontext():
         try:
             model = store.with_retry(client.get_registered_model, claim_name(key, generation))
-            return dict(model.tags)                    # claimed already (under the lock: by whoever came first)
+            return dict(model.tags)  # claimed already (under the lock: by whoever came first)
         except Exception as e:
             if not store.is_error(e, "RESOURCE_DOES_NOT_EXIST", "not found"):
                 raise
@@ -111,9 +112,13 @@ def claim(client, key: str, generation: int, run_id: str, file: str, uri: str = 
 def _create_claim(client, key: str, generation: int, run_id: str, file: str) -> dict:
     tags = {"ganlab.encoder_key": key, "ganlab.encoder_file": file, "ganlab.encoder_run": run_id}
     try:
-        store.with_retry(client.create_registered_model, claim_name(key, generation), tags=tags,
-                   description="ganlab's domain encoder for one data set and recipe: the file its tags name, "
-                               f"uploaded by run {run_id} in the experiment {ENCODERS}")
+        store.with_retry(
+            client.create_registered_model,
+            claim_name(key, generation),
+            tags=tags,
+            description="ganlab's domain encoder for one data set and recipe: the file its tags name, "
+            f"uploaded by run {run_id} in the experiment {ENCODERS}",
+        )
         return tags
     except Exception as e:
         if not store.is_error(e, "RESOURCE_ALREADY_EXISTS", "already exists"):
@@ -125,9 +130,16 @@ def upload(client, exp_id: str, key: str, path: Path) -> str:
     """An upload run holding the encoder file and its card. Returns its run id; a failed upload
     leaves a FAILED run, never a RUNNING one."""
     card = json.loads(path.with_suffix(".json").read_text())
-    run = client.create_run(exp_id, run_name=f"encoder-{key}", tags={
-        "ganlab.encoder_key": key, "ganlab.encoder_file": path.name, "data.hash": card["data_hash"],
-        "ganlab.encoder_recipe": json.dumps(card["recipe"], sort_keys=True)})
+    run = client.create_run(
+        exp_id,
+        run_name=f"encoder-{key}",
+        tags={
+            "ganlab.encoder_key": key,
+            "ganlab.encoder_file": path.name,
+            "data.hash": card["data_hash"],
+            "ganlab.encoder_recipe": json.dumps(card["recipe"], sort_keys=True),
+        },
+    )
     try:
         for f in (path, path.with_suffix(".json")):
             client.log_artifact(run.info.run_id, str(f), "encoder")
@@ -157,13 +169,18 @@ def download(client, tags: dict, root: Path, damaged: Callable[[Path], str]) -> 
 
 def _legacy(client, exp_id: str, key: str):
     """An encoder published before claims existed (the earliest FINISHED upload run under key)."""
-    runs = client.search_runs([exp_id], filter_string=f"tags.`ganlab.encoder_key` = '{key}' and attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time ASC"], max_results=1)
+    runs = client.search_runs(
+        [exp_id],
+        filter_string=f"tags.`ganlab.encoder_key` = '{key}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time ASC"],
+        max_results=1,
+    )
     return runs[0] if runs else None
 
 
-def team_encoder(cfg, key: str, root: Path, local: Path | None, train: Callable[[], Path],
-                 damaged: Callable[[Path], str]) -> Path:
+def team_encoder(
+    cfg, key: str, root: Path, local: Path | None, train: Callable[[], Path], damaged: Callable[[Path], str]
+) -> Path:
     """The team's encoder for key, as a file in root. When nobody has claimed one, this machine's
     (`local`, else `train()`) is uploaded and claimed; when another machine claims first, its file is
     fetched instead. A store that cannot be reached is a StoreUnreachable (one line)."""
@@ -179,25 +196,35 @@ def team_encoder(cfg, key: str, root: Path, local: Path | None, train: Callable[
                 else:
                     try:
                         local = local or train()
-                    except Exception as e:       # not the store's doing: raised as it is, below
+                    except Exception as e:  # not the store's doing: raised as it is, below
                         raise _Local() from e
                     run_id = upload(client, exp_id, key, local)
                     tags = claim(client, key, generation, run_id, local.name, uri)
                     if tags["ganlab.encoder_run"] == run_id:
-                        log.info("domain encoder %s published to the tracking store (experiment %s, claim %s)",
-                                 local.name, ENCODERS, claim_name(key, generation))
+                        log.info(
+                            "domain encoder %s published to the tracking store (experiment %s, claim %s)",
+                            local.name,
+                            ENCODERS,
+                            claim_name(key, generation),
+                        )
                     else:
-                        store.with_retry(client.set_tag, run_id, "ganlab.encoder_adopted", "false: another machine claimed first")
+                        store.with_retry(
+                            client.set_tag, run_id, "ganlab.encoder_adopted", "false: another machine claimed first"
+                        )
             if local is not None and tags["ganlab.encoder_file"] == local.name:
-                return local             # named by its weights' hash: the same file
+                return local  # named by its weights' hash: the same file
             path, why = download(client, tags, root, damaged)
-            if why:                      # once more before blaming the file: a download can break too
+            if why:  # once more before blaming the file: a download can break too
                 path, why = download(client, tags, root, damaged)
             if not why:
                 log.info("domain encoder %s from the tracking store (run %s)", path.name, tags["ganlab.encoder_run"])
                 return path
-            log.warning("the team's domain encoder %s (run %s) is %s: marked damaged; the next upload takes its place",
-                        tags["ganlab.encoder_file"], tags["ganlab.encoder_run"], why)
+            log.warning(
+                "the team's domain encoder %s (run %s) is %s: marked damaged; the next upload takes its place",
+                tags["ganlab.encoder_file"],
+                tags["ganlab.encoder_run"],
+                why,
+            )
             store.with_retry(client.set_registered_model_tag, claim_name(key, generation), DAMAGED, why[:500])
     except _Local as e:
         raise e.__cause__
@@ -208,6 +235,9 @@ def team_encoder(cfg, key: str, root: Path, local: Path | None, train: Callable[
         raise StoreUnreachable(
             f"tracking store {store.tracking_uri(cfg)}: could not look up or publish the team's domain encoder "
             f"({e.__class__.__name__}: {first}); bring the store back and run again, or set tracking.enabled=false "
-            f"to evaluate with this machine's own encoder (another feature space than the team's)") from e
-    raise StoreUnreachable(f"tracking store {store.tracking_uri(cfg)}: {TURNS} claims of the domain encoder {key} in a row "
-                           f"were damaged or lost; see the registered models {claim_name(key, 1)}*")
+            f"to evaluate with this machine's own encoder (another feature space than the team's)"
+        ) from e
+    raise StoreUnreachable(
+        f"tracking store {store.tracking_uri(cfg)}: {TURNS} claims of the domain encoder {key} in a row "
+        f"were damaged or lost; see the registered models {claim_name(key, 1)}*"
+    )

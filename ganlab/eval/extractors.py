@@ -15,14 +15,15 @@ weights are local. `resolve(cfg)` decides once, before any training:
   extractors, given a local weights file in `eval.weights` (downloaded by torch-fidelity when online).
 - a path: a TorchScript module, uint8 B x 3 x H x W in, B x F features out.
 """
+
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
 import os
 import socket
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,10 +34,10 @@ from torch_fidelity.feature_extractor_dinov2 import MODEL_METADATA as DINOV2_MOD
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
-from . import encoder
-from .dinov2 import LocalDinoV2
 from ..checkpoint import atomic_write_bytes
 from ..errors import UserError
+from . import encoder
+from .dinov2 import LocalDinoV2
 
 log = logging.getLogger("ganlab")
 RANDOM = "inception-v3-random"
@@ -46,20 +47,22 @@ RANDOM_SEED = 0
 RANDOM_WARNING = (
     "evaluating with RANDOM InceptionV3 features: these FID/IS/KID numbers are NOT standard FID, are "
     "comparable only with other runs of the same signature, catch gross collapse but cannot rank good "
-    "generators (docs/metrics.md). Use eval.feature_extractor: auto (the domain encoder) or InceptionV3 weights.")
+    "generators (docs/metrics.md). Use eval.feature_extractor: auto (the domain encoder) or InceptionV3 weights."
+)
 
 
 @dataclass(frozen=True)
 class Extractor:
     """The feature extractor a run evaluates with, as resolved before training."""
-    name: str                          # its name in torch-fidelity's registry
-    weights: str                       # its weights (or TorchScript) file; "" when torch-fidelity downloads them
-    weights_hash: str                  # that file's content hash ("download" when there is none yet)
-    random: bool = False               # random features: catch gross collapse, cannot rank good generators
-    weights_kwarg: str | None = None   # torch-fidelity's feature_extractor_weights_path, where it takes one
-    recipe: dict | None = None         # the domain encoder's training recipe (joins the signature)
-    files: tuple = ()                  # files to log with the run (the domain encoder and its card)
-    why: str = ""                      # how `auto` chose it (said on the run's start line)
+
+    name: str  # its name in torch-fidelity's registry
+    weights: str  # its weights (or TorchScript) file; "" when torch-fidelity downloads them
+    weights_hash: str  # that file's content hash ("download" when there is none yet)
+    random: bool = False  # random features: catch gross collapse, cannot rank good generators
+    weights_kwarg: str | None = None  # torch-fidelity's feature_extractor_weights_path, where it takes one
+    recipe: dict | None = None  # the domain encoder's training recipe (joins the signature)
+    files: tuple = ()  # files to log with the run (the domain encoder and its card)
+    why: str = ""  # how `auto` chose it (said on the run's start line)
 
 
 class EvalError(UserError):
@@ -92,7 +95,7 @@ def random_inception_weights(path: Path, seed: int = RANDOM_SEED) -> Path:
             sd[k] = torch.ones_like(v)
         elif k.endswith("num_batches_tracked"):
             sd[k] = torch.zeros_like(v)
-        else:                               # running_mean, bn.bias, fc.bias
+        else:  # running_mean, bn.bias, fc.bias
             sd[k] = torch.zeros_like(v)
     buf = io.BytesIO()
     torch.save(sd, buf)
@@ -104,10 +107,12 @@ def random_inception_weights(path: Path, seed: int = RANDOM_SEED) -> Path:
 # choosing; the only way to hand one a file path is to carry it on the class. resolve_extractor makes a
 # subclass at run time with the path as a class attribute (see _register).
 
+
 class _RandomInception(FeatureExtractorInceptionV3):
     """torch-fidelity's InceptionV3 with ganlab's random weights. channels_last: about 1.8x faster on
     CPU (oneDNN); this extractor is ganlab's own, so no reference numbers depend on its exact rounding."""
-    weights_path: str = ""             # set on the run-time subclass
+
+    weights_path: str = ""  # set on the run-time subclass
 
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
         super().__init__(name, features_list, feature_extractor_weights_path=self.weights_path, **kwargs)
@@ -117,7 +122,8 @@ class _RandomInception(FeatureExtractorInceptionV3):
 class _TorchScriptExtractor(FeatureExtractorBase):
     """A user's TorchScript module (uint8 Bx3xHxW in, B x F features out) as a torch-fidelity extractor.
     Its output serves FID/KID/PRC as features and IS as logits."""
-    script_path: str = ""              # set on the run-time subclass
+
+    script_path: str = ""  # set on the run-time subclass
 
     def __init__(self, name, features_list, **kwargs):
         super().__init__(name, features_list)
@@ -175,7 +181,7 @@ def _try_download(timeout: float = 10.0) -> Path | None:
 
 
 def _register(name, cls):
-    FEATURE_EXTRACTORS_REGISTRY.pop(name, None)      # re-registration with a new path replaces the old one
+    FEATURE_EXTRACTORS_REGISTRY.pop(name, None)  # re-registration with a new path replaces the old one
     register_feature_extractor(name, cls)
 
 
@@ -183,7 +189,9 @@ def _check_weights(path: Path):
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise EvalError(f"eval.weights {str(path)!r} is not a loadable InceptionV3 state dict ({e.__class__.__name__})") from None
+        raise EvalError(
+            f"eval.weights {str(path)!r} is not a loadable InceptionV3 state dict ({e.__class__.__name__})"
+        ) from None
     if not isinstance(sd, dict) or "Mixed_7c.branch_pool.conv.weight" not in sd:
         raise EvalError(f"eval.weights {str(path)!r} does not look like torch-fidelity InceptionV3 weights")
 
@@ -211,9 +219,11 @@ def _pretrained(choice: str, weights: str) -> Extractor:
     if choice in DINOV2_MODELS:
         try:
             cls = type(f"LocalDinoV2_{h}", (LocalDinoV2,), {"weights_path": str(p)})
-            cls(choice, ["dinov2"])                  # fail now, in one line, rather than mid-run
+            cls(choice, ["dinov2"])  # fail now, in one line, rather than mid-run
         except Exception as e:
-            raise EvalError(f"eval.weights {weights!r} is not a DINOv2 ViT-S/B/L-14 state dict ({e.__class__.__name__})") from None
+            raise EvalError(
+                f"eval.weights {weights!r} is not a DINOv2 ViT-S/B/L-14 state dict ({e.__class__.__name__})"
+            ) from None
         _register(f"{choice}-{h}", cls)
         return Extractor(f"{choice}-{h}", str(p), h)
     return Extractor(choice, str(p), h, weights_kwarg=str(p))
@@ -223,12 +233,16 @@ def _torchscript(choice: str, prefix: str = "torchscript", h: str = "") -> Extra
     """A TorchScript extractor, named and signed by `h` (default: the file's hash)."""
     p = Path(choice).expanduser()
     if not p.is_file():
-        raise EvalError(f"eval.feature_extractor {choice!r}: expected auto, {DOMAIN}, {COMPAT}, {RANDOM}, "
-                        f"dinov2-vit-*-14, clip-* or a TorchScript file")
+        raise EvalError(
+            f"eval.feature_extractor {choice!r}: expected auto, {DOMAIN}, {COMPAT}, {RANDOM}, "
+            f"dinov2-vit-*-14, clip-* or a TorchScript file"
+        )
     try:
         torch.jit.load(str(p), map_location="cpu")
     except Exception as e:
-        raise EvalError(f"eval.feature_extractor {choice!r} is not a loadable TorchScript module ({e.__class__.__name__})") from None
+        raise EvalError(
+            f"eval.feature_extractor {choice!r} is not a loadable TorchScript module ({e.__class__.__name__})"
+        ) from None
     h = h or file_hash(p)
     _register(f"{prefix}-{h}", type(f"TorchScript_{h}", (_TorchScriptExtractor,), {"script_path": str(p)}))
     return Extractor(f"{prefix}-{h}", str(p), h)
@@ -236,8 +250,11 @@ def _torchscript(choice: str, prefix: str = "torchscript", h: str = "") -> Extra
 
 def _domain(cfg, device, images=None) -> Extractor:
     path, card = encoder.ensure(cfg, device=device, images=images)
-    return dataclasses.replace(_torchscript(str(path), prefix="domain", h=card["sha256_16"]), recipe=dict(card["recipe"], data_hash=card["data_hash"]),
-                               files=(str(path), str(path.with_suffix(".json"))))
+    return dataclasses.replace(
+        _torchscript(str(path), prefix="domain", h=card["sha256_16"]),
+        recipe=dict(card["recipe"], data_hash=card["data_hash"]),
+        files=(str(path), str(path.with_suffix(".json"))),
+    )
 
 
 def _inception(weights: str) -> Extractor | None:
@@ -264,13 +281,15 @@ def standard(cfg, primary: Extractor, device="cpu") -> Extractor | None:
         return None
     if e.standard_fid == "auto" and torch.device(device).type != "cuda":
         return None
-    pretrained = e.feature_extractor in DINOV2_MODELS or e.feature_extractor in CLIP_MODELS   # eval.weights is theirs
+    pretrained = e.feature_extractor in DINOV2_MODELS or e.feature_extractor in CLIP_MODELS  # eval.weights is theirs
     weights = ("" if pretrained else e.weights) or os.environ.get("GANLAB_INCEPTION_WEIGHTS", "")
     p = Path(weights).expanduser() if weights else (_hub_weights_path() if _hub_weights_path().exists() else None)
     if p is None or not p.is_file():
         if e.standard_fid == "always":
-            raise EvalError("eval.standard_fid is always but InceptionV3's weights are not present "
-                            "(eval.weights, GANLAB_INCEPTION_WEIGHTS or torch's hub cache)")
+            raise EvalError(
+                "eval.standard_fid is always but InceptionV3's weights are not present "
+                "(eval.weights, GANLAB_INCEPTION_WEIGHTS or torch's hub cache)"
+            )
         return None
     _check_weights(p)
     return Extractor(COMPAT, str(p), file_hash(p), weights_kwarg=str(p))
@@ -287,8 +306,10 @@ def _random(cfg, device, images=None) -> Extractor:
 def _compat(cfg, device, images=None) -> Extractor:
     found = _inception(cfg.eval.weights or os.environ.get("GANLAB_INCEPTION_WEIGHTS", ""))
     if found is None:
-        raise EvalError(f"eval.feature_extractor is {COMPAT} but its weights are not available: no network, "
-                        f"and neither eval.weights nor GANLAB_INCEPTION_WEIGHTS is set")
+        raise EvalError(
+            f"eval.feature_extractor is {COMPAT} but its weights are not available: no network, "
+            f"and neither eval.weights nor GANLAB_INCEPTION_WEIGHTS is set"
+        )
     return found
 
 
@@ -301,16 +322,27 @@ def _auto(cfg, device, images=None) -> Extractor:
         if found is not None:
             return dataclasses.replace(found, why="auto on a GPU: InceptionV3")
         return dataclasses.replace(_domain(cfg, device, images), why="auto: no InceptionV3 weights, the domain encoder")
-    return dataclasses.replace(_domain(cfg, device, images), why=(
-        f"auto on a {kind.upper()}: the domain encoder (InceptionV3 at 299 px would cost more than the run; its FID "
-        f"of the hand-over: ganlab eval RUN --set eval.feature_extractor={COMPAT})"))
+    return dataclasses.replace(
+        _domain(cfg, device, images),
+        why=(
+            f"auto on a {kind.upper()}: the domain encoder (InceptionV3 at 299 px would cost more than the run; its FID "
+            f"of the hand-over: ganlab eval RUN --set eval.feature_extractor={COMPAT})"
+        ),
+    )
 
 
 # eval.feature_extractor -> builder(cfg, device, images) -> Extractor. DINOv2 and CLIP names are torch-fidelity's;
 # anything else is a TorchScript file.
-BUILDERS = {"auto": _auto, DOMAIN: _domain, COMPAT: _compat, RANDOM: _random,
-            **{name: (lambda cfg, device, images=None: _pretrained(cfg.eval.feature_extractor, cfg.eval.weights))
-               for name in (*DINOV2_MODELS, *CLIP_MODELS)}}
+BUILDERS = {
+    "auto": _auto,
+    DOMAIN: _domain,
+    COMPAT: _compat,
+    RANDOM: _random,
+    **{
+        name: (lambda cfg, device, images=None: _pretrained(cfg.eval.feature_extractor, cfg.eval.weights))
+        for name in (*DINOV2_MODELS, *CLIP_MODELS)
+    },
+}
 
 
 def resolve(cfg, device="cpu", images=None) -> Extractor:

@@ -13,6 +13,7 @@ IS and precision/recall from torch-fidelity's own functions of the same features
 images, each periodic evaluation also runs the copy check (ganlab/eval/copies.py) on its samples.
 Knows nothing about selection.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,22 +30,25 @@ from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.utils import create_feature_extractor, resolve_feature_layer_for_metric
 
 from .. import data
-from . import copies, stats
-from .compositing import alpha_as_rgb, composite
-from .extractors import RANDOM_WARNING, EvalError, resolve, standard
 from ..checkpoint import atomic_write_bytes
 from ..generator import generate
 from ..metrics import TABLE
+from . import copies, stats
+from .compositing import alpha_as_rgb, composite
+from .extractors import RANDOM_WARNING, EvalError, resolve, standard
 
 log = logging.getLogger("ganlab")
 
 
 # ------------------------------------------------------------------------------------- images
 
+
 def grid_image(rgb_u8: torch.Tensor, pad: int = 2, nrow: int | None = None):
     """N x 3 x H x W uint8 -> a grid (square-ish unless nrow images a row) as an H' x W' x 3 numpy array."""
     import math
+
     import torchvision
+
     nrow = nrow or max(1, int(math.ceil(math.sqrt(len(rgb_u8)))))
     grid = torchvision.utils.make_grid(rgb_u8, nrow=nrow, padding=pad, pad_value=255)
     return grid.permute(1, 2, 0).contiguous().numpy()
@@ -53,6 +57,7 @@ def grid_image(rgb_u8: torch.Tensor, pad: int = 2, nrow: int | None = None):
 def save_grid(rgba_u8: torch.Tensor, path: Path, nrow: int | None = None) -> Path:
     """Straight uint8 RGBA images as one PNG grid over a checkerboard (alpha stays visible)."""
     from PIL import Image
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid_image(composite(rgba_u8.cpu(), "checker"), nrow=nrow)).save(path)
@@ -64,7 +69,7 @@ class TensorImages(torch.utils.data.Dataset):
 
     def __init__(self, images: torch.Tensor):
         self.images = images.cpu().contiguous()
-        self.reads = 0                 # lets a test prove a cached side was never read
+        self.reads = 0  # lets a test prove a cached side was never read
 
     def __len__(self):
         return len(self.images)
@@ -76,7 +81,7 @@ class TensorImages(torch.utils.data.Dataset):
 
 # ---------------------------------------------------------------------------------------- evaluator
 
-KID_SUBSETS = 100                # torch-fidelity's default
+KID_SUBSETS = 100  # torch-fidelity's default
 
 # Every eval.* key and which signature it joins, in one table (a key missing here fails
 # tests/test_evaluate.py): "both" = the selection signature (the run's fixed-latent protocol) and the
@@ -84,13 +89,27 @@ KID_SUBSETS = 100                # torch-fidelity's default
 # "extractor" = through the extractor's name, weights hash or recipe; "none" = when, whether or beside
 # what to evaluate, never what a number means (fid_standard's weights are a tag: see describe()).
 EVAL_KEYS = {
-    "every": "none", "every_images": "none", "max_share": "none", "fid_alpha": "none", "standard_fid": "none",
+    "every": "none",
+    "every_images": "none",
+    "max_share": "none",
+    "fid_alpha": "none",
+    "standard_fid": "none",
     "copy_quantile": "none",
-    "num_samples": "selection", "seed": "selection", "metrics": "selection",
-    "batch_size": "both", "background": "both", "bn_stats": "both", "kid_subset_size": "both",
-    "feature_extractor": "extractor", "weights": "extractor", "encoder_steps": "extractor",
-    "encoder_batch_size": "extractor", "encoder_seed": "extractor",
-    "handover_samples": "handover", "handover_draws": "handover", "handover_seed": "handover",
+    "num_samples": "selection",
+    "seed": "selection",
+    "metrics": "selection",
+    "batch_size": "both",
+    "background": "both",
+    "bn_stats": "both",
+    "kid_subset_size": "both",
+    "feature_extractor": "extractor",
+    "weights": "extractor",
+    "encoder_steps": "extractor",
+    "encoder_batch_size": "extractor",
+    "encoder_seed": "extractor",
+    "handover_samples": "handover",
+    "handover_draws": "handover",
+    "handover_seed": "handover",
 }
 
 
@@ -115,16 +134,24 @@ class Evaluator:
         g = torch.Generator().manual_seed(e.seed)
         self.latents = torch.randn(e.num_samples, cfg.model.nz, generator=g)
         self.signature = {
-            "extractor": self.extractor.name, "weights": self.extractor.weights_hash,
-            "num_samples": e.num_samples, "batch_size": e.batch_size, "holdout": self.holdout_hash,
-            "n_holdout": len(holdout_u8), "background": e.background, "alpha": cfg.data.alpha,
-            "image_size": cfg.data.image_size, "bn_stats": e.bn_stats, "seed": e.seed,
-            "metrics": sorted(e.metrics), "kid_subset_size": self.kid_subset_size(e.num_samples, len(holdout_u8)),
-            "device": self.device.type,    # standing statistics and batch-mode BN are computed on it
+            "extractor": self.extractor.name,
+            "weights": self.extractor.weights_hash,
+            "num_samples": e.num_samples,
+            "batch_size": e.batch_size,
+            "holdout": self.holdout_hash,
+            "n_holdout": len(holdout_u8),
+            "background": e.background,
+            "alpha": cfg.data.alpha,
+            "image_size": cfg.data.image_size,
+            "bn_stats": e.bn_stats,
+            "seed": e.seed,
+            "metrics": sorted(e.metrics),
+            "kid_subset_size": self.kid_subset_size(e.num_samples, len(holdout_u8)),
+            "device": self.device.type,  # standing statistics and batch-mode BN are computed on it
         }
-        if self.extractor.recipe is not None:     # the domain encoder: how it was trained, and on what
+        if self.extractor.recipe is not None:  # the domain encoder: how it was trained, and on what
             self.signature["extractor_recipe"] = self.extractor.recipe
-        self.standard = standard(cfg, self.extractor, self.device)   # InceptionV3 for fid_standard, or None
+        self.standard = standard(cfg, self.extractor, self.device)  # InceptionV3 for fid_standard, or None
         # fid_standard (never selected on: metrics.SELECTABLE) depends on whether this machine has
         # InceptionV3's weights; in the signature it would split identical runs on two machines into two
         # signatures: its weights are a tag (describe) instead
@@ -134,16 +161,20 @@ class Evaluator:
         # and seed leave its signature: runs with other selection protocols are still comparable here.
         n = e.handover_samples or 2 * e.num_samples
         self.handover = {k: v for k, v in self.signature.items() if EVAL_KEYS.get(k) != "selection"}
-        self.handover.update(handover_samples=n, handover_draws=e.handover_draws, handover_seed=e.handover_seed,
-                             kid_subset_size=self.kid_subset_size(n, len(holdout_u8)))
+        self.handover.update(
+            handover_samples=n,
+            handover_draws=e.handover_draws,
+            handover_seed=e.handover_seed,
+            kid_subset_size=self.kid_subset_size(n, len(holdout_u8)),
+        )
         self.handover_hash = _hash(self.handover)
-        self.seconds = 0.0             # total time spent evaluating (its own cost, logged)
-        self.last_images = None        # straight uint8 RGBA of the last evaluation
+        self.seconds = 0.0  # total time spent evaluating (its own cost, logged)
+        self.last_images = None  # straight uint8 RGBA of the last evaluation
         self.fid_layer = resolve_feature_layer_for_metric("fid", feature_extractor=self.extractor.name)
-        self._nets = {}                # extractor name -> the network, built once per run
-        self._real = {}                # (channel, extractor) -> the held-out images' features by layer
-        self.real_reads = 0            # held-out images run through an extractor (0 on a warm cache)
-        self._last_fake_fid = None     # the rgb samples' FID-layer features of the last evaluation (copy check)
+        self._nets = {}  # extractor name -> the network, built once per run
+        self._real = {}  # (channel, extractor) -> the held-out images' features by layer
+        self.real_reads = 0  # held-out images run through an extractor (0 on a warm cache)
+        self._last_fake_fid = None  # the rgb samples' FID-layer features of the last evaluation (copy check)
         # the copy check needs the training split: a run hands its images over; a bare Evaluator has none
         self.copies = self._copy_reference(images.train, holdout_u8) if images is not None and e.copy_quantile else None
 
@@ -158,8 +189,9 @@ class Evaluator:
         read from disk once per run, not once per evaluation) and kept on the evaluation device."""
         if extractor.name not in self._nets:
             kw = {"feature_extractor_weights_path": extractor.weights_kwarg} if extractor.weights_kwarg else {}
-            self._nets[extractor.name] = create_feature_extractor(extractor.name, self._layers(extractor),
-                                                                  cuda=self.device.type == "cuda", verbose=False, **kw)
+            self._nets[extractor.name] = create_feature_extractor(
+                extractor.name, self._layers(extractor), cuda=self.device.type == "cuda", verbose=False, **kw
+            )
         return self._nets[extractor.name]
 
     @torch.no_grad()
@@ -173,8 +205,14 @@ class Evaluator:
         t0 = time.time()
         for i, batch in enumerate(batches):
             if tell and i % max(1, len(batches) // 4) == 0:
-                log.info("%s: %d/%d images with %s (%.0f s)", what, i * self.cfg.eval.batch_size, len(rgb_u8),
-                         extractor.name, time.time() - t0)
+                log.info(
+                    "%s: %d/%d images with %s (%.0f s)",
+                    what,
+                    i * self.cfg.eval.batch_size,
+                    len(rgb_u8),
+                    extractor.name,
+                    time.time() - t0,
+                )
             feats = net.convert_features_tuple_to_dict(net(batch.to(self.device, non_blocking=True)))
             for k, v in feats.items():
                 out.setdefault(k, []).append(v.float())
@@ -197,18 +235,26 @@ class Evaluator:
         the content-named cache file (written atomically), else extracted once."""
         key = (channel, extractor.name)
         if key not in self._real:
-            name = _hash({"real": self.real_cache_name(channel), "extractor": extractor.name,
-                          "weights": extractor.weights_hash, "layers": self._layers(extractor)})
+            name = _hash(
+                {
+                    "real": self.real_cache_name(channel),
+                    "extractor": extractor.name,
+                    "weights": extractor.weights_hash,
+                    "layers": self._layers(extractor),
+                }
+            )
             path = self.cache_root / f"ganlab-real-features-{name}.pt"
             feats = None
             if path.exists():
                 try:
                     feats = torch.load(path, map_location="cpu", weights_only=True)
-                except Exception as e:     # a damaged cache is only a cache: extract again
+                except Exception as e:  # a damaged cache is only a cache: extract again
                     log.warning("ignoring unreadable real-features cache %s (%s)", path, e)
             if feats is None:
                 images = self.real_alpha if channel == "alpha" else self.real
-                feats = {k: v.cpu() for k, v in self._extract(extractor, images, f"held-out features ({channel})").items()}
+                feats = {
+                    k: v.cpu() for k, v in self._extract(extractor, images, f"held-out features ({channel})").items()
+                }
                 self.real_reads += len(images)
                 buf = io.BytesIO()
                 torch.save(feats, buf)
@@ -220,11 +266,20 @@ class Evaluator:
         return self._real[key]
 
     def _copy_reference(self, train_u8: torch.Tensor, holdout_u8: torch.Tensor) -> copies.CopyReference:
-        key = {"extractor": self.extractor.name, "weights": self.extractor.weights_hash, "train": data.tensor_hash(train_u8),
-               "background": self.cfg.eval.background, "batch_size": self.cfg.eval.batch_size}
-        train = copies.cached_features(self.cache_root / copies.cache_name(key),
-                                       lambda: self.features(train_u8, "copy check: training-split features"))
-        ref = copies.reference(train, self.features(holdout_u8, "copy check: held-out features"), self.cfg.eval.copy_quantile)
+        key = {
+            "extractor": self.extractor.name,
+            "weights": self.extractor.weights_hash,
+            "train": data.tensor_hash(train_u8),
+            "background": self.cfg.eval.background,
+            "batch_size": self.cfg.eval.batch_size,
+        }
+        train = copies.cached_features(
+            self.cache_root / copies.cache_name(key),
+            lambda: self.features(train_u8, "copy check: training-split features"),
+        )
+        ref = copies.reference(
+            train, self.features(holdout_u8, "copy check: held-out features"), self.cfg.eval.copy_quantile
+        )
         why = ref.degenerate()
         if why:
             log.warning("copy check: %s", why)
@@ -239,10 +294,14 @@ class Evaluator:
 
     def describe(self) -> dict:
         """What a tracker records about the protocol, as tags."""
-        tags = {"eval.signature": self.signature_hash, "eval.signature_json": json.dumps(self.signature, sort_keys=True),
-                "eval.handover_signature": self.handover_hash,
-                "eval.handover_signature_json": json.dumps(self.handover, sort_keys=True),
-                "eval.extractor": self.extractor.name, "eval.random_features": str(self.extractor.random).lower()}
+        tags = {
+            "eval.signature": self.signature_hash,
+            "eval.signature_json": json.dumps(self.signature, sort_keys=True),
+            "eval.handover_signature": self.handover_hash,
+            "eval.handover_signature_json": json.dumps(self.handover, sort_keys=True),
+            "eval.extractor": self.extractor.name,
+            "eval.random_features": str(self.extractor.random).lower(),
+        }
         if self.extractor.recipe is not None:
             tags["eval.extractor_recipe"] = json.dumps(self.extractor.recipe, sort_keys=True)
         if self.standard is not None:
@@ -275,15 +334,19 @@ class Evaluator:
         t0 = time.time()
         n = num_samples or self.cfg.eval.num_samples
         z = torch.randn(n, self.cfg.model.nz, generator=torch.Generator().manual_seed(seed))
-        metrics = self.metrics_for(self._generate(g, z), seed=seed)   # fresh KID subsets too: their noise is in the spread
+        metrics = self.metrics_for(
+            self._generate(g, z), seed=seed
+        )  # fresh KID subsets too: their noise is in the spread
         self.seconds += time.time() - t0
         return metrics
 
     def handover_draws(self, g: nn.Module) -> list[dict]:
         """Metrics of g on each draw of the hand-over protocol (select.handover_summary makes the score)."""
         h = self.handover
-        return [self.with_fresh_latents(g, seed=h["handover_seed"] + k, num_samples=h["handover_samples"])
-                for k in range(h["handover_draws"])]
+        return [
+            self.with_fresh_latents(g, seed=h["handover_seed"] + k, num_samples=h["handover_samples"])
+            for k in range(h["handover_draws"])
+        ]
 
     def metrics_for(self, fake_u8: torch.Tensor, seed: int | None = None) -> dict:
         """Metrics of straight-RGBA uint8 images against the held-out set (real side cached), named
@@ -297,36 +360,57 @@ class Evaluator:
         if e.fid_alpha:
             out["fid_alpha"] = self._fidelity(alpha_as_rgb(fake_u8), "alpha", {"fid"})["frechet_inception_distance"]
         if self.standard is not None:
-            out["fid_standard"] = self._fidelity(fake, "rgb-standard", {"fid"}, self.standard)["frechet_inception_distance"]
+            out["fid_standard"] = self._fidelity(fake, "rgb-standard", {"fid"}, self.standard)[
+                "frechet_inception_distance"
+            ]
         return {k: float(v) for k, v in out.items()}
 
     def real_cache_name(self, channel: str) -> str:
         key = dict(self.signature, channel=channel)
-        for k in ("num_samples", "seed", "bn_stats", "metrics"):   # these change the fakes, not the reals
+        for k in ("num_samples", "seed", "bn_stats", "metrics"):  # these change the fakes, not the reals
             key.pop(k, None)
         return "ganlab-real-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
-    def _fidelity(self, fake_rgb: torch.Tensor, channel: str, want: set, extractor=None, seed: int | None = None) -> dict:
+    def _fidelity(
+        self, fake_rgb: torch.Tensor, channel: str, want: set, extractor=None, seed: int | None = None
+    ) -> dict:
         """torch-fidelity's metric keys for uint8 N x 3 x H x W samples against the held-out side of
         `channel`, with torch-fidelity's defaults (KID: 100 subsets; IS: shuffled splits; PRC: k = 3)."""
         extractor = extractor or self.extractor
         n_real = len(self.real)
         if min(len(fake_rgb), n_real) < 2:
-            raise EvalError(f"need at least 2 generated and 2 held-out images to evaluate, have {len(fake_rgb)} and {n_real}")
+            raise EvalError(
+                f"need at least 2 generated and 2 held-out images to evaluate, have {len(fake_rgb)} and {n_real}"
+            )
         layer = {m: resolve_feature_layer_for_metric(m, feature_extractor=extractor.name) for m in want}
         fake, real = self._extract(extractor, fake_rgb), self._real_features(channel, extractor)
         if channel == "rgb" and extractor is self.extractor:
             self._last_fake_fid = fake[self.fid_layer]
-        seed, out = self.cfg.eval.seed if seed is None else seed, {}   # KID subsets, IS splits: per latent draw
+        seed, out = self.cfg.eval.seed if seed is None else seed, {}  # KID subsets, IS splits: per latent draw
         if "fid" in want:
             out["frechet_inception_distance"] = stats.fid(fake[layer["fid"]], real[layer["fid"]])
         if "kid" in want:
-            mean, std = stats.kid(fake[layer["kid"]], real[layer["kid"]], subsets=KID_SUBSETS,
-                                  subset_size=self.kid_subset_size(len(fake_rgb), n_real), seed=seed)
+            mean, std = stats.kid(
+                fake[layer["kid"]],
+                real[layer["kid"]],
+                subsets=KID_SUBSETS,
+                subset_size=self.kid_subset_size(len(fake_rgb), n_real),
+                seed=seed,
+            )
             out.update(kernel_inception_distance_mean=mean, kernel_inception_distance_std=std)
         if "isc" in want:
-            out.update(isc_features_to_metric(fake[layer["isc"]].cpu(), max(1, min(10, len(fake_rgb) // 2)), True, seed))
+            out.update(
+                isc_features_to_metric(fake[layer["isc"]].cpu(), max(1, min(10, len(fake_rgb) // 2)), True, seed)
+            )
         if "prc" in want:
-            out.update(prc_features_to_metric(fake[layer["prc"]], real[layer["prc"]], prc_neighborhood=3,
-                                              prc_batch_size=10000, save_cpu_ram=True, verbose=False))
+            out.update(
+                prc_features_to_metric(
+                    fake[layer["prc"]],
+                    real[layer["prc"]],
+                    prc_neighborhood=3,
+                    prc_batch_size=10000,
+                    save_cpu_ram=True,
+                    verbose=False,
+                )
+            )
         return out

@@ -6,6 +6,7 @@ with the same KID subsets for the same seed.
 `FeatureStats` accumulates a set's mean and covariance batch by batch (as StyleGAN2-ADA's
 metrics/metric_utils.FeatureStats does), so features need not be kept.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -58,7 +59,7 @@ def frechet_distance(mu1, cov1, mu2, cov2, thin2: torch.Tensor | None = None) ->
 
 def fid(features1: torch.Tensor, features2: torch.Tensor) -> float:
     """FID between two feature sets; the thin form when the smaller set has fewer rows than features."""
-    if len(features1) < len(features2):                  # FID is symmetric: the smaller set is set 2
+    if len(features1) < len(features2):  # FID is symmetric: the smaller set is set 2
         features1, features2 = features2, features1
     a = FeatureStats(features1.shape[1], features1.device).add(features1).mean_cov()
     b = FeatureStats(features2.shape[1], features2.device).add(features2).mean_cov()
@@ -74,8 +75,9 @@ def _mmd2_poly(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (off(kxx) + off(kyy)) / (m * (m - 1)) - 2 * kxy.sum() / (m * m)
 
 
-def kid(features1: torch.Tensor, features2: torch.Tensor, subsets: int = 100, subset_size: int = 1000,
-        seed: int = 0) -> tuple[float, float]:
+def kid(
+    features1: torch.Tensor, features2: torch.Tensor, subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> tuple[float, float]:
     """KID's mean and standard deviation over `subsets` random subsets, drawn as torch-fidelity draws
     them (numpy RandomState(seed).choice without replacement, set 1 then set 2)."""
     rng = np.random.RandomState(seed)

@@ -2,6 +2,7 @@
 (scripts/metric_check.py writes docs/metrics.md with them; tests/test_encoder.py checks them on a
 small fixture). Every function takes and returns straight-alpha uint8 N x 4 x H x W images.
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,7 +15,7 @@ def blur(u8: torch.Tensor, sigma: float) -> torch.Tensor:
     if sigma <= 0:
         return u8
     r = max(1, int(3 * sigma + 0.5))
-    k = torch.exp(-(torch.arange(-r, r + 1).float() ** 2) / (2 * sigma ** 2))
+    k = torch.exp(-(torch.arange(-r, r + 1).float() ** 2) / (2 * sigma**2))
     k = (k / k.sum()).view(1, 1, 1, -1)
     x = u8.float()
     c = x.shape[1]
