@@ -90,7 +90,7 @@ def check_split(batch_size: int, world: int, pack: int = 1, group: int = 0):
     unit = world * pack * max(1, group)
     if batch_size % unit:
         what = (
-            f"{world} process(es)"
+            (f"{world} processes" if world > 1 else "1 process")
             + (f" x model.pack {pack}" if pack > 1 else "")
             + (f" x model.mbstd_group {group}" if group > 1 else "")
         )

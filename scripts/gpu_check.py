@@ -279,6 +279,7 @@ def shared_card(a, runs: int = 4, mps: bool = False) -> dict:
     from ganlab.distributed import cpu_share
 
     steps = 8 if a.quick else a.shared_steps
+    runs = 2 if a.quick else runs
     if mps:
         subprocess.run(["nvidia-cuda-mps-control", "-d"], check=True, capture_output=True)
     procs, tag = [], "-mps" if mps else ""
@@ -362,6 +363,14 @@ PARTS = {  # name: (seconds on an H200, function, args); the budget skips a part
     "shared_card_mps": (60, shared_card, (4, True)),
     "study": (150, study, ()),
     "bench_seed": (45, bench, (True,)),
+}
+
+
+# parts that mean nothing without a GPU: skipped in the CPU form unless named with --only
+GPU_ONLY = {
+    "bench_compile": "capture against compile is a CUDA comparison (on a CPU neither applies)",
+    "shared_card_mps": "needs CUDA's Multi-Process Service",
+    "study": "8 runs at once are a GPU's situation (on a CPU: --only study)",
 }
 
 
@@ -500,7 +509,11 @@ def main(argv=None):
             continue
         estimate *= a.estimate_scale
         left = a.budget - (time.time() - started)
-        if estimate > left:
+        why_not = GPU_ONLY.get(name) if a.device != "cuda" and name not in a.only else None
+        if why_not:  # on a CPU smoke test: said, not run
+            res[name] = {"skipped": why_not}
+            print(f"skip {name}: {why_not}", flush=True)
+        elif estimate > left:
             res[name] = {"skipped": f"needs about {estimate:.0f} s, {left:.0f} s of the budget left"}
             print(f"skip {name}: needs about {estimate:.0f} s, {left:.0f} s of the budget left", flush=True)
         else:

@@ -504,7 +504,7 @@ def test_packs_and_groups_must_fill_each_process_share_of_the_batch(capsys):
             "model.d_norm=none",
         ],
     )
-    assert "train.batch_size 12 does not split evenly over 2 process(es) x model.pack 4: use a multiple of 8" in msg
+    assert "train.batch_size 12 does not split evenly over 2 processes x model.pack 4: use a multiple of 8" in msg
     msg = _one_line_error(
         capsys,
         [

@@ -317,6 +317,8 @@ def _auto(cfg, device, images=None) -> Extractor:
     """On a GPU: standard InceptionV3 when its weights are here (or can be downloaded), else the domain
     encoder. Elsewhere: the domain encoder (InceptionV3 would cost more than the training it judges)."""
     kind = torch.device(device).type
+    if cfg.eval.weights:  # named in the experiment: the user's choice, on any device (a missing file is one line)
+        return dataclasses.replace(_compat(cfg, device, images), why="auto with eval.weights: InceptionV3")
     if kind == "cuda":
         found = _inception(cfg.eval.weights or os.environ.get("GANLAB_INCEPTION_WEIGHTS", ""))
         if found is not None:
