@@ -150,7 +150,7 @@ def bench(a, seed: bool, compile_: bool = False) -> dict:
         "tracking",
     ]
     if seed:  # the seed's loop beside ganlab's captured step, 20 steps a round
-        cmd += ["--steps", "20", "--rounds", "2"] + [
+        cmd += (["--steps", "1", "--rounds", "1"] if a.quick else ["--steps", "20", "--rounds", "2"]) + [
             x
             for k in (
                 "baseline",
