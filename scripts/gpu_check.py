@@ -85,9 +85,22 @@ def cuda_tests(a) -> dict:
     return {"pytest": tail.splitlines()[-1], "log_tail": tail[-1500:]}
 
 
-def training(a, experiment: str) -> dict:
+def run_metric(runs_dir: Path, key: str) -> list[float]:
+    """A metric's values in step order, from the store in runs_dir (each part's runs_dir holds one run)."""
     import sqlite3
 
+    db = sqlite3.connect(runs_dir / "mlflow.db")
+    return [v for (v,) in db.execute("select value from metrics where key=? order by step", (key,))]
+
+
+def median_rate(runs_dir: Path) -> float | None:
+    """A run's median training img/s over its log intervals (the first left out: warm-up and capture)."""
+    rate = run_metric(runs_dir, "img_per_s")
+    rate = sorted(rate[1:] or rate)
+    return rate[len(rate) // 2] if rate else None
+
+
+def training(a, experiment: str) -> dict:
     from ganlab import config, train
 
     steps = 8 if a.quick else a.steps
@@ -97,17 +110,14 @@ def training(a, experiment: str) -> dict:
     wall = time.time() - t0
     events = [json.loads(x) for x in (res.run_dir / "events.jsonl").read_text().splitlines()]
     start = next(e for e in events if e["kind"] == "start")
-    db = sqlite3.connect(Path(cfg.tracking.runs_dir) / "mlflow.db")
-    query = "select value from metrics where key=? and run_uuid=? order by step"
-    rate = [v for (v,) in db.execute(query, ("img_per_s", res.run_id))]
-    evals = [v for (v,) in db.execute(query, ("eval_seconds", res.run_id))]
-    rates = sorted(rate[1:] or rate)  # the first interval holds warm-up and capture
+    runs_dir = Path(cfg.tracking.runs_dir)
+    evals = run_metric(runs_dir, "eval_seconds")
     return {
         "experiment": experiment,
         "steps": res.step,
         "wall_s": wall,
         "stopped": res.stopped,
-        "median_img_per_s": rates[len(rates) // 2] if rates else None,
+        "median_img_per_s": median_rate(runs_dir),
         "whole_run_img_per_s": res.step * cfg.train.batch_size / wall,
         "eval_seconds": evals,
         "eval_share_of_wall": sum(evals) / wall,
@@ -260,16 +270,6 @@ def exact_resume(a, placement: str) -> dict:
         "bit_identical": not diffs,
         "differing": diffs[:10],
     }
-
-
-def median_rate(runs_dir: Path) -> float | None:
-    """A run's median training img/s over its log intervals (the first left out: warm-up and capture)."""
-    import sqlite3
-
-    db = sqlite3.connect(runs_dir / "mlflow.db")
-    rate = [v for (v,) in db.execute("select value from metrics where key='img_per_s' order by step")]
-    rate = sorted(rate[1:] or rate)
-    return rate[len(rate) // 2] if rate else None
 
 
 def shared_card(a, runs: int = 4, mps: bool = False) -> dict:

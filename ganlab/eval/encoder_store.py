@@ -24,7 +24,7 @@ import fcntl
 import json
 import logging
 import tempfile
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
@@ -78,7 +78,7 @@ def file_store_root(uri: str) -> Path | None:
     """The folder of an MLflow file store (file:///path or a plain path), else None."""
     if uri.startswith("file:"):
         return Path(urlparse(uri).path)
-    return Path(uri) if "://" not in uri and not uri.startswith("sqlite:") else None
+    return Path(uri) if uri and "://" not in uri and not uri.startswith("sqlite:") else None
 
 
 @contextmanager
@@ -99,7 +99,7 @@ def claim_lock(uri: str):
 
 def claim(client, key: str, generation: int, run_id: str, file: str, uri: str = "") -> dict:
     """Claim `generation` for this upload. Returns the claim's tags: ours, or the first claimant's."""
-    with claim_lock(uri) if uri else nullcontext():
+    with claim_lock(uri):
         try:
             model = store.with_retry(client.get_registered_model, claim_name(key, generation))
             return dict(model.tags)  # claimed already (under the lock: by whoever came first)
