@@ -11,16 +11,8 @@ cd "$(dirname "$0")/.."
 out="${1:-${OUT:-out/gpu_check}}"
 shift || true
 mkdir -p "$out"
-py=python3
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  $py scripts/gpu_wheelhouse.py install /tmp/ganlab-site >"$out/install.log" 2>&1 || { cat "$out/install.log"; exit 1; }
-  export PYTHONPATH="/tmp/ganlab-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-else
-  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"        # dependencies already importable (a dev machine)
-fi
+source scripts/gpu_env.sh
 echo "install: $(( $(date +%s) - started )) s"
-export PYTHONUNBUFFERED=1 GANLAB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/nvidia-smi.csv" 2>&1 || true
 data=()
 [ -d .gpu_data/twemoji64 ] && data=(--study-data "$PWD/.gpu_data/twemoji64")   # the study's data, when carried
 $py scripts/gpu_check.py --out "$out" --started "$started" "${data[@]}" "$@" 2>&1 | tee "$out/gpu_check.log"

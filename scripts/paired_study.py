@@ -5,6 +5,7 @@ differences of log(hand-over FID), recall tested the same paired way.
     python scripts/paired_study.py run experiments/studies/levers64.yaml --seeds 1 2 3 \\
         --set data.root=../shared/datasets/twemoji64           # both arms of a seed at once, one core each
     python scripts/paired_study.py analyse docs/data/levers64.jsonl [--against recommended]
+    python scripts/paired_study.py run STUDY.yaml --seeds 0 1 2 3 4 --at-once 12 --rows OUT.jsonl   # a GPU
 
 `run` appends one row per finished run (seed, arm, hand-over FID and its SE, precision, recall, the
 handed-over step, wall time) to the study's `rows` file as it lands, so a study cut short keeps its
@@ -46,30 +47,36 @@ def overrides(study: dict, arm: str, seed: int, extra: list[str]) -> list[str]:
     return [as_override(k, v) for k, v in sets.items()] + [f"seed={seed}", f"variant={arm}-s{seed}"] + extra
 
 
-def run_pair(study_path: Path, study: dict, seed: int, extra: list[str], workdir: Path) -> list[dict]:
-    """Every arm of one seed at once, each process on one core (the pair sees the same machine load)."""
+def launch(study_path: Path, study: dict, arm: str, seed: int, extra: list[str], workdir: Path):
+    """One run of the study as its own process on one core."""
     base = (study_path.parent / study["base"]).resolve()
-    procs = {}
-    for arm in study["arms"]:
-        cmd = [sys.executable, "-m", "ganlab.cli", "train", str(base), "--quiet"]
-        for s in overrides(study, arm, seed, extra):
-            cmd += ["--set", s]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        log = open(workdir / f"{arm}-s{seed}.log", "w")
-        procs[arm] = (
-            subprocess.Popen(cmd, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env=env),
-            log,
-            time.time(),
-        )
-    rows = []
-    for arm, (p, log, t0) in procs.items():
-        rc = p.wait()
-        log.close()
-        if rc:
-            print(f"seed {seed} arm {arm} failed: see {workdir / f'{arm}-s{seed}.log'}", file=sys.stderr)
-            continue
-        rows.append({"seed": seed, "arm": arm, "wall_s": round(time.time() - t0, 1), **result(workdir, arm, seed)})
-    return rows
+    cmd = [sys.executable, "-m", "ganlab.cli", "train", str(base), "--quiet"]
+    for s in overrides(study, arm, seed, extra):
+        cmd += ["--set", s]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    log = open(workdir / f"{arm}-s{seed}.log", "w")
+    return subprocess.Popen(cmd, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env=env), log, time.time()
+
+
+def run_all(study_path: Path, study: dict, seeds: list[int], extra: list[str], workdir: Path, at_once: int):
+    """Every (seed, arm) run, `at_once` at a time in seed order (so a seed's arms run side by side and
+    see the same machine load); yields each finished run's row as it lands."""
+    queue = [(seed, arm) for seed in seeds for arm in study["arms"]]
+    running = {}
+    while queue or running:
+        while queue and len(running) < at_once:
+            seed, arm = queue.pop(0)
+            running[(seed, arm)] = launch(study_path, study, arm, seed, extra, workdir)
+        time.sleep(0.5)
+        for (seed, arm), (p, log, t0) in list(running.items()):
+            if p.poll() is None:
+                continue
+            log.close()
+            del running[(seed, arm)]
+            if p.returncode:
+                print(f"seed {seed} arm {arm} failed: see {workdir / f'{arm}-s{seed}.log'}", file=sys.stderr)
+                continue
+            yield {"seed": seed, "arm": arm, "wall_s": round(time.time() - t0, 1), **result(workdir, arm, seed)}
 
 
 def result(workdir: Path, arm: str, seed: int) -> dict:
@@ -161,6 +168,8 @@ def main(argv=None):
     r.add_argument("--seeds", type=int, nargs="+", required=True)
     r.add_argument("--set", action="append", default=[])
     r.add_argument("--workdir", type=Path, default=Path("study-runs"))
+    r.add_argument("--at-once", type=int, default=0, help="runs at a time (default: the arms of one seed)")
+    r.add_argument("--rows", type=Path, default=None, help="append rows here instead of the study's rows file")
     a = sub.add_parser("analyse")
     a.add_argument("rows", type=Path)
     a.add_argument("--against", default="recommended")
@@ -169,13 +178,13 @@ def main(argv=None):
         print(analyse(args.rows, args.against))
         return 0
     study = load_study(args.study)
-    rows_path = (ROOT / study["rows"]) if not Path(study["rows"]).is_absolute() else Path(study["rows"])
+    rows_path = args.rows or ROOT / study["rows"]  # an absolute rows path stays as it is
     args.workdir.mkdir(parents=True, exist_ok=True)
-    for seed in args.seeds:
-        for row in run_pair(args.study, study, seed, args.set, args.workdir):
-            with open(rows_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(json.dumps(row), flush=True)
+    at_once = args.at_once or len(study["arms"])
+    for row in run_all(args.study, study, args.seeds, args.set, args.workdir.resolve(), at_once):
+        with open(rows_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
     print(analyse(rows_path, "recommended" if "recommended" in study["arms"] else next(iter(study["arms"]))))
     return 0
 

@@ -33,6 +33,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("rows", type=Path)
     ap.add_argument("--n", type=int, default=4096)
+    ap.add_argument("--json", type=Path, default=None, help="also write {arm: {seed: pixel FD}} here")
     a = ap.parse_args(argv)
     rows = [json.loads(x) for x in a.rows.read_text().splitlines() if x.strip()]
     size = 32  # the main job's image size
@@ -42,6 +43,11 @@ def main(argv=None):
         fake = pixel_features(samples(Path(r["run_dir"]), a.n, seed=4242))
         out[(r["arm"], r["seed"])] = stats.fid(real, fake)
         print(f"seed {r['seed']} {r['arm']:<10} pixel FD {out[(r['arm'], r['seed'])]:.5f}", flush=True)
+        if a.json:  # rewritten after every row: a cut run keeps what it measured
+            by_arm = {}
+            for (arm, seed), v in out.items():
+                by_arm.setdefault(arm, {})[seed] = v
+            a.json.write_text(json.dumps(by_arm, indent=1))
     arms = sorted({k[0] for k in out})
     base = "default" if "default" in arms else arms[0]
     for arm in arms:
