@@ -10,6 +10,7 @@ started=$(date +%s)
 cd "$(dirname "$0")/.."
 out="${OUT:-out/mainjob_gpu}"
 budget="${1:-490}"
+shift || true
 mkdir -p "$out"
 source scripts/gpu_env.sh
 echo "install: $(( $(date +%s) - started )) s"
