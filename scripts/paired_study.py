@@ -58,10 +58,10 @@ def launch(study_path: Path, study: dict, arm: str, seed: int, extra: list[str],
     return subprocess.Popen(cmd, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env=env), log, time.time()
 
 
-def run_all(study_path: Path, study: dict, seeds: list[int], extra: list[str], workdir: Path, at_once: int):
+def run_all(study_path: Path, study: dict, seeds, arms, extra: list[str], workdir: Path, at_once: int):
     """Every (seed, arm) run, `at_once` at a time in seed order (so a seed's arms run side by side and
     see the same machine load); yields each finished run's row as it lands."""
-    queue = [(seed, arm) for seed in seeds for arm in study["arms"]]
+    queue = [(seed, arm) for seed in seeds for arm in arms]
     running = {}
     while queue or running:
         while queue and len(running) < at_once:
@@ -168,6 +168,7 @@ def main(argv=None):
     r.add_argument("--seeds", type=int, nargs="+", required=True)
     r.add_argument("--set", action="append", default=[])
     r.add_argument("--workdir", type=Path, default=Path("study-runs"))
+    r.add_argument("--arms", nargs="+", default=None, help="run only these arms (rows pair with earlier ones)")
     r.add_argument("--at-once", type=int, default=0, help="runs at a time (default: the arms of one seed)")
     r.add_argument("--rows", type=Path, default=None, help="append rows here instead of the study's rows file")
     a = sub.add_parser("analyse")
@@ -180,8 +181,12 @@ def main(argv=None):
     study = load_study(args.study)
     rows_path = args.rows or ROOT / study["rows"]  # an absolute rows path stays as it is
     args.workdir.mkdir(parents=True, exist_ok=True)
-    at_once = args.at_once or len(study["arms"])
-    for row in run_all(args.study, study, args.seeds, args.set, args.workdir.resolve(), at_once):
+    arms = args.arms or list(study["arms"])
+    unknown = sorted(set(arms) - set(study["arms"]))
+    if unknown:
+        sys.exit(f"{args.study}: no arm {', '.join(unknown)} (arms: {', '.join(study['arms'])})")
+    at_once = args.at_once or len(arms)
+    for row in run_all(args.study, study, args.seeds, arms, args.set, args.workdir.resolve(), at_once):
         with open(rows_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
