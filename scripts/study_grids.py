@@ -4,10 +4,12 @@
     python scripts/study_grids.py study docs/data/mainjob.jsonl --out docs/img/mainjob   # one strip per arm
 
 `readme` without RUN_DIR trains `experiments/default.yaml` in a temporary folder first (about a minute on
-a 2-core CPU with bf16), then draws 64 samples of its generator.pt on the fixed latents of `ganlab sample`
-(seed 0) over a checkerboard. `study` reads a paired study's rows (their run_dir) and writes, for each arm,
-one image of its seeds side by side: 16 samples (4 x 4) of each seed's handed-over generator, the same
-latents for every arm, so a column compares arms on one seed.
+a 2-core CPU with bf16), then draws 32 samples of its generator.pt on the fixed latents of `ganlab sample`
+(seed 0) over a checkerboard, at twice their size, beside 32 real sprites drawn the same way
+(docs/img/default_real.png): a reader judges the samples against the data, not against memory. `study`
+reads a paired study's rows (their run_dir) and writes, for each arm, one image of its seeds side by side:
+16 samples (4 x 4) of each seed's handed-over generator, the same latents for every arm, so a column
+compares arms on one seed; and OUT_real.png, real sprites in the same layout.
 """
 
 from __future__ import annotations
@@ -55,22 +57,35 @@ def readme(run_dir: Path | None):
             )
             run_dir = next(Path(tmp).glob("mlruns/runs/default/*/generator.pt")).parent
         out = ROOT / "docs" / "img" / "default_grid.png"
-        protocol.save_grid(samples(run_dir, 64), out)
-        print(f"wrote {out} from {run_dir}")
+        protocol.save_grid(samples(run_dir, 32), out, nrow=16, scale=2)
+        protocol.save_grid(real_sprites(32), out.with_name("default_real.png"), nrow=16, scale=2)
+        print(f"wrote {out} from {run_dir}, and {out.with_name('default_real.png')}")
+
+
+def real_sprites(n: int) -> torch.Tensor:
+    """n built-in sprites at the main job's size, from a seed no run trains on (data.make_sprites)."""
+    from ganlab import data
+
+    return data.make_sprites(n, 32, seed=987654)
 
 
 def study(rows_path: Path, out_prefix: Path, per_seed: int = 16):
     rows = [json.loads(x) for x in rows_path.read_text().splitlines() if x.strip()]
+    side = int(per_seed**0.5)
+
+    def strip(blocks: list[torch.Tensor], name: str):
+        # one 4 x 4 block per seed, blocks side by side: save_grid lays out row by row, so interleave
+        rows_of = [torch.cat([b[i * side : (i + 1) * side] for b in blocks]) for i in range(side)]
+        path = out_prefix.with_name(f"{out_prefix.name}_{name}.png")
+        protocol.save_grid(torch.cat(rows_of), path, nrow=side * len(blocks), scale=2)
+        return path.name
+
     for arm in sorted({r["arm"] for r in rows}):
         mine = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["seed"])
-        # one 4 x 4 block per seed, blocks side by side: save_grid lays out row by row, so interleave
-        blocks = [samples(Path(r["run_dir"]), per_seed) for r in mine]
-        side = int(per_seed**0.5)
-        rows_of = [torch.cat([b[i * side : (i + 1) * side] for b in blocks]) for i in range(side)]
-        protocol.save_grid(
-            torch.cat(rows_of), out_prefix.with_name(f"{out_prefix.name}_{arm}.png"), nrow=side * len(blocks)
-        )
-        print(f"{arm}: seeds {[r['seed'] for r in mine]} -> {out_prefix.name}_{arm}.png")
+        name = strip([samples(Path(r["run_dir"]), per_seed) for r in mine], arm)
+        print(f"{arm}: seeds {[r['seed'] for r in mine]} -> {name}")
+    n_seeds = len({r["seed"] for r in rows})
+    print(f"real sprites -> {strip(list(real_sprites(per_seed * n_seeds).split(per_seed)), 'real')}")
 
 
 def main(argv=None):

@@ -184,3 +184,51 @@ def test_the_overfit_probe_leaves_a_d_in_eval_mode_in_eval_mode(tiny_cfg):
     tr.d.train()
     tr.overfit_probe()
     assert all(m.training for m in tr.sn_all)
+
+
+def test_paired_study_runs_at_most_at_once_in_seed_order_and_a_failed_run_leaves_no_row(tmp_path, monkeypatch):
+    """scripts/paired_study.py --at-once: never more runs at a time than asked, a seed's arms launched
+    together before the next seed's, every finished run a row, a failed run none (and a line)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import paired_study
+
+    procs, most, order = [], [0], []
+
+    def launch(study_path, study, arm, seed, extra, workdir):  # a short process instead of a training run
+        order.append((seed, arm))
+        code = "import time; time.sleep(0.3)" + ("; raise SystemExit(1)" if arm == "bad" else "")
+        procs.append(subprocess.Popen([sys.executable, "-c", code]))
+        most[0] = max(most[0], sum(p.poll() is None for p in procs))  # alive at once, this one included
+        return procs[-1], open(workdir / f"{arm}-s{seed}.log", "w"), 0.0
+
+    def result(workdir, arm, seed):
+        return {"handover_fid": 1.0}
+
+    monkeypatch.setattr(paired_study, "launch", launch)
+    monkeypatch.setattr(paired_study, "result", result)
+    study = {"arms": {"a": {}, "b": {}, "bad": {}}}
+    rows = list(paired_study.run_all(tmp_path / "s.yaml", study, [0, 1], ["a", "b", "bad"], [], tmp_path, 2))
+    assert most[0] <= 2
+    assert order == [(0, "a"), (0, "b"), (0, "bad"), (1, "a"), (1, "b"), (1, "bad")]
+    assert sorted((r["seed"], r["arm"]) for r in rows) == [(0, "a"), (0, "b"), (1, "a"), (1, "b")]
+
+
+def test_a_grid_enlarged_keeps_every_pixel_and_adds_no_smoothing(tmp_path):
+    """protocol.save_grid(scale=2): each pixel becomes a 2 x 2 block of the same colour (nearest), so a
+    docs grid shows the samples as they are, only bigger."""
+    import numpy as np
+    from PIL import Image
+
+    from ganlab.eval import protocol
+
+    img = torch.randint(0, 256, (2, 4, 8, 8), dtype=torch.uint8)
+    img[:, 3] = 255  # opaque: the checkerboard does not show through
+    small = np.asarray(Image.open(protocol.save_grid(img, tmp_path / "a.png", nrow=1)))
+    big = np.asarray(Image.open(protocol.save_grid(img, tmp_path / "b.png", nrow=1, scale=2)))
+    assert small.shape[:2] == (2 + 8 + 2 + 8 + 2, 2 + 8 + 2) and big.shape[:2] == (2 + 16 + 2 + 16 + 2, 2 + 16 + 2)
+    first_small, first_big = small[2:10, 2:10], big[2:18, 2:18]  # the first image, padding off
+    assert (first_big[0::2, 0::2] == first_small).all() and (first_big[1::2, 1::2] == first_small).all()

@@ -54,13 +54,15 @@ def grid_image(rgb_u8: torch.Tensor, pad: int = 2, nrow: int | None = None):
     return grid.permute(1, 2, 0).contiguous().numpy()
 
 
-def save_grid(rgba_u8: torch.Tensor, path: Path, nrow: int | None = None) -> Path:
-    """Straight uint8 RGBA images as one PNG grid over a checkerboard (alpha stays visible)."""
+def save_grid(rgba_u8: torch.Tensor, path: Path, nrow: int | None = None, scale: int = 1) -> Path:
+    """Straight uint8 RGBA images as one PNG grid over a checkerboard (alpha stays visible), each image
+    enlarged `scale` times (nearest: no smoothing added) before the checkerboard goes under it."""
     from PIL import Image
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid_image(composite(rgba_u8.cpu(), "checker"), nrow=nrow)).save(path)
+    big = rgba_u8.cpu().repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+    Image.fromarray(grid_image(composite(big, "checker"), nrow=nrow)).save(path)
     return path
 
 
