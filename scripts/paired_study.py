@@ -47,10 +47,13 @@ def overrides(study: dict, arm: str, seed: int, extra: list[str]) -> list[str]:
     return [as_override(k, v) for k, v in sets.items()] + [f"seed={seed}", f"variant={arm}-s{seed}"] + extra
 
 
+def base_experiment(study_path: Path, study: dict) -> Path:
+    return (study_path.parent / study["base"]).resolve()
+
+
 def launch(study_path: Path, study: dict, arm: str, seed: int, extra: list[str], workdir: Path):
     """One run of the study as its own process on one core."""
-    base = (study_path.parent / study["base"]).resolve()
-    cmd = [sys.executable, "-m", "ganlab.cli", "train", str(base), "--quiet"]
+    cmd = [sys.executable, "-m", "ganlab.cli", "train", str(base_experiment(study_path, study)), "--quiet"]
     for s in overrides(study, arm, seed, extra):
         cmd += ["--set", s]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

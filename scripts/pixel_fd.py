@@ -18,11 +18,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from ganlab import data  # noqa: E402
 from ganlab.eval import stats  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study_grids import samples  # noqa: E402
+from study_grids import real_sprites, samples  # noqa: E402
 
 
 def pixel_features(u8: torch.Tensor) -> torch.Tensor:
@@ -36,8 +35,7 @@ def main(argv=None):
     ap.add_argument("--json", type=Path, default=None, help="also write {arm: {seed: pixel FD}} here")
     a = ap.parse_args(argv)
     rows = [json.loads(x) for x in a.rows.read_text().splitlines() if x.strip()]
-    size = 32  # the main job's image size
-    real = pixel_features(data.make_sprites(a.n, size, seed=987654))
+    real = pixel_features(real_sprites(a.n))
     out = {}
     for r in rows:
         fake = pixel_features(samples(Path(r["run_dir"]), a.n, seed=4242))

@@ -16,12 +16,14 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ganlab import config as config_mod  # noqa: E402
 from ganlab import data  # noqa: E402
 from ganlab.trainer import Trainer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paired_study import base_experiment, load_study, overrides  # noqa: E402
 
 
 def timed(trainer: Trainer, start: int, steps: int) -> float:
@@ -38,17 +40,10 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=30, help="steps per arm and round")
     ap.add_argument("--rounds", type=int, default=5)
     a = ap.parse_args(argv)
-    study = yaml.safe_load(a.study.read_text())
-    base = (a.study.parent / study["base"]).resolve()
+    study = load_study(a.study)
+    base = base_experiment(a.study, study)
     arms = a.arms or list(study["arms"])
-    cfgs = {
-        arm: config_mod.load(
-            base,
-            [config_mod.as_override(k, v) for k, v in {**study.get("set", {}), **(study["arms"][arm] or {})}.items()],
-            check_paths=False,
-        )
-        for arm in arms
-    }
+    cfgs = {arm: config_mod.load(base, overrides(study, arm, 0, []), check_paths=False) for arm in arms}
     size = cfgs[arms[0]].data.image_size
     images = data.make_sprites(2048, size, seed=0)
     trainers = {arm: Trainer(cfg, images, torch.device("cpu")) for arm, cfg in cfgs.items()}

@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ganlab import sources  # noqa: E402
+from ganlab import data, sources  # noqa: E402
 from ganlab.eval import protocol  # noqa: E402
 from ganlab.generator import generate  # noqa: E402
 
@@ -63,9 +63,8 @@ def readme(run_dir: Path | None):
 
 
 def real_sprites(n: int) -> torch.Tensor:
-    """n built-in sprites at the main job's size, from a seed no run trains on (data.make_sprites)."""
-    from ganlab import data
-
+    """n built-in sprites at the main job's size (32), from a seed no run trains on (data.make_sprites);
+    also the reference set of scripts/pixel_fd.py."""
     return data.make_sprites(n, 32, seed=987654)
 
 
